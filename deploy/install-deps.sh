@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs every build, test and run-time dependency from Debian bookworm packages.
+# Idempotent: packages already present are left alone.
+set -euo pipefail
+
+packages=(
+  # build
+  cmake ninja-build g++ pkg-config
+  libcaf-dev libssh2-1-dev libprotobuf-dev protobuf-compiler libspdlog-dev
+  nlohmann-json3-dev libcli11-dev libssl-dev libexpected-dev doctest-dev
+  # run time
+  qemu-system-x86 qemu-utils
+  # test guest builder (deploy/test-guest/build.sh)
+  cpio gzip dosfstools mtools syslinux syslinux-common dropbear-bin busybox-static
+  # tests: ISO inspection, cloud-config schema check, OpenSSH as a reference client
+  xorriso genisoimage cloud-init openssh-client
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

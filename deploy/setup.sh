@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One step for a fresh Debian bookworm machine (as root): dependencies, build,
+# test guest. Safe to run again: each part only redoes what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+deploy/install-deps.sh
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+# Two cores: CAF-heavy translation units need the memory of one job each.
+cmake --build build -j 2
+deploy/test-guest/build.sh build/test-guest

@@ -1,0 +1,36 @@
+#pragma once
+// The QEMU command line for one job's VM.
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace solstice {
+
+enum class Accel { kvm, tcg };
+enum class VmBoot { disk, kernel };
+
+struct VmSpec {
+  std::string qemu_binary = "qemu-system-x86_64";
+  std::string machine = "pc";  // i440fx: its IDE CD-ROM works with every kernel
+  Accel accel = Accel::tcg;
+  std::string cpu;             // empty: "host" on kvm, "max" on tcg
+  unsigned vcpus = 1;
+  unsigned memory_mib = 512;
+  std::filesystem::path disk;  // overlay (qcow2) or, with snapshot, the base image
+  std::string disk_format = "qcow2";
+  bool snapshot = false;       // QEMU's snapshot=on instead of an overlay file
+  std::filesystem::path seed_iso;  // attached as IDE CD-ROM when set
+  VmBoot boot = VmBoot::disk;
+  std::filesystem::path kernel, initrd;
+  std::string kernel_append;
+  std::filesystem::path qmp_socket;   // QMP server socket (unix)
+  std::filesystem::path console_log;  // serial console written to this file
+  unsigned guest_ssh_port = 22;
+};
+
+// -nodefaults -no-user-config -display none, no -daemonize; virtio disk, seed on
+// IDE CD-ROM, -netdev user with hostfwd=tcp:127.0.0.1:0-:22 (QEMU picks the port;
+// read it back through QMP `info usernet`).
+std::vector<std::string> build_qemu_argv(const VmSpec& spec);
+
+}  // namespace solstice
