@@ -26,7 +26,7 @@ struct SshTarget {
 enum class SshStream { out, err };
 
 struct ExecOutcome {
-  int exit_code = 0;         // 128+N when killed by signal N
+  int exit_code = 0;         // 128+N when killed by signal N; -1 when timed out/cancelled
   std::string exit_signal;   // "KILL" etc., empty when it exited normally
   bool timed_out = false;
   bool cancelled = false;
@@ -55,7 +55,10 @@ class SshSession {
                                              std::chrono::milliseconds interval,
                                              const std::function<bool()>& give_up);
 
-  // Runs `command`; stdout/stderr chunks go to `on_output` as they arrive.
+  // Runs `command` with the user's login shell and an empty stdin; stdout/stderr
+  // chunks go to `on_output` as they arrive. On timeout or cancel the command's
+  // process group (or, if it leads none, the process) is killed with SIGKILL
+  // through a second channel, and its channel is closed.
   Result<ExecOutcome> exec(const std::string& command,
                            const std::function<void(SshStream, std::string_view)>& on_output,
                            const ExecOptions& options = {});
