@@ -25,16 +25,18 @@ BEGIN {
 { sub(/\r$/, "") }
 
 # Inside the `ed25519_private: |` literal block: every line indented deeper than the
-# key belongs to it (blank lines too); the first line fixes the indentation to strip.
+# key belongs to it (blank lines too, unless trailing); the first line fixes the
+# indentation to strip.
 block_key_indent >= 0 {
-	if ($0 ~ /^[ \t]*$/) { print "" > (out "/host_ed25519"); next }
+	if ($0 ~ /^[ \t]*$/) { pending_blank_lines++; next }
 	ind = indent_of($0)
 	if (ind > block_key_indent) {
 		if (block_indent < 0) block_indent = ind
+		for (; pending_blank_lines > 0; pending_blank_lines--) print "" > (out "/host_ed25519")
 		print substr($0, block_indent + 1) > (out "/host_ed25519")
 		next
 	}
-	block_key_indent = -1
+	block_key_indent = -1; pending_blank_lines = 0
 }
 
 /^[ \t]*#/ || /^[ \t]*$/ { next }
@@ -81,7 +83,7 @@ section == "users" {
 }
 
 section == "ssh_keys" {
-	if (line ~ /^ed25519_private:[ \t]*[|>]/) { block_key_indent = ind; block_indent = -1; next }
+	if (line ~ /^ed25519_private:[ \t]*[|>]/) { block_key_indent = ind; block_indent = -1; pending_blank_lines = 0; next }
 	if (line ~ /^ed25519_public:/) { print value_after_colon(line) > (out "/host_ed25519.pub"); next }
 	next
 }
