@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <google/protobuf/message.h>
+#include <nlohmann/json_fwd.hpp>
 
 #include "runtime/error.hpp"
 #include "solstice.pb.h"
@@ -40,5 +41,13 @@ std::vector<std::string> job_secret_values(const v1::JobSpec& spec);
 // ("SOURCE: unknown field 'steps[0].scrpt'"). Shared by job and config files.
 Result<void> parse_proto_json(std::string_view text, const std::string& source_name,
                               google::protobuf::Message& message);
+
+// Plain JSON with the same "SOURCE:LINE:COLUMN: what" syntax errors.
+Result<nlohmann::json> parse_json_text(std::string_view text, const std::string& source_name);
+
+// Reads a whole small file (job, config, manifest); refuses non-regular files and
+// files larger than `max_bytes`. Errors name the path.
+Result<std::string> read_small_file(const std::filesystem::path& path,
+                                    std::size_t max_bytes = 16u << 20);
 
 }  // namespace solstice
