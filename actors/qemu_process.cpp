@@ -1,0 +1,115 @@
+#include "actors/qemu_process.hpp"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+
+#include "actors/runner_types.hpp"
+#include "runtime/qemu_argv.hpp"
+#include "runtime/vm_prepare.hpp"
+
+namespace solstice {
+
+namespace {
+
+constexpr auto poll_interval = std::chrono::milliseconds(10);
+constexpr size_t stderr_tail_limit = 8192;
+
+void drain_stderr(qemu_process_state& st) {
+  if (!st.child || st.child->stderr_fd() < 0)
+    return;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(st.child->stderr_fd(), buf, sizeof buf)) > 0) {
+    st.stderr_tail.append(buf, static_cast<size_t>(n));
+    if (st.stderr_tail.size() > stderr_tail_limit)
+      st.stderr_tail.erase(0, st.stderr_tail.size() - stderr_tail_limit);
+  }
+}
+
+v1::ProcessExit to_process_exit(const ExitStatus& status, const std::string& stderr_tail) {
+  v1::ProcessExit exit;
+  exit.set_signaled(status.signaled);
+  exit.set_code(status.code);
+  exit.set_signal(status.signal);
+  exit.set_description(status.describe());
+  exit.set_stderr_tail(stderr_tail);
+  return exit;
+}
+
+}  // namespace
+
+qemu_process_state::~qemu_process_state() {
+  // The actor is gone: nothing may outlive it. ChildProcess kills and reaps QEMU.
+  child.reset();
+  if (prepared)
+    (void)cleanup_vm(handle);
+}
+
+qemu_process_actor::behavior_type
+qemu_process(qemu_process_actor::stateful_pointer<qemu_process_state> self,
+             vm_observer_actor observer) {
+  self->state.observer = std::move(observer);
+  return {
+    [=](prepare_atom, const v1::JobSpec& job, const v1::ImageSpec& image,
+        const v1::RunnerConfig& config) -> caf::result<v1::VmHandle> {
+      auto handle = prepare_vm(job, image, config);
+      if (!handle)
+        return caf::make_error(runner_errc::prepare_failed, handle.error().message);
+      self->state.handle = *handle;
+      self->state.prepared = true;
+      return *handle;
+    },
+    [=](launch_atom) -> caf::result<v1::VmHandle> {
+      auto& st = self->state;
+      if (!st.prepared)
+        return caf::make_error(runner_errc::qemu_failed, "launch before prepare");
+      auto argv = build_qemu_argv(vm_spec_from_handle(st.handle));
+      SpawnOptions options;
+      options.capture_stdout = false;
+      auto child = ChildProcess::spawn(argv, options);
+      if (!child)
+        return caf::make_error(runner_errc::qemu_failed,
+                               "cannot start QEMU: " + child.error().message);
+      st.child = std::move(*child);
+      st.handle.set_qemu_pid(st.child->pid());
+      st.handle.set_qemu_start_time(process_start_time(st.child->pid()).value_or(0));
+      self->delayed_send(self, poll_interval, tick_atom::value);
+      return st.handle;
+    },
+    [=](kill_atom) {
+      if (self->state.child)
+        self->state.child->kill(SIGKILL);
+    },
+    [=](cleanup_atom) -> caf::result<ok_atom> {
+      auto& st = self->state;
+      if (st.child) {
+        st.child->kill(SIGKILL);
+        st.child->wait_for(std::chrono::seconds(5));
+        st.child.reset();
+      }
+      if (st.prepared) {
+        st.prepared = false;
+        if (auto ok = cleanup_vm(st.handle); !ok)
+          return caf::make_error(runner_errc::qemu_failed, ok.error().message);
+      }
+      return ok_atom::value;
+    },
+    [=](tick_atom) {
+      auto& st = self->state;
+      if (!st.child || st.exit_reported)
+        return;
+      drain_stderr(st);
+      if (auto status = st.child->try_wait()) {
+        drain_stderr(st);
+        st.exit_reported = true;
+        self->send(st.observer, exited_atom::value, to_process_exit(*status, st.stderr_tail));
+        return;
+      }
+      self->delayed_send(self, poll_interval, tick_atom::value);
+    },
+  };
+}
+
+}  // namespace solstice

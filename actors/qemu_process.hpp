@@ -1,0 +1,30 @@
+#pragma once
+#include <optional>
+#include <string>
+
+#include "actors/actors.hpp"
+#include "runtime/child_process.hpp"
+
+namespace solstice {
+
+struct qemu_process_state {
+  static inline const char* name = "qemu_process";
+  // Not an aggregate: CAF would otherwise try to build the state from `self`.
+  qemu_process_state() = default;
+  vm_observer_actor observer;
+  v1::VmHandle handle;
+  bool prepared = false;
+  std::optional<ChildProcess> child;
+  // The last bytes QEMU wrote to stderr, for error reports.
+  std::string stderr_tail;
+  bool exit_reported = false;
+  ~qemu_process_state();
+};
+
+// Owns the QEMU child. Spawn it detached: prepare/launch/cleanup do short
+// blocking file and process work on the actor's own thread.
+qemu_process_actor::behavior_type
+qemu_process(qemu_process_actor::stateful_pointer<qemu_process_state> self,
+             vm_observer_actor observer);
+
+}  // namespace solstice

@@ -1,0 +1,33 @@
+#pragma once
+// One call registers every message type and the error category of the runner in
+// an actor_system_config — what an embedding host calls before it makes its
+// actor_system.
+#include <cstdint>
+#include <string>
+
+#include <caf/error.hpp>
+#include <caf/fwd.hpp>
+#include <caf/message.hpp>
+
+namespace solstice {
+
+enum class runner_errc : uint8_t {
+  invalid_input = 1,  // bad job file, config or argument
+  prepare_failed,     // could not make the VM's files
+  qemu_failed,        // QEMU could not start or died
+  qmp_failed,         // QMP socket, greeting or command failed
+  ssh_failed,         // SSH never became ready, or a transfer failed
+  console_failed,     // the console log could not be read
+  cancelled,          // the operation was cancelled
+};
+
+// Adds the runner's message types and error category to `cfg`.
+void add_runner_types(caf::actor_system_config& cfg);
+
+// The plain-words text of an error made by the runner (its context string), or
+// CAF's rendering for others.
+std::string error_text(const caf::error& err);
+
+}  // namespace solstice
+
+CAF_ERROR_CODE_ENUM(solstice::runner_errc, "solstice")

@@ -1,0 +1,193 @@
+#include "actors/ssh_executor.hpp"
+
+#include <chrono>
+
+#include <caf/send.hpp>
+
+#include "actors/runner_types.hpp"
+
+namespace solstice {
+
+namespace {
+
+using executor_pointer = ssh_executor_actor::stateful_pointer<ssh_executor_state>;
+using std::chrono::milliseconds;
+
+constexpr auto ready_poll_interval = milliseconds(20);
+
+SshTarget target_of(const v1::VmHandle& h) {
+  SshTarget t;
+  t.port = static_cast<uint16_t>(h.ssh_port());
+  t.user = h.user();
+  t.private_key = h.private_key();
+  t.public_key = h.public_key();
+  t.expected_host_key = h.host_key();
+  return t;
+}
+
+// Posts `work` to the worker; its error text (empty = success) and step result
+// come back to the actor as a `done` message for operation `id`.
+template <class Work>
+uint64_t post(executor_pointer self, Work work) {
+  auto& st = self->state;
+  auto id = st.next_op++;
+  auto cancel = std::make_shared<std::atomic<bool>>(false);
+  st.in_flight.emplace(id, cancel);
+  auto me = caf::actor_cast<ssh_executor_actor>(self);
+  st.worker->post([id, cancel, me, session = st.session, work = std::move(work)]() mutable {
+    v1::StepResult result;
+    std::string error;
+    if (cancel->load())
+      error = "cancelled";
+    else
+      error = work(*session, *cancel, result, me);
+    caf::anon_send(me, done_atom::value, id, std::move(error), std::move(result));
+  });
+  return id;
+}
+
+std::string no_session_error() {
+  return "SSH is not ready (no session)";
+}
+
+}  // namespace
+
+ssh_executor_state::~ssh_executor_state() {
+  for (auto& [id, flag] : in_flight)
+    flag->store(true);
+}
+
+ssh_executor_actor::behavior_type
+ssh_executor(executor_pointer self, vm_observer_actor observer) {
+  self->state.observer = std::move(observer);
+  return {
+    [=](ready_atom, const v1::VmHandle& handle, uint32_t timeout_ms) {
+      auto target = target_of(handle);
+      auto deadline = std::chrono::steady_clock::now() + milliseconds(timeout_ms);
+      auto id = post(self, [target, deadline](std::optional<SshSession>& session,
+                                              std::atomic<bool>& cancel, v1::StepResult&,
+                                              const ssh_executor_actor&) -> std::string {
+        auto ready = SshSession::wait_until_ready(target, deadline, ready_poll_interval,
+                                                  [&cancel] { return cancel.load(); });
+        if (!ready)
+          return ready.error().message;
+        session = std::move(*ready);
+        return {};
+      });
+      auto rp = self->make_response_promise<ok_atom>();
+      self->state.ok_replies.emplace(id, rp);
+      return rp;
+    },
+    [=](upload_atom, const std::string& content, const std::string& remote, uint32_t mode) {
+      auto id = post(self, [content, remote, mode](std::optional<SshSession>& session,
+                                                   std::atomic<bool>&, v1::StepResult&,
+                                                   const ssh_executor_actor&) -> std::string {
+        if (!session)
+          return no_session_error();
+        auto ok = session->upload(content, remote, static_cast<int>(mode));
+        return ok ? std::string{} : ok.error().message;
+      });
+      auto rp = self->make_response_promise<ok_atom>();
+      self->state.ok_replies.emplace(id, rp);
+      return rp;
+    },
+    [=](put_file_atom, const std::string& local, const std::string& remote, uint32_t mode) {
+      auto id = post(self, [local, remote, mode](std::optional<SshSession>& session,
+                                                 std::atomic<bool>&, v1::StepResult&,
+                                                 const ssh_executor_actor&) -> std::string {
+        if (!session)
+          return no_session_error();
+        auto ok = session->upload_file(local, remote, static_cast<int>(mode));
+        return ok ? std::string{} : ok.error().message;
+      });
+      auto rp = self->make_response_promise<ok_atom>();
+      self->state.ok_replies.emplace(id, rp);
+      return rp;
+    },
+    [=](download_atom, const std::string& remote, const std::string& local) {
+      auto id = post(self, [remote, local](std::optional<SshSession>& session,
+                                           std::atomic<bool>&, v1::StepResult&,
+                                           const ssh_executor_actor&) -> std::string {
+        if (!session)
+          return no_session_error();
+        auto ok = session->download(remote, local);
+        return ok ? std::string{} : ok.error().message;
+      });
+      auto rp = self->make_response_promise<ok_atom>();
+      self->state.ok_replies.emplace(id, rp);
+      return rp;
+    },
+    [=](exec_atom, uint32_t step, const std::string& command, uint32_t timeout_ms) {
+      auto id = post(self, [step, command, timeout_ms](
+                             std::optional<SshSession>& session, std::atomic<bool>& cancel,
+                             v1::StepResult& result, const ssh_executor_actor& me) -> std::string {
+        if (!session)
+          return no_session_error();
+        uint64_t sequence[2] = {0, 0};
+        auto on_output = [&](SshStream stream, std::string_view bytes) {
+          v1::OutputChunk chunk;
+          chunk.set_step_index(step);
+          auto index = stream == SshStream::out ? 0 : 1;
+          chunk.set_stream(stream == SshStream::out ? v1::STDOUT : v1::STDERR);
+          chunk.set_sequence(sequence[index]++);
+          chunk.set_data(bytes.data(), bytes.size());
+          caf::anon_send(me, output_atom::value, std::move(chunk));
+        };
+        ExecOptions options;
+        options.timeout = milliseconds(timeout_ms);
+        options.cancel = &cancel;
+        auto started = std::chrono::steady_clock::now();
+        auto outcome = session->exec(command, on_output, options);
+        result.set_step_index(step);
+        result.set_duration_ms(std::chrono::duration_cast<milliseconds>(
+                                 std::chrono::steady_clock::now() - started)
+                                 .count());
+        if (!outcome)
+          return outcome.error().message;
+        result.set_exit_code(outcome->exit_code);
+        result.set_exit_signal(outcome->exit_signal);
+        if (outcome->timed_out)
+          result.set_outcome(v1::STEP_TIMED_OUT);
+        else if (outcome->cancelled)
+          result.set_outcome(v1::STEP_CANCELLED);
+        else
+          result.set_outcome(outcome->exit_code == 0 ? v1::STEP_SUCCEEDED : v1::STEP_FAILED);
+        return {};
+      });
+      auto rp = self->make_response_promise<v1::StepResult>();
+      self->state.exec_replies.emplace(id, rp);
+      return rp;
+    },
+    [=](cancel_atom) {
+      for (auto& [id, flag] : self->state.in_flight)
+        flag->store(true);
+    },
+    [=](output_atom, v1::OutputChunk& chunk) {
+      self->send(self->state.observer, output_atom::value, std::move(chunk));
+    },
+    [=](done_atom, uint64_t id, std::string& error, v1::StepResult& result) {
+      auto& st = self->state;
+      st.in_flight.erase(id);
+      auto err = [&] {
+        return caf::make_error(error == "cancelled" ? runner_errc::cancelled
+                                                    : runner_errc::ssh_failed,
+                               error);
+      };
+      if (auto i = st.ok_replies.find(id); i != st.ok_replies.end()) {
+        if (error.empty())
+          i->second.deliver(ok_atom::value);
+        else
+          i->second.deliver(err());
+        st.ok_replies.erase(i);
+      } else if (auto j = st.exec_replies.find(id); j != st.exec_replies.end()) {
+        if (error.empty())
+          j->second.deliver(std::move(result));
+        else
+          j->second.deliver(err());
+        st.exec_replies.erase(j);
+      }
+    },
+  };
+}
+
+}  // namespace solstice
