@@ -66,11 +66,18 @@ apt_state=$({
 } | sha256sum | cut -d' ' -f1)
 
 resolved_file=$cache/resolved-versions
+resolve_versions=1
 if [[ -f "$resolved_file" && "$(head -n 1 "$resolved_file")" == "$apt_state" ]]; then
 	resolved=$(tail -n +2 "$resolved_file")
-else
-	show=$(apt-cache show --no-all-versions "$kernel_meta_package" "${packages[@]}") \
-		|| fail "apt-cache cannot show the guest's packages (run apt-get update?)"
+	resolve_versions=0
+elif ! show=$(apt-cache show --no-all-versions "$kernel_meta_package" "${packages[@]}" 2>/dev/null); then
+	# No usable apt index (e.g. lists removed): the versions of the last build stand.
+	[[ -f "$resolved_file" ]] || fail "apt-cache cannot show the guest's packages (run apt-get update?)"
+	log "apt-cache cannot show the guest's packages; keeping the versions resolved before"
+	resolved=$(tail -n +2 "$resolved_file")
+	resolve_versions=0
+fi
+if ((resolve_versions)); then
 	# Package=Version per candidate; the meta package's versioned kernel dependency.
 	resolved=$(awk -v meta="$kernel_meta_package" '
 		/^Package: / { pkg = $2 }
