@@ -22,6 +22,7 @@ struct QmpMessage {
   std::string event;          // event name ("SHUTDOWN", ...)
   nlohmann::json data;        // "return", "error" or event "data" object
   std::string error_message;  // for errors: "class: desc"
+  int64_t timestamp_us = 0;   // for events: QEMU's timestamp, microseconds since the epoch
 };
 
 // Splits the byte stream into JSON messages (one per line as QEMU sends them).
@@ -56,7 +57,8 @@ class QmpClient {
   // Waits up to `timeout` for the next event (queued ones first).
   std::optional<QmpMessage> next_event(std::chrono::milliseconds timeout);
   // Human monitor passthrough (`info usernet` and the like).
-  Result<std::string> human_command(const std::string& command_line);
+  Result<std::string> human_command(const std::string& command_line,
+                                    std::chrono::milliseconds timeout = std::chrono::seconds(10));
 
   int fd() const { return fd_; }
 
@@ -65,7 +67,9 @@ class QmpClient {
   uint64_t next_id_ = 1;
   QmpCodec codec_;
   std::deque<QmpMessage> events_;
-  Result<void> read_some(std::chrono::milliseconds timeout);
+  std::deque<QmpMessage> replies_;  // replies and errors not yet claimed by execute()
+  // Waits up to `timeout` for bytes; false if none came. EOF is an error.
+  Result<bool> read_some(std::chrono::milliseconds timeout);
 };
 
 // The host port of the first TCP host-forward to guest port `guest_port` in the
