@@ -22,7 +22,8 @@ struct IsoFile {
 Result<std::string> build_iso9660(const std::string& volume_label,
                                   const std::vector<IsoFile>& files);
 
-// build_iso9660 written to `path` (created 0600).
+// build_iso9660 written to `path`, created exclusively (fails if it exists) with mode
+// 0600; a partly written file is removed.
 Result<void> write_iso9660(const std::filesystem::path& path,
                            const std::string& volume_label,
                            const std::vector<IsoFile>& files);
