@@ -461,7 +461,7 @@ Result<std::string> build_iso9660(const std::string& volume_label, const std::ve
   std::sort(joliet_order.begin(), joliet_order.end(),
             [](const PlannedFile& a, const PlannedFile& b) { return a.joliet_name < b.joliet_name; });
 
-  // Record lengths do not depend on extents, so a first packing sizes the directories.
+  // A directory record holds at most 255 bytes, Rock Ridge name included.
   for (const auto& file : primary_order) {
     auto record = primary_records(Tree{}, 0, {file}).back();
     if (record.size() > kMaxDirectoryRecord)
@@ -475,6 +475,7 @@ Result<std::string> build_iso9660(const std::string& volume_label, const std::ve
   const std::uint32_t joliet_l_path_table = l_path_table + 2;
   const std::uint32_t joliet_m_path_table = l_path_table + 3;
   const std::uint32_t continuation_sector = l_path_table + 4;
+  // Record lengths do not depend on extents, so a first packing sizes the directories.
   Tree primary_root{continuation_sector + 1, 0};
   primary_root.size = static_cast<std::uint32_t>(pack_directory(primary_records(primary_root, 0, primary_order)).size());
   Tree joliet_root{primary_root.extent + primary_root.size / static_cast<std::uint32_t>(kSectorSize), 0};
@@ -500,11 +501,10 @@ Result<std::string> build_iso9660(const std::string& volume_label, const std::ve
   std::string image(static_cast<std::size_t>(total_sectors) * kSectorSize, '\0');
   auto sector_offset = [](std::uint32_t sector) { return static_cast<std::size_t>(sector) * kSectorSize; };
 
-  const std::string primary_table_l = path_table(primary_root.extent, false);
-  VolumeDescriptorFields primary_fields{total_sectors, static_cast<std::uint32_t>(primary_table_l.size()),
-                                        l_path_table, m_path_table, primary_root};
-  VolumeDescriptorFields joliet_fields{total_sectors, static_cast<std::uint32_t>(primary_table_l.size()),
-                                       joliet_l_path_table, joliet_m_path_table, joliet_root};
+  const auto path_table_size = static_cast<std::uint32_t>(path_table(0, false).size());
+  VolumeDescriptorFields primary_fields{total_sectors, path_table_size, l_path_table, m_path_table, primary_root};
+  VolumeDescriptorFields joliet_fields{total_sectors, path_table_size, joliet_l_path_table, joliet_m_path_table,
+                                       joliet_root};
   put_at(image, sector_offset(kFirstVolumeDescriptorSector), volume_descriptor(false, volume_label, primary_fields));
   put_at(image, sector_offset(kFirstVolumeDescriptorSector + 1), volume_descriptor(true, volume_label, joliet_fields));
   std::string terminator(kSectorSize, '\0');
@@ -513,7 +513,7 @@ Result<std::string> build_iso9660(const std::string& volume_label, const std::ve
   terminator[6] = 1;
   put_at(image, sector_offset(kFirstVolumeDescriptorSector + 2), terminator);
 
-  put_at(image, sector_offset(l_path_table), primary_table_l);
+  put_at(image, sector_offset(l_path_table), path_table(primary_root.extent, false));
   put_at(image, sector_offset(m_path_table), path_table(primary_root.extent, true));
   put_at(image, sector_offset(joliet_l_path_table), path_table(joliet_root.extent, false));
   put_at(image, sector_offset(joliet_m_path_table), path_table(joliet_root.extent, true));
