@@ -18,6 +18,7 @@
 #include <future>
 #include <mutex>
 #include <sstream>
+#include <system_error>
 #include <thread>
 #include <utility>
 
@@ -288,7 +289,12 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
   setup.die_with_parent = options.die_with_parent;
   setup.parent_pid = ::getpid();
 
-  pid_t pid = Spawner::instance().fork_child(setup);
+  pid_t pid;
+  try {
+    pid = Spawner::instance().fork_child(setup);
+  } catch (const std::system_error& error) {  // the spawner thread could not be started
+    return fail("cannot spawn " + argv[0] + ": " + error.what());
+  }
   if (pid < 0) return fail(errno_message("cannot fork to run " + argv[0], -pid));
 
   ChildProcess child;  // from here on, every failure path reaps it in the destructor

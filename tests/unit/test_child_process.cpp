@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -54,11 +55,6 @@ char process_state(pid_t pid) {
   size_t comm_end = stat.rfind(')');
   if (comm_end == std::string::npos || comm_end + 2 >= stat.size()) return 0;
   return stat[comm_end + 2];
-}
-
-bool gone_or_zombie(pid_t pid) {
-  char state = process_state(pid);
-  return state == 0 || state == 'Z' || state == 'X';
 }
 
 }  // namespace
@@ -232,6 +228,9 @@ TEST_SUITE("child_process") {
   }
 
   TEST_CASE("the child dies when the parent process dies") {
+    // Orphans are re-parented to us rather than to init, so we can reap the sleeper
+    // and see what killed it.
+    REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);
     int report[2];
     REQUIRE(::pipe(report) == 0);
     pid_t helper = ::fork();
@@ -247,19 +246,32 @@ TEST_SUITE("child_process") {
     ::close(report[1]);
     pid_t sleeper_pid = -1;
     pollfd readable{report[0], POLLIN, 0};
-    REQUIRE(::poll(&readable, 1, 10000) == 1);
-    REQUIRE(::read(report[0], &sleeper_pid, sizeof sleeper_pid) == sizeof sleeper_pid);
+    CHECK(::poll(&readable, 1, 10000) == 1);
+    CHECK(::read(report[0], &sleeper_pid, sizeof sleeper_pid) == sizeof sleeper_pid);
     ::close(report[0]);
     int helper_status = 0;
-    REQUIRE(::waitpid(helper, &helper_status, 0) == helper);
+    CHECK(::waitpid(helper, &helper_status, 0) == helper);
     CHECK(WIFEXITED(helper_status));
-    REQUIRE(sleeper_pid > 0);
 
-    const auto deadline = std::chrono::steady_clock::now() + 1s;
-    while (!gone_or_zombie(sleeper_pid) && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(10ms);
-    CHECK(gone_or_zombie(sleeper_pid));
-    if (!gone_or_zombie(sleeper_pid)) ::kill(sleeper_pid, SIGKILL);  // do not leak it on failure
+    if (sleeper_pid > 0) {
+      int sleeper_status = 0;
+      pid_t reaped = 0;
+      const auto deadline = std::chrono::steady_clock::now() + 1s;
+      while ((reaped = ::waitpid(sleeper_pid, &sleeper_status, WNOHANG)) == 0 &&
+             std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(10ms);
+      CHECK(reaped == sleeper_pid);
+      if (reaped == sleeper_pid) {
+        CHECK(WIFSIGNALED(sleeper_status));
+        CHECK(WTERMSIG(sleeper_status) == SIGKILL);
+      } else {  // still alive: end it so it does not outlive the test
+        ::kill(sleeper_pid, SIGKILL);
+        ::waitpid(sleeper_pid, nullptr, 0);
+      }
+    } else {
+      FAIL("the helper could not spawn the sleeper");
+    }
+    ::prctl(PR_SET_CHILD_SUBREAPER, 0);
   }
 
   TEST_CASE("process_start_time is stable for a live process and empty for a dead one") {
