@@ -68,7 +68,8 @@ std::size_t edit_distance(std::string_view a, std::string_view b) {
 
 std::string did_you_mean(const Descriptor* descriptor, std::string_view key) {
   std::string best;
-  std::size_t best_distance = 3;  // suggest only close misspellings
+  // Suggest only close misspellings: 1 edit for short keys, 2 from 6 characters on.
+  std::size_t best_distance = std::min<std::size_t>(2, std::max<std::size_t>(1, key.size() / 3)) + 1;
   for (int i = 0; i < descriptor->field_count(); ++i) {
     const auto* field = descriptor->field(i);
     for (const std::string& name : {field->name(), field->json_name()}) {
@@ -435,8 +436,26 @@ Result<std::string> read_small_file(const fs::path& path, std::size_t max_bytes)
 }
 
 Result<json> parse_json_text(std::string_view text, const std::string& source_name) {
+  // A key given twice would silently lose one of its values: refuse it.
+  std::vector<std::set<std::string>> keys_of_open_objects;
+  std::string duplicate_key;
+  const json::parser_callback_t track_keys = [&](int, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) {
+      keys_of_open_objects.emplace_back();
+    } else if (event == json::parse_event_t::object_end && !keys_of_open_objects.empty()) {
+      keys_of_open_objects.pop_back();
+    } else if (event == json::parse_event_t::key && !keys_of_open_objects.empty() &&
+               !keys_of_open_objects.back().insert(parsed.get<std::string>()).second && duplicate_key.empty()) {
+      duplicate_key = parsed.get<std::string>();
+    }
+    return true;
+  };
   try {
-    return json::parse(text.begin(), text.end());
+    json document = json::parse(text.begin(), text.end(), track_keys);
+    if (!duplicate_key.empty()) {
+      return fail(source_name + ": key " + shown(duplicate_key) + " appears twice in one object");
+    }
+    return document;
   } catch (const json::parse_error& error) {
     // nlohmann counts lines after consuming the newline that ended a bad token, so
     // the position is worked out here from the byte offset (1-based; may be one past

@@ -113,6 +113,11 @@ TEST_CASE("malformed JSON is reported with file, line and column") {
   CHECK(parse_error("").rfind("job.json:1:1: invalid JSON: ", 0) == 0);
   CHECK(parse_error("{\"steps\": [").rfind("job.json:1:12: invalid JSON: ", 0) == 0);
   CHECK(parse_error("[1, 2]") == "job.json: a job file holds one JSON object, got an array");
+  CHECK(parse_error(R"({"env": {"A": "1"}, "steps": [{"script": "x", "name": "a", "name": "b"}]})") ==
+        "job.json: key \"name\" appears twice in one object");
+  CHECK(parse_error(R"({"env": {"A": "1"}, "env": {"B": "2"}})") == "job.json: key \"env\" appears twice in one object");
+  CHECK(parse_job_json(R"({"steps": [{"name": "a"}, {"name": "a"}], "x": null})", "job.json", "/")
+            .error().message == "job.json: unknown field 'x'");
 }
 
 TEST_CASE("unknown fields are named, with a suggestion when one is close") {
