@@ -149,11 +149,18 @@ std::string shell_single_quote(const std::string& text) {
 
 // The remote command is wrapped so that its PID reaches us before anything else,
 // in-band at the start of stderr ("\x1e<pid>\x1e"), letting a timed-out or cancelled
-// command be killed (with its process group) through a second channel. `exec`
+// command be killed with its whole process group through a second channel. `exec`
 // keeps that PID the command's own, so its exit status and signal are unchanged.
+// Some servers (dropbear) leave the command in the connection's own process group:
+// there the command first becomes a group leader through setsid(1), which then
+// needs no fork (it only forks when the caller already leads a group).
 std::string wrap_command(const std::string& command) {
-  return "printf '\\036%s\\036' \"$$\" >&2; exec \"${SHELL:-/bin/sh}\" -c " +
-         shell_single_quote(command);
+  return "c=" + shell_single_quote(command) +
+         "; printf '\\036%s\\036' \"$$\" >&2"
+         "; read -r _ _ _ _ g _ </proc/$$/stat 2>/dev/null"
+         "; if [ \"$g\" != \"$$\" ] && command -v setsid >/dev/null 2>&1; then"
+         " exec setsid \"${SHELL:-/bin/sh}\" -c \"$c\"; fi"
+         "; exec \"${SHELL:-/bin/sh}\" -c \"$c\"";
 }
 
 // Takes the PID prefix off the start of the stderr stream.
@@ -447,6 +454,8 @@ Result<SshSession> SshSession::wait_until_ready(const SshTarget& target,
   // slow emulated guest still completes its handshake.
   Clock::duration attempt_limit = 2s;
   std::string last_error = "no attempt was made";
+  // An attempt that the overall deadline cut short says less than the one before.
+  bool last_cut_short = false;
   int attempts = 0;
   for (;;) {
     if (give_up && give_up())
@@ -457,16 +466,20 @@ Result<SshSession> SshSession::wait_until_ready(const SshTarget& target,
     if (now >= deadline)
       return fail("SSH on " + where + " was not ready by the deadline (" +
                   std::to_string(attempts) + " attempt(s) in " +
-                  milliseconds_text(now - started) + "); last attempt: " + last_error);
+                  milliseconds_text(now - started) + "); last attempt: " + last_error +
+                  (last_cut_short ? " (a later attempt was cut short by the deadline)" : ""));
+    auto attempt_deadline = std::min(deadline, now + attempt_limit);
     auto impl = std::make_unique<Impl>();
-    auto attempt = connect_once(*impl, target, std::min(deadline, now + attempt_limit), &give_up);
+    auto attempt = connect_once(*impl, target, attempt_deadline, &give_up);
     ++attempts;
     if (attempt) {
       SshSession session;
       session.impl_ = std::move(impl);
       return session;
     }
-    last_error = attempt.error().message;
+    bool cut_short = attempt.error().timed_out && attempt_deadline == deadline && attempts > 1;
+    if (!cut_short) last_error = attempt.error().message;
+    last_cut_short = cut_short;
     if (attempt.error().timed_out) attempt_limit = std::min<Clock::duration>(attempt_limit * 2, 16s);
     auto next = std::min(deadline, Clock::now() + interval);
     while (Clock::now() < next && !(give_up && give_up()))
