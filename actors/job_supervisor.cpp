@@ -9,6 +9,7 @@
 #include <caf/spawn_options.hpp>
 #include <caf/system_messages.hpp>
 #include <caf/exit_reason.hpp>
+#include <caf/send.hpp>
 #include <caf/stateful_actor.hpp>
 #include <nlohmann/json.hpp>
 
@@ -201,10 +202,6 @@ void finish(supervisor_pointer self) {
   v1::JobEvent event;
   *event.mutable_result() = r;
   emit(self, std::move(event));
-  for (auto child : {caf::actor_cast<caf::actor>(st.qemu), caf::actor_cast<caf::actor>(st.qmp),
-                     caf::actor_cast<caf::actor>(st.tailer), caf::actor_cast<caf::actor>(st.ssh)})
-    if (child)
-      self->send_exit(child, caf::exit_reason::user_shutdown);
   self->quit();
 }
 
@@ -600,6 +597,7 @@ void wait_for_ssh(supervisor_pointer self) {
   set_state(self, v1::WAITING_FOR_SSH, "127.0.0.1:" + std::to_string(st.vm.ssh_port()));
   st.ssh = st.factory.ssh(self->system(), observer_of(self));
   self->monitor(st.ssh);
+  st.children->push_back(caf::actor_cast<caf::actor>(st.ssh));
   auto boot_timeout = milliseconds(
     uint64_t{st.config.boot_timeout_seconds() ? st.config.boot_timeout_seconds() : 300} * 1000);
   self->request(st.ssh, boot_timeout + seconds(30), ready_atom::value, st.vm,
@@ -649,6 +647,7 @@ void boot(supervisor_pointer self) {
   begin_phase(self, "boot_to_ssh");
   st.tailer = st.factory.console(self->system(), observer_of(self), st.vm.console_log());
   self->monitor(st.tailer);
+  st.children->push_back(caf::actor_cast<caf::actor>(st.tailer));
   self->request(st.qemu, seconds(30), launch_atom::value)
     .then(
       [=](v1::VmHandle& handle) {
@@ -662,6 +661,7 @@ void boot(supervisor_pointer self) {
         }
         st.qmp = st.factory.qmp(self->system(), observer_of(self));
         self->monitor(st.qmp);
+  st.children->push_back(caf::actor_cast<caf::actor>(st.qmp));
         self->request(st.qmp, st.timeouts.qmp_connect + seconds(5), connect_atom::value,
                       st.vm.qmp_socket(), static_cast<uint32_t>(st.timeouts.qmp_connect.count()))
           .then(
@@ -681,6 +681,7 @@ void prepare(supervisor_pointer self) {
   begin_phase(self, "prepare");
   st.qemu = st.factory.qemu(self->system(), observer_of(self));
   self->monitor(st.qemu);
+  st.children->push_back(caf::actor_cast<caf::actor>(st.qemu));
   self->request(st.qemu, st.timeouts.prepare, prepare_atom::value, st.job, st.image, st.config)
     .then(
       [=](v1::VmHandle& handle) {
@@ -819,6 +820,10 @@ job_supervisor(supervisor_pointer self, v1::JobSpec job, v1::ImageSpec image,
   for (const auto& [name, value] : st.job.secrets())
     st.secrets.push_back(value);
   self->set_down_handler([=](caf::down_msg& down) { on_down(self, down); });
+  self->attach_functor([children = st.children](const caf::error&) {
+    for (auto& child : *children)
+      caf::anon_send_exit(child, caf::exit_reason::user_shutdown);
+  });
   return {
     [=](exited_atom, const v1::ProcessExit& exit) { on_qemu_exit(self, exit); },
     [=](qmp_event_atom, const v1::QmpEvent& event) { on_qmp_event(self, event); },

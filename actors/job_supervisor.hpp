@@ -4,6 +4,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -55,6 +56,9 @@ struct job_supervisor_state {
   console_tailer_actor tailer;
   ssh_executor_actor ssh;
   v1::VmHandle vm;
+  // Every child spawned, told to stop when the supervisor ends for any reason.
+  std::shared_ptr<std::vector<caf::actor>> children =
+    std::make_shared<std::vector<caf::actor>>();
 
   // Progress.
   bool started = false;

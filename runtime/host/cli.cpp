@@ -1,0 +1,185 @@
+#include "runtime/host/cli.hpp"
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "runtime/host/runner_host.hpp"
+#include "runtime/job_file.hpp"
+#include "runtime/runner_config.hpp"
+
+namespace solstice {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct CommonOptions {
+  std::string config_file;
+  std::string state_dir;
+  std::string accel;
+};
+
+void add_common_options(CLI::App& app, CommonOptions& common) {
+  app.add_option("--config", common.config_file,
+                 "runner configuration (protobuf JSON of RunnerConfig: state_dir, accel, images "
+                 "with their runs_on labels, timeouts)");
+  app.add_option("--state-dir", common.state_dir,
+                 "where job records and VM work files live (default: /var/lib/solstice-runner "
+                 "as root, else ~/.local/state/solstice-runner)");
+  app.add_option("--accel", common.accel, "accelerator: auto (KVM, else TCG), kvm or tcg")
+    ->check(CLI::IsMember({"auto", "kvm", "tcg"}));
+}
+
+// The configuration: defaults, then the file, then the command line; the built
+// test guest is known as `solstice-test-guest` unless the file says otherwise.
+Result<v1::RunnerConfig> load_config(const CommonOptions& common) {
+  auto config = default_runner_config();
+  if (!common.config_file.empty()) {
+    auto loaded = load_runner_config(common.config_file);
+    if (!loaded)
+      return tl::unexpected(loaded.error());
+    config = *loaded;
+  }
+  if (!common.state_dir.empty())
+    config.set_state_dir(fs::absolute(common.state_dir).string());
+  if (!common.accel.empty())
+    config.set_accel(common.accel);
+  bool has_test_guest = false;
+  for (const auto& image : config.images())
+    has_test_guest |= image.label() == test_guest_label;
+  if (!has_test_guest) {
+    const char* env = std::getenv("SOLSTICE_TEST_GUEST_DIR");
+    fs::path dir = env && *env ? env : SOLSTICE_DEFAULT_TEST_GUEST_DIR;
+    if (auto image = load_test_guest_image(dir))
+      *config.add_images() = *image;
+  }
+  if (auto ok = validate_runner_config(config); !ok)
+    return tl::unexpected(ok.error());
+  return config;
+}
+
+struct RunOptions {
+  std::string job_file;
+  std::string image;
+  std::string runs_on;
+  std::string script_file;
+  unsigned vcpus = 0;
+  unsigned memory_mib = 0;
+  unsigned timeout_seconds = 0;
+  bool debug_on_failure = false;
+  bool json = false;
+  bool console = false;
+};
+
+Result<v1::JobSpec> job_from_options(const RunOptions& run) {
+  v1::JobSpec job;
+  if (!run.job_file.empty()) {
+    if (!run.image.empty() || !run.script_file.empty())
+      return fail("give either a job file or --image/--runs-on with --script, not both");
+    auto loaded = load_job_file(run.job_file);
+    if (!loaded)
+      return tl::unexpected(loaded.error());
+    job = *loaded;
+    if (!run.runs_on.empty()) {
+      job.clear_image();
+      job.set_runs_on(run.runs_on);
+    }
+  } else {
+    if (run.script_file.empty())
+      return fail("nothing to run: give a job file, or --script FILE with --image IMAGE or "
+                  "--runs-on LABEL (see --help)");
+    auto script = read_small_file(run.script_file);
+    if (!script)
+      return tl::unexpected(script.error());
+    if (!run.image.empty())
+      job.set_image(fs::absolute(run.image).string());
+    else
+      job.set_runs_on(run.runs_on.empty() ? test_guest_label : run.runs_on);
+    job.set_name(fs::path(run.script_file).filename().string());
+    auto* step = job.add_steps();
+    step->set_name(fs::path(run.script_file).filename().string());
+    step->set_script(*script);
+  }
+  if (run.vcpus)
+    job.set_vcpus(run.vcpus);
+  if (run.memory_mib)
+    job.set_memory_mib(run.memory_mib);
+  if (run.timeout_seconds)
+    job.set_timeout_seconds(run.timeout_seconds);
+  if (run.debug_on_failure)
+    job.mutable_debug_on_failure()->set_enabled(true);
+  return job;
+}
+
+int run_command(const CommonOptions& common, const RunOptions& run) {
+  auto config = load_config(common);
+  if (!config) {
+    std::fprintf(stderr, "solstice-runner: %s\n", config.error().message.c_str());
+    return exit_invalid_input;
+  }
+  auto job = job_from_options(run);
+  if (!job) {
+    std::fprintf(stderr, "solstice-runner: %s\n", job.error().message.c_str());
+    return exit_invalid_input;
+  }
+  if (auto ok = validate_job(*job, *config); !ok) {
+    std::fprintf(stderr, "solstice-runner: the job is not valid:\n%s\n",
+                 ok.error().message.c_str());
+    return exit_invalid_input;
+  }
+  auto image = resolve_image(*job, *config);
+  if (!image) {
+    std::fprintf(stderr, "solstice-runner: %s\n", image.error().message.c_str());
+    return exit_invalid_input;
+  }
+  LocalRunOptions options;
+  options.json = run.json;
+  options.show_console = run.console;
+  return run_job_locally(*job, *image, *config, options);
+}
+
+}  // namespace
+
+int run_cli(int argc, char** argv) {
+  CLI::App app{"Solstice Runner: runs CI jobs, each in a fresh throw-away QEMU VM"};
+  app.require_subcommand(1);
+  app.footer(
+    "Exit codes of `run`: 0 success; a failing step's own exit code (128+N when it died by "
+    "signal N); 124 timed out; 130 cancelled; 125 infrastructure error; 2 invalid input.");
+
+  CommonOptions common;
+  RunOptions run;
+  auto* run_app = app.add_subcommand("run", "run a job in a fresh VM and stream its output");
+  add_common_options(*run_app, common);
+  run_app->add_option("job", run.job_file, "job file (job.json: protobuf JSON of JobSpec)")
+    ->check(CLI::ExistingFile);
+  run_app->add_option("--image", run.image, "quick form: base image (qcow2 or raw) to boot");
+  run_app->add_option("--runs-on", run.runs_on,
+                      "image label from the configuration (default for the quick form: "
+                      "solstice-test-guest, the built-in test guest)");
+  run_app->add_option("--script", run.script_file, "quick form: shell script to run as one step")
+    ->check(CLI::ExistingFile);
+  run_app->add_option("--vcpus", run.vcpus, "virtual CPUs (overrides the image's)");
+  run_app->add_option("--memory", run.memory_mib, "memory in MiB (overrides the image's)");
+  run_app->add_option("--timeout", run.timeout_seconds, "job timeout in seconds");
+  run_app->add_flag("--debug-on-failure", run.debug_on_failure,
+                    "keep a failed VM up for a while and print how to get in");
+  run_app->add_flag("--json", run.json, "print every job event as one JSON line");
+  run_app->add_flag("--console", run.console, "show the guest's serial console while it boots");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    auto code = app.exit(e);
+    return code == 0 ? 0 : exit_invalid_input;
+  }
+  if (run_app->parsed())
+    return run_command(common, run);
+  return exit_invalid_input;
+}
+
+}  // namespace solstice

@@ -1,0 +1,187 @@
+#include "runtime/host/runner_host.hpp"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <future>
+#include <random>
+#include <thread>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/scoped_actor.hpp>
+#include <caf/send.hpp>
+#include <caf/spawn_options.hpp>
+#include <caf/system_messages.hpp>
+
+#include "actors/job_recorder.hpp"
+#include "actors/job_supervisor.hpp"
+#include "actors/runner_types.hpp"
+#include "actors/terminal_printer.hpp"
+#include "runtime/event_log.hpp"
+#include "runtime/vm_prepare.hpp"
+
+namespace solstice {
+
+namespace {
+
+struct host_config : caf::actor_system_config {
+  host_config() {
+    add_runner_types(*this);
+    // A local run needs few threads: the VM's actors are detached anyway.
+    set("scheduler.max-threads", 2);
+  }
+};
+
+// Ctrl-C / SIGTERM: the first cancels the job, the second kills it at once.
+class SignalWatcher {
+ public:
+  SignalWatcher(caf::actor supervisor) : supervisor_(std::move(supervisor)) {
+    thread_ = std::thread([this] { run(); });
+  }
+  ~SignalWatcher() {
+    done_ = true;
+    thread_.join();
+  }
+  bool killed() const { return killed_; }
+
+ private:
+  void run() {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
+    int count = 0;
+    while (!done_) {
+      timespec wait{0, 100 * 1000 * 1000};
+      int sig = ::sigtimedwait(&set, nullptr, &wait);
+      if (sig <= 0)
+        continue;
+      if (++count == 1) {
+        std::fprintf(stderr,
+                     "\nsolstice-runner: cancelling the job (interrupt again to kill it at once)\n");
+        caf::anon_send(caf::actor_cast<job_supervisor_actor>(supervisor_), cancel_atom::value);
+      } else if (!killed_) {
+        killed_ = true;
+        std::fprintf(stderr, "\nsolstice-runner: killing the job's VM now\n");
+        caf::anon_send_exit(supervisor_, caf::exit_reason::kill);
+      }
+    }
+  }
+  caf::actor supervisor_;
+  std::atomic<bool> done_{false};
+  std::atomic<bool> killed_{false};
+  std::thread thread_;
+};
+
+int exit_code_of(const v1::JobResult& result) {
+  switch (result.status()) {
+    case v1::SUCCEEDED: return 0;
+    case v1::FAILED: return result.exit_code() != 0 ? result.exit_code() : 1;
+    case v1::TIMED_OUT: return exit_timed_out;
+    case v1::CANCELLED: return exit_cancelled;
+    default: return exit_infrastructure_error;
+  }
+}
+
+}  // namespace
+
+std::string make_job_id() {
+  auto now = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &utc);
+  std::random_device random;
+  char suffix[16];
+  std::snprintf(suffix, sizeof suffix, "%06x", random() & 0xffffff);
+  return std::string{stamp} + "-" + suffix;
+}
+
+int run_job_locally(v1::JobSpec job, const v1::ImageSpec& image, const v1::RunnerConfig& config,
+                    const LocalRunOptions& options) {
+  if (job.id().empty())
+    job.set_id(make_job_id());
+  auto job_dir = job_dir_for(config, job.id());
+  if (auto ok = make_private_dir(job_dir); !ok) {
+    std::fprintf(stderr, "solstice-runner: %s\n", ok.error().message.c_str());
+    return exit_infrastructure_error;
+  }
+  auto log = EventLog::open(job_dir / "events.jsonl");
+  if (!log) {
+    std::fprintf(stderr, "solstice-runner: %s\n", log.error().message.c_str());
+    return exit_infrastructure_error;
+  }
+  if (!options.json)
+    std::printf("job %s: %s\n  record: %s\n", job.id().c_str(),
+                job.name().empty() ? "(unnamed)" : job.name().c_str(), job_dir.c_str());
+  std::fflush(stdout);
+
+  // Signals go to the watcher thread only: block them before any thread exists.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  std::promise<v1::JobResult> result_promise;
+  auto result_future = result_promise.get_future();
+  bool killed = false;
+  {
+    host_config cfg;
+    caf::actor_system sys{cfg};
+    auto recorder = sys.spawn<caf::detached>(job_recorder,
+                                             std::make_shared<EventLog>(std::move(*log)),
+                                             job_dir.string());
+    auto printer = sys.spawn<caf::detached>(
+      terminal_printer, options.json, options.show_console,
+      static_cast<uint32_t>(job.steps_size()),
+      [&result_promise](const v1::JobResult& result) { result_promise.set_value(result); });
+    std::vector<event_sink_actor> sinks{recorder, printer};
+    auto supervisor = sys.spawn(job_supervisor, job, image, config, sinks, detached_vm_actors(),
+                                supervisor_timeouts{});
+    {
+      SignalWatcher watcher{caf::actor_cast<caf::actor>(supervisor)};
+      caf::scoped_actor self{sys};
+      self->monitor(supervisor);
+      caf::anon_send(supervisor, start_atom::value);
+      bool down = false;
+      self->receive_while([&] { return !down; })([&](caf::down_msg&) { down = true; });
+      killed = watcher.killed();
+    }
+    if (killed) {
+      // The supervisor was killed before it could report: its VM actors are
+      // gone with it (they kill QEMU and remove their files as they stop).
+      v1::JobEvent event;
+      event.set_job_id(job.id());
+      event.set_sequence(UINT64_MAX);
+      event.set_timestamp_us(std::chrono::duration_cast<std::chrono::microseconds>(
+                               std::chrono::system_clock::now().time_since_epoch())
+                               .count());
+      auto* result = event.mutable_result();
+      result->set_job_id(job.id());
+      result->set_status(v1::CANCELLED);
+      result->set_exit_code(exit_cancelled);
+      result->set_shutdown_method("kill");
+      result->set_error("killed by a second interrupt");
+      result->set_summary("job " + job.id() + " cancelled: killed by a second interrupt");
+      caf::anon_send(recorder, event_atom::value, event);
+      caf::anon_send(printer, event_atom::value, event);
+    }
+  }
+  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
+  if (result_future.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+    std::fprintf(stderr, "solstice-runner: job %s %s; its VM was killed and its files removed\n",
+                 job.id().c_str(), killed ? "killed" : "ended without a result");
+    return killed ? exit_cancelled : exit_infrastructure_error;
+  }
+  return exit_code_of(result_future.get());
+}
+
+}  // namespace solstice
