@@ -183,7 +183,8 @@ void EventLog::close_fd() {
 }
 
 Result<EventLog> EventLog::open(const std::filesystem::path& path) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  // O_NONBLOCK only matters for a FIFO without a reader, which must not block us.
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NONBLOCK, 0600);
   if (fd < 0) return fail(errno_message("event log " + path.string() + ": cannot open", errno));
   // The file may have existed with a wider mode; events can carry guest output.
   if (::fchmod(fd, 0600) != 0) {

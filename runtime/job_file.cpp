@@ -397,7 +397,8 @@ bool is_safe_job_id(std::string_view id) {
 // ---------------------------------------------------------------- public
 
 Result<std::string> read_small_file(const fs::path& path, std::size_t max_bytes) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO given by mistake must not block the open; it is refused below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) return fail(errno_message(path.string() + ": cannot open", errno));
   struct stat info {};
   if (::fstat(fd, &info) != 0) {

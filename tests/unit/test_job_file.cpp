@@ -167,6 +167,9 @@ TEST_CASE("loading names steps and resolves paths against the job file's directo
   CHECK(missing.error().message.find((dir.path / "nope.json").string()) != std::string::npos);
   CHECK(missing.error().message.find("No such file") != std::string::npos);
   CHECK(load_job_file(dir.path).error().message.find("is a directory") != std::string::npos);
+  const fs::path fifo = dir.path / "fifo.json";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  CHECK(load_job_file(fifo).error().message == fifo.string() + ": is not a regular file");
 
   const auto bad = dir.write("bad.json", "{\n\"steps\": [{\"script\": \"x\"}],\n\"stepz\": 1}");
   CHECK(load_job_file(bad).error().message == bad.string() + ": unknown field 'stepz' (did you mean 'steps'?)");
