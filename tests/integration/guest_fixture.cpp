@@ -223,7 +223,12 @@ Result<std::unique_ptr<Guest>> Guest::boot(const GuestOptions& options) {
 Result<SshSession> Guest::wait_for_ssh(std::chrono::milliseconds timeout) {
   auto ready = SshSession::wait_until_ready(target_, std::chrono::steady_clock::now() + timeout,
                                             50ms, [this] { return !qemu_.running(); });
-  if (!ready) return fail(ready.error().message + "\n" + diagnostics());
+  if (!ready) {
+    std::string why_stopped;
+    if (auto status = qemu_.try_wait())
+      why_stopped = "QEMU exited (" + status->describe() + ") before SSH was ready: ";
+    return fail(why_stopped + ready.error().message + "\n" + diagnostics());
+  }
   return ready;
 }
 

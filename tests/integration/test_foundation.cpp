@@ -3,6 +3,8 @@
 // run commands and a script, power off through QMP. Plus the bad inputs.
 #include <doctest/doctest.h>
 
+#include <signal.h>
+
 #include <chrono>
 
 #include "runtime/child_process.hpp"
@@ -82,6 +84,20 @@ TEST_CASE("direct kernel boot reaches SSH too") {
   REQUIRE_MESSAGE(ssh.has_value(), why(ssh));
   CHECK(ssh->host_key() == (*booted)->host_key().public_blob);
   CHECK(run_ok(*ssh, "cat /proc/cmdline").find((*booted)->info().cmdline) != std::string::npos);
+}
+
+TEST_CASE("waiting for SSH stops at once when QEMU exits") {
+  auto booted = Guest::boot();
+  REQUIRE_MESSAGE(booted.has_value(), why(booted));
+  Guest& vm = **booted;
+  vm.qemu().kill(SIGKILL);
+  auto started = Clock::now();
+  auto ssh = vm.wait_for_ssh(60s);
+  auto elapsed = Clock::now() - started;
+  REQUIRE_FALSE(ssh.has_value());
+  CHECK(ssh.error().message.find("gave up") != std::string::npos);
+  CHECK(ssh.error().message.find("QEMU exited") != std::string::npos);
+  CHECK(elapsed < 3s);
 }
 
 TEST_CASE("a missing QEMU binary is an error naming it") {

@@ -416,7 +416,7 @@ TEST_CASE("a listener that never speaks: clear error at the deadline") {
   CHECK(attempt.error().message.find("handshake") != std::string::npos);
   CHECK(attempt.error().message.find(std::to_string(silent.port)) != std::string::npos);
   CHECK(elapsed >= 2s);
-  CHECK(elapsed < 3s);
+  CHECK(elapsed < 4s);
 }
 
 TEST_CASE("give_up() stops waiting at once") {
@@ -434,7 +434,7 @@ TEST_CASE("give_up() stops waiting at once") {
   exiter.join();
   REQUIRE_FALSE(attempt.has_value());
   CHECK(attempt.error().message.find("gave up") != std::string::npos);
-  CHECK(elapsed < 1s);
+  CHECK(elapsed < 1500ms);
 }
 
 TEST_CASE("nothing listening: retried until the deadline, then the refusal is named") {
@@ -446,7 +446,7 @@ TEST_CASE("nothing listening: retried until the deadline, then the refusal is na
   REQUIRE_FALSE(attempt.has_value());
   CHECK(attempt.error().message.find("refused") != std::string::npos);
   CHECK(elapsed >= 1s);
-  CHECK(elapsed < 2s);
+  CHECK(elapsed < 3s);
   // Polled fast: many attempts, not one every few seconds.
   CHECK(attempt.error().message.find("(1 attempt") == std::string::npos);
 }
