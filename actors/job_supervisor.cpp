@@ -21,6 +21,7 @@
 #include "runtime/guest_commands.hpp"
 #include "runtime/qmp.hpp"
 #include "runtime/ssh_keys.hpp"
+#include "runtime/vm_prepare.hpp"
 
 namespace solstice {
 
@@ -349,8 +350,7 @@ void collect_artifacts(supervisor_pointer self, int index) {
     }
     set_state(self, v1::COLLECTING_ARTIFACTS);
     begin_phase(self, "artifacts");
-    std::error_code ec;
-    fs::create_directories(fs::path(st.vm.job_dir()) / "artifacts", ec);
+    (void)make_private_dir(fs::path(st.vm.job_dir()) / "artifacts");
   }
   if (index >= st.job.artifacts_size()) {
     end_phase(self, "artifacts");
@@ -600,17 +600,18 @@ void wait_for_ssh(supervisor_pointer self) {
   st.children->push_back(caf::actor_cast<caf::actor>(st.ssh));
   auto boot_timeout = milliseconds(
     uint64_t{st.config.boot_timeout_seconds() ? st.config.boot_timeout_seconds() : 300} * 1000);
+  auto attempt = st.boot_attempt;
   self->request(st.ssh, boot_timeout + seconds(30), ready_atom::value, st.vm,
                 static_cast<uint32_t>(boot_timeout.count()))
     .then(
       [=](ok_atom) {
-        if (self->state.finishing)
+        if (self->state.finishing || self->state.boot_attempt != attempt)
           return;
         end_phase(self, "boot_to_ssh");
         console_handoff(self);
       },
       [=](caf::error& err) {
-        if (self->state.finishing)
+        if (self->state.finishing || self->state.boot_attempt != attempt)
           return;
         infrastructure_error(self, "SSH did not become ready: " + error_text(err));
       });
@@ -619,12 +620,13 @@ void wait_for_ssh(supervisor_pointer self) {
 void read_ssh_port(supervisor_pointer self) {
   auto& st = self->state;
   nlohmann::json args = {{"command-line", "info usernet"}};
+  auto attempt = st.boot_attempt;
   self->request(st.qmp, seconds(15), command_atom::value, std::string{"human-monitor-command"},
                 args.dump())
     .then(
       [=](const std::string& reply) {
         auto& st = self->state;
-        if (st.finishing)
+        if (st.finishing || st.boot_attempt != attempt)
           return;
         auto text = nlohmann::json::parse(reply, nullptr, false);
         auto port = parse_usernet_host_port(text.is_string() ? text.get<std::string>() : reply);
@@ -636,6 +638,8 @@ void read_ssh_port(supervisor_pointer self) {
         wait_for_ssh(self);
       },
       [=](caf::error& err) {
+        if (self->state.boot_attempt != attempt)
+          return;
         infrastructure_error(self, "cannot learn the SSH port: " + error_text(err));
       });
 }
@@ -648,10 +652,13 @@ void boot(supervisor_pointer self) {
   st.tailer = st.factory.console(self->system(), observer_of(self), st.vm.console_log());
   self->monitor(st.tailer);
   st.children->push_back(caf::actor_cast<caf::actor>(st.tailer));
+  auto attempt = st.boot_attempt;
   self->request(st.qemu, seconds(30), launch_atom::value)
     .then(
       [=](v1::VmHandle& handle) {
         auto& st = self->state;
+        if (st.boot_attempt != attempt)
+          return;
         st.launched = true;
         handle.set_ssh_port(st.vm.ssh_port());
         st.vm = std::move(handle);
@@ -666,13 +673,21 @@ void boot(supervisor_pointer self) {
                       st.vm.qmp_socket(), static_cast<uint32_t>(st.timeouts.qmp_connect.count()))
           .then(
             [=](ok_atom) {
+              if (self->state.boot_attempt != attempt)
+                return;
               self->state.qmp_connected = true;
               if (!self->state.finishing)
                 read_ssh_port(self);
             },
-            [=](caf::error& err) { infrastructure_error(self, error_text(err)); });
+            [=](caf::error& err) {
+              if (self->state.boot_attempt == attempt)
+                infrastructure_error(self, error_text(err));
+            });
       },
-      [=](caf::error& err) { infrastructure_error(self, error_text(err)); });
+      [=](caf::error& err) {
+        if (self->state.boot_attempt == attempt)
+          infrastructure_error(self, error_text(err));
+      });
 }
 
 void prepare(supervisor_pointer self) {
@@ -697,10 +712,69 @@ void prepare(supervisor_pointer self) {
       [=](caf::error& err) { infrastructure_error(self, error_text(err)); });
 }
 
+// "auto" picked KVM, and KVM could not boot this guest (on some hosts /dev/kvm
+// exists but fails: QEMU stops with a KVM internal error or exits). Retire this
+// attempt's actors and VM files and boot again on TCG.
+bool kvm_chosen_automatically(const job_supervisor_state& st) {
+  return st.vm.accel() == "kvm" && !st.kvm_fallback &&
+         (st.config.accel().empty() || st.config.accel() == "auto");
+}
+
+bool before_ssh_ready(const job_supervisor_state& st) {
+  return st.state == v1::BOOTING || st.state == v1::WAITING_FOR_SSH;
+}
+
+void retire(supervisor_pointer self, const caf::actor& child) {
+  if (!child)
+    return;
+  self->demonitor(child.address());
+  self->send_exit(child, caf::exit_reason::user_shutdown);
+}
+
+void fall_back_to_tcg(supervisor_pointer self, const std::string& reason) {
+  auto& st = self->state;
+  st.kvm_fallback = true;
+  st.restarting = true;
+  st.launched = false;
+  ++st.boot_attempt;
+  notice(self, "KVM cannot run this guest (" + reason + "); falling back to TCG, which is slower");
+  st.config.set_accel("tcg");
+  if (st.ssh)
+    self->send(st.ssh, cancel_atom::value);
+  retire(self, caf::actor_cast<caf::actor>(st.ssh));
+  retire(self, caf::actor_cast<caf::actor>(st.qmp));
+  retire(self, caf::actor_cast<caf::actor>(st.tailer));
+  st.ssh = nullptr;
+  st.qmp = nullptr;
+  st.tailer = nullptr;
+  st.qmp_connected = false;
+  self->request(st.qemu, st.timeouts.kill_wait + seconds(30), cleanup_atom::value)
+    .then(
+      [=](ok_atom) {
+        auto& st = self->state;
+        retire(self, caf::actor_cast<caf::actor>(st.qemu));
+        st.qemu = nullptr;
+        st.qemu_exited = false;
+        st.restarting = false;
+        st.phase_started.erase("boot_to_ssh");
+        if (st.finishing)
+          finish(self);
+        else
+          prepare(self);
+      },
+      [=](caf::error& err) {
+        self->state.restarting = false;
+        infrastructure_error(self, "cannot clean up after the failed KVM boot: " +
+                                     error_text(err));
+      });
+}
+
 // ------------------------------------------------------------------ observer
 
 void on_qemu_exit(supervisor_pointer self, const v1::ProcessExit& exit) {
   auto& st = self->state;
+  if (st.restarting)
+    return;  // the retired KVM attempt's QEMU
   st.qemu_exited = true;
   st.qemu_exit = exit;
   if (st.shutdown_started && !st.shutdown_stage.empty()) {
@@ -714,6 +788,10 @@ void on_qemu_exit(supervisor_pointer self, const v1::ProcessExit& exit) {
     stderr_text.pop_back();
   if (!stderr_text.empty())
     message += ": " + stderr_text;
+  if (kvm_chosen_automatically(st) && before_ssh_ready(st) && !st.shutdown_started) {
+    fall_back_to_tcg(self, message);
+    return;
+  }
   st.result.set_shutdown_method("exited");
   if (st.shutdown_started) {
     // Held for debugging, or shutting down before the VM was up.
@@ -734,6 +812,9 @@ void on_qmp_event(supervisor_pointer self, const v1::QmpEvent& event) {
     notice(self, "QMP event RESET " + event.data_json());
     if (!st.shutdown_started)
       infrastructure_error(self, "the guest reset itself");
+  } else if (name == "STOP" && kvm_chosen_automatically(st) && before_ssh_ready(st) &&
+             !st.shutdown_started && !st.restarting) {
+    fall_back_to_tcg(self, "the VM stopped during boot, as QEMU does on a KVM internal error");
   } else if (name == "SHUTDOWN" || name == "POWERDOWN" || name == "STOP") {
     notice(self, "QMP event " + name + " " + event.data_json());
   }

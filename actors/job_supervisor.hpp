@@ -65,6 +65,11 @@ struct job_supervisor_state {
   v1::JobState state = v1::QUEUED;
   uint64_t event_sequence = 0;
   bool launched = false;
+  // Each boot attempt's replies carry its number; a retired attempt's are ignored.
+  uint32_t boot_attempt = 0;
+  // "auto" chose KVM and KVM could not boot the guest: retrying on TCG.
+  bool kvm_fallback = false;
+  bool restarting = false;
   bool qmp_connected = false;
   bool tailer_stopped = false;
   bool waiting_for_tailer_down = false;

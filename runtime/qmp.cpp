@@ -285,13 +285,17 @@ Result<nlohmann::json> QmpClient::execute(const std::string& command, const nloh
 
 std::optional<QmpMessage> QmpClient::next_event(std::chrono::milliseconds timeout) {
   const auto deadline = Clock::now() + timeout;
+  // Read the socket at least once, so a zero timeout polls instead of only
+  // returning what earlier reads queued.
+  bool read_once = false;
   for (;;) {
     if (!events_.empty()) {
       QmpMessage event = std::move(events_.front());
       events_.pop_front();
       return event;
     }
-    if (Clock::now() >= deadline) return std::nullopt;
+    if (read_once && Clock::now() >= deadline) return std::nullopt;
+    read_once = true;
     auto got = read_some(remaining_until(deadline));
     if (!got) return std::nullopt;
     // Nobody waits for replies here; a stray one must not pile up.

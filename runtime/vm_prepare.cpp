@@ -3,6 +3,10 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cctype>
 #include <cerrno>
 #include <system_error>
 
@@ -47,6 +51,19 @@ std::string resolve_accel(const std::string& configured) {
 }
 
 namespace {
+
+// A valid hostname from any job id: letters and digits kept, the rest as '-'.
+std::string guest_hostname(const std::string& job_id) {
+  std::string name = "solstice";
+  for (char c : job_id) {
+    if (name.size() >= 40)
+      break;
+    name += std::isalnum(static_cast<unsigned char>(c)) ? static_cast<char>(std::tolower(c)) : '-';
+  }
+  while (name.back() == '-')
+    name.pop_back();
+  return name;
+}
 
 Result<void> create_overlay(const std::string& qemu_img, const fs::path& base,
                             const std::string& base_format, const fs::path& overlay) {
@@ -96,10 +113,16 @@ Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& ima
                 std::to_string(qmp.string().size()) + " bytes): choose a shorter state_dir");
   h.set_qmp_socket(qmp.string());
 
-  auto user_key = generate_ed25519("solstice-job-" + job.id());
+  // QEMU appends to a console log we create private (it keeps the mode).
+  int console_fd = ::open(h.console_log().c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (console_fd < 0)
+    return fail(errno_message("cannot create " + h.console_log(), errno));
+  ::close(console_fd);
+
+  auto user_key = generate_ed25519("solstice-job");
   if (!user_key)
     return fail("cannot generate the job's SSH key: " + user_key.error().message);
-  auto host_key = generate_ed25519("solstice-host-" + job.id());
+  auto host_key = generate_ed25519("solstice-host");
   if (!host_key)
     return fail("cannot generate the guest's host key: " + host_key.error().message);
   h.set_private_key(user_key->private_openssh);
@@ -109,7 +132,7 @@ Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& ima
 
   SeedSpec seed;
   seed.instance_id = "solstice-" + job.id();
-  seed.hostname = "solstice-" + job.id().substr(0, 12);
+  seed.hostname = guest_hostname(job.id());
   seed.user = h.user();
   seed.authorized_key = user_key->public_line;
   seed.host_key_private = host_key->private_openssh;
