@@ -15,6 +15,9 @@
 
 namespace solstice {
 
+/// Step index of the runner's own set-up command in the guest (safe to repeat).
+inline constexpr uint32_t runner_setup_step = UINT32_MAX;
+
 /// Receives a job's events, in order.
 using event_sink_actor = caf::typed_actor<
   // One job event (state change, console line, output chunk, result, ...).

@@ -33,8 +33,7 @@ using std::chrono::seconds;
 using supervisor_pointer = job_supervisor_actor::stateful_pointer<job_supervisor_state>;
 
 constexpr uint64_t job_deadline_token = 1;
-// Step index of the runner's own set-up command in the guest.
-constexpr uint32_t setup_step = UINT32_MAX;
+constexpr uint32_t setup_step = runner_setup_step;
 
 int64_t now_us() {
   return std::chrono::duration_cast<std::chrono::microseconds>(

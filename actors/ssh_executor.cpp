@@ -50,6 +50,27 @@ std::string no_session_error() {
   return "SSH is not ready (no session)";
 }
 
+// Real cloud images restart sshd (new host keys) while cloud-init finishes, so a
+// connection can die right after readiness. Operations that are safe to repeat
+// run once more on a fresh connection when they fail.
+template <class Op>
+std::string with_reconnect(std::optional<SshSession>& session,
+                           const std::shared_ptr<const SshTarget>& target,
+                           std::atomic<bool>& cancel, Op op) {
+  if (!session)
+    return no_session_error();
+  auto error = op(*session);
+  if (error.empty() || cancel.load() || !target)
+    return error;
+  auto fresh = SshSession::wait_until_ready(
+    *target, std::chrono::steady_clock::now() + std::chrono::seconds(30), ready_poll_interval,
+    [&cancel] { return cancel.load(); });
+  if (!fresh)
+    return error;
+  session = std::move(*fresh);
+  return op(*session);
+}
+
 }  // namespace
 
 ssh_executor_state::~ssh_executor_state() {
@@ -63,6 +84,7 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
   return {
     [=](ready_atom, const v1::VmHandle& handle, uint32_t timeout_ms) {
       auto target = target_of(handle);
+      self->state.target = std::make_shared<const SshTarget>(target);
       auto deadline = std::chrono::steady_clock::now() + milliseconds(timeout_ms);
       auto id = post(self, [target, deadline](std::optional<SshSession>& session,
                                               std::atomic<bool>& cancel, v1::StepResult&,
@@ -79,50 +101,62 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
       return rp;
     },
     [=](upload_atom, const std::string& content, const std::string& remote, uint32_t mode) {
-      auto id = post(self, [content, remote, mode](std::optional<SshSession>& session,
-                                                   std::atomic<bool>&, v1::StepResult&,
-                                                   const ssh_executor_actor&) -> std::string {
-        if (!session)
-          return no_session_error();
-        auto ok = session->upload(content, remote, static_cast<int>(mode));
-        return ok ? std::string{} : ok.error().message;
+      auto id = post(self, [content, remote, mode, target = self->state.target](
+                             std::optional<SshSession>& session, std::atomic<bool>& cancel,
+                             v1::StepResult&, const ssh_executor_actor&) -> std::string {
+        return with_reconnect(session, target, cancel, [&](SshSession& s) {
+          auto ok = s.upload(content, remote, static_cast<int>(mode));
+          return ok ? std::string{} : ok.error().message;
+        });
       });
       auto rp = self->make_response_promise<ok_atom>();
       self->state.ok_replies.emplace(id, rp);
       return rp;
     },
     [=](put_file_atom, const std::string& local, const std::string& remote, uint32_t mode) {
-      auto id = post(self, [local, remote, mode](std::optional<SshSession>& session,
-                                                 std::atomic<bool>&, v1::StepResult&,
-                                                 const ssh_executor_actor&) -> std::string {
-        if (!session)
-          return no_session_error();
-        auto ok = session->upload_file(local, remote, static_cast<int>(mode));
-        return ok ? std::string{} : ok.error().message;
+      auto id = post(self, [local, remote, mode, target = self->state.target](
+                             std::optional<SshSession>& session, std::atomic<bool>& cancel,
+                             v1::StepResult&, const ssh_executor_actor&) -> std::string {
+        return with_reconnect(session, target, cancel, [&](SshSession& s) {
+          auto ok = s.upload_file(local, remote, static_cast<int>(mode));
+          return ok ? std::string{} : ok.error().message;
+        });
       });
       auto rp = self->make_response_promise<ok_atom>();
       self->state.ok_replies.emplace(id, rp);
       return rp;
     },
     [=](download_atom, const std::string& remote, const std::string& local) {
-      auto id = post(self, [remote, local](std::optional<SshSession>& session,
-                                           std::atomic<bool>&, v1::StepResult&,
-                                           const ssh_executor_actor&) -> std::string {
-        if (!session)
-          return no_session_error();
-        auto ok = session->download(remote, local);
-        return ok ? std::string{} : ok.error().message;
+      auto id = post(self, [remote, local, target = self->state.target](
+                             std::optional<SshSession>& session, std::atomic<bool>& cancel,
+                             v1::StepResult&, const ssh_executor_actor&) -> std::string {
+        return with_reconnect(session, target, cancel, [&](SshSession& s) {
+          auto ok = s.download(remote, local);
+          return ok ? std::string{} : ok.error().message;
+        });
       });
       auto rp = self->make_response_promise<ok_atom>();
       self->state.ok_replies.emplace(id, rp);
       return rp;
     },
     [=](exec_atom, uint32_t step, const std::string& command, uint32_t timeout_ms) {
-      auto id = post(self, [step, command, timeout_ms](
+      auto id = post(self, [step, command, timeout_ms, target = self->state.target](
                              std::optional<SshSession>& session, std::atomic<bool>& cancel,
                              v1::StepResult& result, const ssh_executor_actor& me) -> std::string {
         if (!session)
           return no_session_error();
+        if (step == runner_setup_step) {
+          // The runner's own set-up command is safe to repeat on a new connection.
+          return with_reconnect(session, target, cancel, [&](SshSession& s) {
+            auto outcome = s.exec(command, [](SshStream, std::string_view) {});
+            if (!outcome)
+              return outcome.error().message;
+            result.set_step_index(step);
+            result.set_exit_code(outcome->exit_code);
+            result.set_outcome(outcome->exit_code == 0 ? v1::STEP_SUCCEEDED : v1::STEP_FAILED);
+            return std::string{};
+          });
+        }
         uint64_t sequence[2] = {0, 0};
         auto on_output = [&](SshStream stream, std::string_view bytes) {
           v1::OutputChunk chunk;

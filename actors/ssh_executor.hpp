@@ -21,6 +21,8 @@ struct ssh_executor_state {
   // The session lives on the worker thread only; this slot is how tasks share it.
   std::shared_ptr<std::optional<SshSession>> session =
     std::make_shared<std::optional<SshSession>>();
+  // Where the session goes; kept to reconnect (set by `ready`).
+  std::shared_ptr<const SshTarget> target;
   uint64_t next_op = 1;
   std::map<uint64_t, caf::typed_response_promise<ok_atom>> ok_replies;
   std::map<uint64_t, caf::typed_response_promise<v1::StepResult>> exec_replies;
