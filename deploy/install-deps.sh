@@ -14,6 +14,8 @@ packages=(
   cpio gzip dosfstools mtools syslinux syslinux-common dropbear-bin busybox-static
   # tests: ISO inspection, cloud-config schema check, OpenSSH as a reference client
   xorriso genisoimage cloud-init openssh-client
+  # benchmarks (bench/run.sh)
+  python3
 )
 
 missing=()
