@@ -17,6 +17,7 @@
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
+#include <caf/detail/type_list.hpp>
 #include <caf/exit_reason.hpp>
 #include <caf/scheduler/test_coordinator.hpp>
 #include <caf/send.hpp>
@@ -158,6 +159,7 @@ struct fixture {
   std::vector<v1::JobEvent> events;
   std::vector<entry> uploads;  // detail = remote path, extra = content
   v1::VmHandle ready_handle;   // what `ready` was given
+  uint64_t acked_bytes = 0;    // output bytes the supervisor acknowledged
   std::optional<caf::error> tailer_exit_reason;
   bool supervisor_exited = false;
   bool tailer_down_seen = false;
@@ -493,10 +495,27 @@ console_tailer_actor::behavior_type fake_tailer(console_tailer_actor::pointer se
   };
 }
 
+// Output flow control (the supervisor acknowledges each chunk's bytes) is being
+// added to the executor's interface; the fake follows whichever version it is
+// built against.
+using ack_message_atom = caf::atom_constant<caf::atom("ack")>;
+constexpr bool executor_takes_acks =
+  caf::detail::tl_contains<ssh_executor_actor::signatures,
+                           caf::reacts_to<ack_message_atom, uint64_t>>::value;
+
+template <bool TakesAcks, class... Handlers>
+ssh_executor_actor::behavior_type ssh_behavior(fixture* fx, Handlers... handlers) {
+  if constexpr (TakesAcks)
+    return {handlers..., [=](ack_message_atom, uint64_t bytes) { fx->acked_bytes += bytes; }};
+  else
+    return {handlers...};
+}
+
 ssh_executor_actor::behavior_type fake_ssh(ssh_executor_actor::pointer self, fixture* fx,
                                            vm_observer_actor observer) {
   auto cancelled = [] { return caf::make_error(runner_errc::cancelled, "cancelled"); };
-  return {
+  return ssh_behavior<executor_takes_acks>(
+    fx,
     [=](ready_atom, const v1::VmHandle& handle, uint32_t timeout_ms) {
       fx->note("ssh", "ready", std::to_string(handle.ssh_port()), std::to_string(timeout_ms));
       fx->ready_handle = handle;
@@ -558,8 +577,7 @@ ssh_executor_actor::behavior_type fake_ssh(ssh_executor_actor::pointer self, fix
       fx->note("ssh", "exec reply", std::to_string(step));
       rp.deliver(result);
     },
-    [=](output_atom, const v1::OutputChunk&) {},
-  };
+    [=](output_atom, const v1::OutputChunk&) {});
 }
 
 event_sink_actor::behavior_type recording_sink(event_sink_actor::pointer, fixture* fx) {
@@ -773,6 +791,9 @@ TEST_CASE_FIXTURE(fixture, "a two-step job succeeds through the whole protocol")
   CHECK(r.summary().find("succeeded") != std::string::npos);
   CHECK(output_of(0, v1::STDOUT) == "built\n");
   CHECK(output_of(1, v1::STDOUT) == "tested\n");
+  // Every byte of output is acknowledged to the executor (its flow control).
+  if constexpr (executor_takes_acks)
+    CHECK(acked_bytes == std::string("built\ntested\n").size());
   // Each step's events: started, output, finished.
   std::vector<uint32_t> started, finished;
   for (const auto& e : events) {
