@@ -7,6 +7,7 @@
 
 #include "actors/runner_types.hpp"
 #include "runtime/qemu_argv.hpp"
+#include "runtime/recovery.hpp"
 #include "runtime/vm_prepare.hpp"
 
 namespace solstice {
@@ -59,6 +60,9 @@ qemu_process(qemu_process_actor::stateful_pointer<qemu_process_state> self,
         return caf::make_error(runner_errc::prepare_failed, handle.error().message);
       self->state.handle = *handle;
       self->state.prepared = true;
+      // Claim the work directory at once, so a later runner knows whose it is.
+      if (auto owned = write_owner_record(handle->work_dir(), owner_record_for(*handle)); !owned)
+        return caf::make_error(runner_errc::prepare_failed, owned.error().message);
       return *handle;
     },
     [=](launch_atom) -> caf::result<v1::VmHandle> {
@@ -75,6 +79,9 @@ qemu_process(qemu_process_actor::stateful_pointer<qemu_process_state> self,
       st.child = std::move(*child);
       st.handle.set_qemu_pid(st.child->pid());
       st.handle.set_qemu_start_time(process_start_time(st.child->pid()).value_or(0));
+      // Lets a later runner kill this QEMU if it outlives the runner.
+      if (auto owned = write_owner_record(st.handle.work_dir(), owner_record_for(st.handle)); !owned)
+        return caf::make_error(runner_errc::qemu_failed, owned.error().message);
       self->delayed_send(self, poll_interval, tick_atom::value);
       return st.handle;
     },

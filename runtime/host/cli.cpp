@@ -9,6 +9,7 @@
 
 #include "runtime/host/runner_host.hpp"
 #include "runtime/job_file.hpp"
+#include "runtime/recovery.hpp"
 #include "runtime/runner_config.hpp"
 
 namespace solstice {
@@ -136,6 +137,13 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
     std::fprintf(stderr, "solstice-runner: %s\n", image.error().message.c_str());
     return exit_invalid_input;
   }
+  // Whatever a runner that died left in this state directory is cleaned first.
+  if (auto recovered = recover_abandoned_jobs(*config); !recovered)
+    std::fprintf(stderr, "solstice-runner: recovery skipped: %s\n",
+                 recovered.error().message.c_str());
+  else
+    for (const auto& job : *recovered)
+      std::fprintf(stderr, "solstice-runner: %s\n", job.description.c_str());
   LocalRunOptions options;
   options.json = run.json;
   options.show_console = run.console;
