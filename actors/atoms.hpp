@@ -5,6 +5,7 @@
 
 namespace solstice {
 
+using ack_atom = caf::atom_constant<caf::atom("ack")>;
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
 using cleanup_atom = caf::atom_constant<caf::atom("cleanup")>;
 using command_atom = caf::atom_constant<caf::atom("command")>;

@@ -585,6 +585,10 @@ void console_handoff(supervisor_pointer self) {
         auto& st = self->state;
         if (st.finishing)
           return;
+        if (st.tailer_stopped) {  // it is gone already: nothing can log twice
+          start_running(self);
+          return;
+        }
         notice(self, "console tailer did not stop (" + error_text(err) + "); killing it");
         st.waiting_for_tailer_down = true;
         self->send_exit(st.tailer, caf::exit_reason::kill);
@@ -661,10 +665,8 @@ void boot(supervisor_pointer self) {
         st.launched = true;
         handle.set_ssh_port(st.vm.ssh_port());
         st.vm = std::move(handle);
-        if (st.finishing) {
-          shut_down_vm(self);
-          return;
-        }
+        if (st.finishing)
+          return;  // finish_job's shutdown is already under way
         st.qmp = st.factory.qmp(self->system(), observer_of(self));
         self->monitor(st.qmp);
   st.children->push_back(caf::actor_cast<caf::actor>(st.qmp));
@@ -702,10 +704,8 @@ void prepare(supervisor_pointer self) {
         auto& st = self->state;
         st.vm = std::move(handle);
         end_phase(self, "prepare");
-        if (st.finishing) {
-          shut_down_vm(self);
-          return;
-        }
+        if (st.finishing)
+          return;  // finish_job's shutdown is already under way
         boot(self);
       },
       [=](caf::error& err) { infrastructure_error(self, error_text(err)); });
@@ -832,6 +832,9 @@ void on_console_line(supervisor_pointer self, std::string& line) {
 
 void on_output(supervisor_pointer self, const v1::OutputChunk& chunk) {
   auto& st = self->state;
+  // Credit back to the executor, whose worker waits when too much is in flight.
+  if (st.ssh)
+    self->send(st.ssh, ack_atom::value, static_cast<uint64_t>(chunk.data().size()));
   if (chunk.step_index() == setup_step || !st.running_step ||
       chunk.step_index() != *st.running_step)
     return;
@@ -852,6 +855,7 @@ void on_output(supervisor_pointer self, const v1::OutputChunk& chunk) {
 void on_down(supervisor_pointer self, const caf::down_msg& down) {
   auto& st = self->state;
   if (down.source == st.tailer.address()) {
+    st.tailer_stopped = true;
     if (st.waiting_for_tailer_down) {
       st.waiting_for_tailer_down = false;
       start_running(self);

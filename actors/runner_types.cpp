@@ -38,6 +38,13 @@ void add_runner_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<event_sink_actor>("solstice.event_sink_actor");
   cfg.add_message_type<vm_observer_actor>("solstice.vm_observer_actor");
   cfg.add_message_type<job_supervisor_actor>("solstice.job_supervisor_actor");
+  // Cluster (coordinator and runner nodes).
+  cfg.add_message_type<node_offer>("solstice.node_offer");
+  cfg.add_message_type<cluster_job_info>("solstice.cluster_job_info");
+  cfg.add_message_type<cluster_node_info>("solstice.cluster_node_info");
+  cfg.add_message_type<cluster_status>("solstice.cluster_status");
+  cfg.add_message_type<runner_node_actor>("solstice.runner_node_actor");
+  cfg.add_message_type<coordinator_actor>("solstice.coordinator_actor");
   cfg.add_error_category(caf::atom("solstice"),
                          [](uint8_t code, caf::atom_value, const caf::message& context) {
                            std::string out = errc_name(code);

@@ -140,7 +140,8 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
       return rp;
     },
     [=](exec_atom, uint32_t step, const std::string& command, uint32_t timeout_ms) {
-      auto id = post(self, [step, command, timeout_ms, target = self->state.target](
+      auto id = post(self, [step, command, timeout_ms, target = self->state.target,
+                            credit = self->state.output_credit](
                              std::optional<SshSession>& session, std::atomic<bool>& cancel,
                              v1::StepResult& result, const ssh_executor_actor& me) -> std::string {
         if (!session)
@@ -165,6 +166,8 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
           chunk.set_stream(stream == SshStream::out ? v1::STDOUT : v1::STDERR);
           chunk.set_sequence(sequence[index]++);
           chunk.set_data(bytes.data(), bytes.size());
+          // Blocks this worker (never an actor thread) while the observer lags.
+          credit->take(bytes.size(), cancel);
           caf::anon_send(me, output_atom::value, std::move(chunk));
         };
         ExecOptions options;
@@ -191,6 +194,9 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
       auto rp = self->make_response_promise<v1::StepResult>();
       self->state.exec_replies.emplace(id, rp);
       return rp;
+    },
+    [=](ack_atom, uint64_t bytes) {
+      self->state.output_credit->give_back(static_cast<size_t>(bytes));
     },
     [=](cancel_atom) {
       for (auto& [id, flag] : self->state.in_flight)

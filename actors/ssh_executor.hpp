@@ -8,10 +8,14 @@
 #include <caf/typed_response_promise.hpp>
 
 #include "actors/actors.hpp"
+#include "runtime/byte_credit.hpp"
 #include "runtime/serial_worker.hpp"
 #include "runtime/ssh_session.hpp"
 
 namespace solstice {
+
+// Unacknowledged step output allowed in flight (memory bound of a flood).
+inline constexpr size_t output_credit_bytes = 4 * 1024 * 1024;
 
 struct ssh_executor_state {
   static inline const char* name = "ssh_executor";
@@ -24,6 +28,8 @@ struct ssh_executor_state {
   // Where the session goes; kept to reconnect (set by `ready`).
   std::shared_ptr<const SshTarget> target;
   uint64_t next_op = 1;
+  // Output handed to the observer but not yet acknowledged is bounded by this.
+  std::shared_ptr<ByteCredit> output_credit = std::make_shared<ByteCredit>(output_credit_bytes);
   std::map<uint64_t, caf::typed_response_promise<ok_atom>> ok_replies;
   std::map<uint64_t, caf::typed_response_promise<v1::StepResult>> exec_replies;
   // Cancel flags of the operations not finished yet.

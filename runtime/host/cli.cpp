@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "runtime/host/cluster_cli.hpp"
 #include "runtime/host/runner_host.hpp"
 #include "runtime/job_file.hpp"
 #include "runtime/recovery.hpp"
@@ -132,8 +133,7 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
                  ok.error().message.c_str());
     return exit_invalid_input;
   }
-  auto image = resolve_image(*job, *config);
-  if (!image) {
+  if (auto image = resolve_image(*job, *config); !image) {
     std::fprintf(stderr, "solstice-runner: %s\n", image.error().message.c_str());
     return exit_invalid_input;
   }
@@ -147,7 +147,7 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
   LocalRunOptions options;
   options.json = run.json;
   options.show_console = run.console;
-  return run_job_locally(*job, *image, *config, options);
+  return run_job_locally(*job, *config, options);
 }
 
 }  // namespace
@@ -179,12 +179,17 @@ int run_cli(int argc, char** argv) {
   run_app->add_flag("--json", run.json, "print every job event as one JSON line");
   run_app->add_flag("--console", run.console, "show the guest's serial console while it boots");
 
+  std::optional<int> cluster_exit;
+  add_cluster_commands(app, cluster_exit);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     auto code = app.exit(e);
     return code == 0 ? 0 : exit_invalid_input;
   }
+  if (cluster_exit)
+    return *cluster_exit;
   if (run_app->parsed())
     return run_command(common, run);
   return exit_invalid_input;

@@ -18,11 +18,10 @@
 #include <caf/spawn_options.hpp>
 #include <caf/system_messages.hpp>
 
-#include "actors/job_recorder.hpp"
 #include "actors/job_supervisor.hpp"
 #include "actors/runner_types.hpp"
 #include "actors/terminal_printer.hpp"
-#include "runtime/event_log.hpp"
+#include "runtime/host/embedding.hpp"
 #include "runtime/vm_prepare.hpp"
 
 namespace solstice {
@@ -103,23 +102,14 @@ std::string make_job_id() {
   return std::string{stamp} + "-" + suffix;
 }
 
-int run_job_locally(v1::JobSpec job, const v1::ImageSpec& image, const v1::RunnerConfig& config,
+int run_job_locally(v1::JobSpec job, const v1::RunnerConfig& config,
                     const LocalRunOptions& options) {
   if (job.id().empty())
     job.set_id(make_job_id());
-  auto job_dir = job_dir_for(config, job.id());
-  if (auto ok = make_private_dir(job_dir); !ok) {
-    std::fprintf(stderr, "solstice-runner: %s\n", ok.error().message.c_str());
-    return exit_infrastructure_error;
-  }
-  auto log = EventLog::open(job_dir / "events.jsonl");
-  if (!log) {
-    std::fprintf(stderr, "solstice-runner: %s\n", log.error().message.c_str());
-    return exit_infrastructure_error;
-  }
   if (!options.json)
     std::printf("job %s: %s\n  record: %s\n", job.id().c_str(),
-                job.name().empty() ? "(unnamed)" : job.name().c_str(), job_dir.c_str());
+                job.name().empty() ? "(unnamed)" : job.name().c_str(),
+                job_dir_for(config, job.id()).c_str());
   std::fflush(stdout);
 
   // Signals go to the watcher thread only: block them before any thread exists.
@@ -133,53 +123,55 @@ int run_job_locally(v1::JobSpec job, const v1::ImageSpec& image, const v1::Runne
   std::promise<v1::JobResult> result_promise;
   auto result_future = result_promise.get_future();
   bool killed = false;
+  bool started_ok = true;
   {
     host_config cfg;
     caf::actor_system sys{cfg};
-    auto recorder = sys.spawn<caf::detached>(job_recorder,
-                                             std::make_shared<EventLog>(std::move(*log)),
-                                             job_dir.string());
     auto printer = sys.spawn<caf::detached>(
       terminal_printer, options.json, options.show_console,
       static_cast<uint32_t>(job.steps_size()),
       [&result_promise](const v1::JobResult& result) { result_promise.set_value(result); });
-    std::vector<event_sink_actor> sinks{recorder, printer};
-    auto supervisor = sys.spawn(job_supervisor, job, image, config, sinks, detached_vm_actors(),
-                                supervisor_timeouts{});
-    {
-      SignalWatcher watcher{caf::actor_cast<caf::actor>(supervisor)};
-      caf::scoped_actor self{sys};
-      self->monitor(supervisor);
-      caf::anon_send(supervisor, start_atom::value);
-      bool down = false;
-      self->receive_while([&] { return !down; })([&](caf::down_msg&) { down = true; });
-      killed = watcher.killed();
-    }
-    if (killed) {
-      // The supervisor was killed before it could report: its VM actors are
-      // gone with it (they kill QEMU and remove their files as they stop).
-      v1::JobEvent event;
-      event.set_job_id(job.id());
-      event.set_sequence(UINT64_MAX);
-      event.set_timestamp_us(std::chrono::duration_cast<std::chrono::microseconds>(
-                               std::chrono::system_clock::now().time_since_epoch())
-                               .count());
-      auto* result = event.mutable_result();
-      result->set_job_id(job.id());
-      result->set_status(v1::CANCELLED);
-      result->set_exit_code(exit_cancelled);
-      result->set_shutdown_method("kill");
-      result->set_error("killed by a second interrupt");
-      result->set_summary("job " + job.id() + " cancelled: killed by a second interrupt");
-      caf::anon_send(recorder, event_atom::value, event);
-      caf::anon_send(printer, event_atom::value, event);
+    auto started = start_job(sys, job, config, printer);
+    if (!started) {
+      std::fprintf(stderr, "solstice-runner: %s\n", started.error().message.c_str());
+      caf::anon_send_exit(printer, caf::exit_reason::user_shutdown);
+      started_ok = false;
+    } else {
+      {
+        SignalWatcher watcher{caf::actor_cast<caf::actor>(started->supervisor)};
+        caf::scoped_actor self{sys};
+        self->monitor(started->supervisor);
+        bool down = false;
+        self->receive_while([&] { return !down; })([&](caf::down_msg&) { down = true; });
+        killed = watcher.killed();
+      }
+      if (killed) {
+        // The supervisor was killed before it could report: its VM actors are
+        // gone with it (they kill QEMU and remove their files as they stop).
+        v1::JobEvent event;
+        event.set_job_id(job.id());
+        event.set_sequence(UINT64_MAX);
+        event.set_timestamp_us(std::chrono::duration_cast<std::chrono::microseconds>(
+                                 std::chrono::system_clock::now().time_since_epoch())
+                                 .count());
+        auto* result = event.mutable_result();
+        result->set_job_id(job.id());
+        result->set_status(v1::CANCELLED);
+        result->set_exit_code(exit_cancelled);
+        result->set_shutdown_method("kill");
+        result->set_error("killed by a second interrupt");
+        result->set_summary("job " + job.id() + " cancelled: killed by a second interrupt");
+        caf::anon_send(started->recorder, event_atom::value, event);
+        caf::anon_send(printer, event_atom::value, event);
+      }
     }
   }
   pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
+  if (!started_ok)
+    return exit_infrastructure_error;
   if (result_future.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
-    std::fprintf(stderr, "solstice-runner: job %s %s; its VM was killed and its files removed\n",
-                 job.id().c_str(), killed ? "killed" : "ended without a result");
-    return killed ? exit_cancelled : exit_infrastructure_error;
+    std::fprintf(stderr, "solstice-runner: job %s ended without a result\n", job.id().c_str());
+    return exit_infrastructure_error;
   }
   return exit_code_of(result_future.get());
 }

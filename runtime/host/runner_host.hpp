@@ -24,8 +24,8 @@ inline constexpr int exit_cancelled = 130;
 // A new job id: UTC time plus random hex, e.g. 20261127-211503-9f3a1c.
 std::string make_job_id();
 
-// Runs one validated job to its end. `image` is the resolved image.
-int run_job_locally(v1::JobSpec job, const v1::ImageSpec& image, const v1::RunnerConfig& config,
+// Runs one validated job to its end.
+int run_job_locally(v1::JobSpec job, const v1::RunnerConfig& config,
                     const LocalRunOptions& options);
 
 }  // namespace solstice

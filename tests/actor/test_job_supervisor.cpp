@@ -495,26 +495,16 @@ console_tailer_actor::behavior_type fake_tailer(console_tailer_actor::pointer se
   };
 }
 
-// Output flow control (the supervisor acknowledges each chunk's bytes) is being
-// added to the executor's interface; the fake follows whichever version it is
-// built against.
-using ack_message_atom = caf::atom_constant<caf::atom("ack")>;
-constexpr bool executor_takes_acks =
-  caf::detail::tl_contains<ssh_executor_actor::signatures,
-                           caf::reacts_to<ack_message_atom, uint64_t>>::value;
-
-template <bool TakesAcks, class... Handlers>
+// The fake counts the output bytes the supervisor acknowledges (flow control).
+template <class... Handlers>
 ssh_executor_actor::behavior_type ssh_behavior(fixture* fx, Handlers... handlers) {
-  if constexpr (TakesAcks)
-    return {handlers..., [=](ack_message_atom, uint64_t bytes) { fx->acked_bytes += bytes; }};
-  else
-    return {handlers...};
+  return {handlers..., [=](ack_atom, uint64_t bytes) { fx->acked_bytes += bytes; }};
 }
 
 ssh_executor_actor::behavior_type fake_ssh(ssh_executor_actor::pointer self, fixture* fx,
                                            vm_observer_actor observer) {
   auto cancelled = [] { return caf::make_error(runner_errc::cancelled, "cancelled"); };
-  return ssh_behavior<executor_takes_acks>(
+  return ssh_behavior(
     fx,
     [=](ready_atom, const v1::VmHandle& handle, uint32_t timeout_ms) {
       fx->note("ssh", "ready", std::to_string(handle.ssh_port()), std::to_string(timeout_ms));
@@ -671,8 +661,7 @@ TEST_CASE_FIXTURE(fixture, "a tailer that never answers stop is killed, and exec
 // it, so a tailer that is already gone at the hand-off (its `stop` request fails at
 // once with request_receiver_down) leaves the job waiting for a second DOWN that
 // never comes, until the job deadline.
-TEST_CASE_FIXTURE(fixture, "a tailer that died during boot does not block the job" *
-                             doctest::may_fail()) {
+TEST_CASE_FIXTURE(fixture, "a tailer that died during boot does not block the job") {
   // The console is best effort: its loss must not stall the job until its deadline.
   tailer_dies_at_boot = true;
   start(two_step_job());
@@ -792,8 +781,7 @@ TEST_CASE_FIXTURE(fixture, "a two-step job succeeds through the whole protocol")
   CHECK(output_of(0, v1::STDOUT) == "built\n");
   CHECK(output_of(1, v1::STDOUT) == "tested\n");
   // Every byte of output is acknowledged to the executor (its flow control).
-  if constexpr (executor_takes_acks)
-    CHECK(acked_bytes == std::string("built\ntested\n").size());
+  CHECK(acked_bytes == std::string("built\ntested\n").size());
   // Each step's events: started, output, finished.
   std::vector<uint32_t> started, finished;
   for (const auto& e : events) {
@@ -1029,8 +1017,7 @@ TEST_CASE_FIXTURE(fixture, "a guest kernel panic during a step is an infrastruct
 
 // Cancelling while QEMU's files are being prepared must not start QEMU, and the
 // shutdown happens once.
-TEST_CASE_FIXTURE(fixture, "cancel while preparing ends cancelled without starting QEMU" *
-                             doctest::may_fail()) {
+TEST_CASE_FIXTURE(fixture, "cancel while preparing ends cancelled without starting QEMU") {
   start(two_step_job());
   // The prepare request is on its way to QEMU's actor; the user cancels now.
   sched.run_once();  // the supervisor takes `start`, sends prepare
@@ -1048,8 +1035,7 @@ TEST_CASE_FIXTURE(fixture, "cancel while preparing ends cancelled without starti
   CHECK(count("qemu", "cleanup") == 1);
 }
 
-TEST_CASE_FIXTURE(fixture, "cancel while QEMU launches stops QEMU and shuts down once" *
-                             doctest::may_fail()) {
+TEST_CASE_FIXTURE(fixture, "cancel while QEMU launches stops QEMU and shuts down once") {
   start(two_step_job());
   RUN_UNTIL_RECEIVED("qemu", "prepare");
   // Run until the launch request waits in QEMU's actor's mailbox; cancel then.

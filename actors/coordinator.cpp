@@ -1,0 +1,485 @@
+#include "actors/coordinator.hpp"
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+#include <ctime>
+#include <random>
+
+#include <caf/event_based_actor.hpp>
+#include <caf/send.hpp>
+#include <caf/system_messages.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/runner_types.hpp"
+
+namespace solstice {
+
+namespace {
+
+using coordinator_pointer = coordinator_actor::stateful_pointer<coordinator_state>;
+
+// Memory a job is assumed to need when neither it nor the node's image says
+// (the runner's own default, see resolve_image).
+constexpr uint32_t default_memory_mib = 512;
+
+// One dispatch's relay: tags the job's events with the dispatch id, so that
+// events of a dispatch given up on can never be mistaken for the current one's.
+event_sink_actor::behavior_type relay(event_sink_actor::pointer self,
+                                      coordinator_actor coordinator, uint64_t dispatch) {
+  return {
+    [self, coordinator, dispatch](event_atom, v1::JobEvent& event) {
+      self->send(coordinator, relay_atom::value, dispatch, std::move(event));
+    },
+  };
+}
+
+// An id for a job submitted without one: UTC time plus random hex, like a
+// local run's (submit normally sets one itself).
+std::string make_cluster_job_id() {
+  auto now = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &utc);
+  std::random_device random;
+  char suffix[16];
+  std::snprintf(suffix, sizeof suffix, "%06x", random() & 0xffffff);
+  return std::string{stamp} + "-" + suffix;
+}
+
+std::string lower_words(std::string text) {
+  for (auto& c : text)
+    c = static_cast<char>(c == '_' ? ' ' : std::tolower(static_cast<unsigned char>(c)));
+  return text;
+}
+
+std::string node_name(coordinator_pointer self, const std::optional<caf::actor_addr>& addr) {
+  if (!addr)
+    return "";
+  auto i = self->state.nodes.find(*addr);
+  return i == self->state.nodes.end() ? "" : i->second.offer.name;
+}
+
+// Sends one event of the job to its submitter, in the job's own sequence.
+void emit(coordinator_pointer self, coordinator_job& job, v1::JobEvent event) {
+  event.set_job_id(job.spec.id());
+  event.set_sequence(job.next_sequence++);
+  if (event.timestamp_us() == 0)
+    event.set_timestamp_us(unix_now_us());
+  if (job.submitter)
+    self->send(job.submitter, event_atom::value, std::move(event));
+}
+
+void notice(coordinator_pointer self, coordinator_job& job, const std::string& text) {
+  v1::JobEvent event;
+  event.mutable_notice()->set_message(text);
+  emit(self, job, std::move(event));
+}
+
+// Ends the current dispatch on the coordinator's side: frees the node's slot and
+// memory, and retires the relay (a node still holding it then cancels the job).
+void end_dispatch(coordinator_pointer self, coordinator_job& job) {
+  auto& st = self->state;
+  if (job.node) {
+    auto i = st.nodes.find(*job.node);
+    if (i != st.nodes.end()) {
+      auto& node = i->second;
+      node.slots_used -= std::min(node.slots_used, 1u);
+      node.memory_used_mib -= std::min(node.memory_used_mib, job.memory_mib);
+      node.jobs.erase(job.spec.id());
+    }
+    job.node.reset();
+  }
+  if (job.relay) {
+    st.relays->erase(caf::actor_cast<caf::actor>(job.relay));
+    self->send_exit(job.relay, caf::exit_reason::user_shutdown);
+    job.relay = nullptr;
+  }
+  st.dispatches.erase(job.dispatch);
+  job.dispatch = 0;
+  job.memory_mib = 0;
+  job.last_node_sequence.reset();
+}
+
+void forget_job(coordinator_pointer self, const std::string& job_id) {
+  auto& st = self->state;
+  st.queue.erase(std::remove(st.queue.begin(), st.queue.end(), job_id), st.queue.end());
+  st.jobs.erase(job_id);
+}
+
+// Ends a job from here (not from its supervisor): a result event to the
+// submitter, then everything about the job is forgotten.
+void end_job(coordinator_pointer self, const std::string& job_id, v1::JobStatus status,
+             const std::string& error) {
+  auto i = self->state.jobs.find(job_id);
+  if (i == self->state.jobs.end())
+    return;
+  auto& job = i->second;
+  end_dispatch(self, job);
+  spdlog::info("job {} ended {}: {}", job_id, lower_words(v1::JobStatus_Name(status)), error);
+  emit(self, job, cluster_result_event(job_id, 0, status, error));
+  forget_job(self, job_id);
+}
+
+uint32_t memory_needed(const coordinator_job& job, const coordinator_node& node) {
+  if (job.spec.memory_mib() != 0)
+    return job.spec.memory_mib();
+  if (!job.spec.runs_on().empty()) {
+    auto i = node.offer.labels.find(job.spec.runs_on());
+    if (i != node.offer.labels.end() && i->second != 0)
+      return i->second;
+  }
+  return default_memory_mib;
+}
+
+bool node_can_ever_run(const coordinator_job& job, const coordinator_node& node) {
+  return job.spec.runs_on().empty() || node.offer.labels.count(job.spec.runs_on()) > 0;
+}
+
+bool node_can_run_now(const coordinator_job& job, const coordinator_node& node) {
+  if (!node_can_ever_run(job, node) || node.slots_used >= node.offer.slots)
+    return false;
+  return node.offer.memory_mib == 0 ||
+         node.memory_used_mib + memory_needed(job, node) <= node.offer.memory_mib;
+}
+
+void dispatch(coordinator_pointer self, const std::string& job_id, const caf::actor_addr& where);
+
+// Hands queued jobs, in order, to the nodes that can take them now; a job no
+// node can take yet keeps its place without holding up the ones behind it.
+void dispatch_queued(coordinator_pointer self) {
+  auto& st = self->state;
+  for (size_t i = 0; i < st.queue.size();) {
+    auto& job = st.jobs.at(st.queue[i]);
+    const caf::actor_addr* best = nullptr;
+    const coordinator_node* best_node = nullptr;
+    for (auto& [addr, node] : st.nodes) {
+      if (!node_can_run_now(job, node))
+        continue;
+      auto free = node.offer.slots - node.slots_used;
+      if (!best_node || free > best_node->offer.slots - best_node->slots_used ||
+          (free == best_node->offer.slots - best_node->slots_used &&
+           node.last_dispatch < best_node->last_dispatch)) {
+        best = &addr;
+        best_node = &node;
+      }
+    }
+    if (!best) {
+      ++i;
+      continue;
+    }
+    auto job_id = st.queue[i];
+    st.queue.erase(st.queue.begin() + static_cast<std::ptrdiff_t>(i));
+    dispatch(self, job_id, *best);
+  }
+}
+
+void dispatch(coordinator_pointer self, const std::string& job_id, const caf::actor_addr& where) {
+  auto& st = self->state;
+  auto& job = st.jobs.at(job_id);
+  auto& node = st.nodes.at(where);
+  auto dispatch_id = st.next_dispatch++;
+  job.attempts += 1;
+  job.dispatch = dispatch_id;
+  job.node = where;
+  job.memory_mib = memory_needed(job, node);
+  job.last_node_sequence.reset();
+  job.state = "DISPATCHED";
+  job.since_us = unix_now_us();
+  node.slots_used += 1;
+  node.memory_used_mib += job.memory_mib;
+  node.jobs.insert(job_id);
+  node.last_dispatch = dispatch_id;
+  st.dispatches[dispatch_id] = job_id;
+  job.relay = self->spawn(relay, caf::actor_cast<coordinator_actor>(self), dispatch_id);
+  st.relays->insert(caf::actor_cast<caf::actor>(job.relay));
+  spdlog::info("job {} dispatched to node {} (attempt {} of {})", job_id, node.offer.name,
+               job.attempts, job.spec.retries() + 1);
+  notice(self, job,
+         "dispatched to node " + node.offer.name + " (attempt " + std::to_string(job.attempts) +
+           " of " + std::to_string(job.spec.retries() + 1) + ")");
+  auto name = node.offer.name;
+  self->request(node.handle, st.options.dispatch_timeout, run_job_atom::value, job.spec, job.relay)
+    .then([](ok_atom) {},
+          [self, job_id, dispatch_id, name](caf::error& err) {
+            auto i = self->state.jobs.find(job_id);
+            // Already settled otherwise (node lost, cancelled, ...).
+            if (i == self->state.jobs.end() || i->second.dispatch != dispatch_id)
+              return;
+            end_job(self, job_id, v1::INFRASTRUCTURE_ERROR,
+                    "node " + name + " did not take the job: " + error_text(err));
+            dispatch_queued(self);
+          });
+}
+
+// A node's connection closed or timed out: its jobs end, or go back to the
+// front of the queue when they allow another attempt.
+void node_lost(coordinator_pointer self, const caf::actor_addr& addr, const std::string& why) {
+  auto& st = self->state;
+  auto i = st.nodes.find(addr);
+  if (i == st.nodes.end())
+    return;
+  auto name = i->second.offer.name;
+  auto jobs = i->second.jobs;
+  spdlog::warn("node {} lost ({}); it had {} job(s)", name, why, jobs.size());
+  std::vector<std::string> again;
+  for (const auto& job_id : jobs) {
+    auto j = st.jobs.find(job_id);
+    if (j == st.jobs.end())
+      continue;
+    auto& job = j->second;
+    end_dispatch(self, job);
+    if (job.cancel_requested || !job.submitter) {
+      end_job(self, job_id, v1::CANCELLED, "node " + name + " was lost while the job was cancelled");
+    } else if (job.attempts <= job.spec.retries()) {
+      notice(self, job,
+             "node " + name + " was lost (" + why + "); dispatching the job again (attempt " +
+               std::to_string(job.attempts + 1) + " of " +
+               std::to_string(job.spec.retries() + 1) + ")");
+      job.state = "QUEUED";
+      job.since_us = unix_now_us();
+      job.queued_at = std::chrono::steady_clock::now();
+      again.push_back(job_id);
+    } else {
+      end_job(self, job_id, v1::INFRASTRUCTURE_ERROR,
+              "node " + name + " was lost while running the job (" + why + ")");
+    }
+  }
+  st.nodes.erase(i);
+  // Jobs that were already running go first, in their original order.
+  st.queue.insert(st.queue.begin(), again.begin(), again.end());
+  dispatch_queued(self);
+}
+
+void submitter_lost(coordinator_pointer self, const caf::actor_addr& addr) {
+  auto& st = self->state;
+  std::vector<std::string> gone;
+  for (auto& [job_id, job] : st.jobs)
+    if (job.submitter && job.submitter.address() == addr)
+      gone.push_back(job_id);
+  for (const auto& job_id : gone) {
+    auto& job = st.jobs.at(job_id);
+    job.submitter = nullptr;
+    if (!job.node) {
+      spdlog::info("job {} dropped from the queue: its submitter is gone", job_id);
+      forget_job(self, job_id);
+      continue;
+    }
+    spdlog::info("job {}: its submitter is gone, cancelling it on node {}", job_id,
+                 node_name(self, job.node));
+    job.cancel_requested = true;
+    self->send(st.nodes.at(*job.node).handle, cancel_atom::value, job_id);
+  }
+}
+
+// One event of dispatch `dispatch_id`, relayed from its node.
+void on_relayed(coordinator_pointer self, uint64_t dispatch_id, v1::JobEvent& event) {
+  auto& st = self->state;
+  auto d = st.dispatches.find(dispatch_id);
+  if (d == st.dispatches.end())
+    return;  // a dispatch given up on
+  auto job_id = d->second;
+  auto& job = st.jobs.at(job_id);
+  if (job.last_node_sequence && event.sequence() <= *job.last_node_sequence)
+    return;  // seen already
+  job.last_node_sequence = event.sequence();
+  if (event.has_state())
+    job.state = v1::JobState_Name(event.state().state());
+  bool done = event.has_result();
+  if (done)
+    event.mutable_result()->set_job_id(job_id);
+  emit(self, job, std::move(event));
+  if (done) {
+    spdlog::info("job {} finished on node {}", job_id, node_name(self, job.node));
+    end_dispatch(self, job);
+    forget_job(self, job_id);
+    dispatch_queued(self);
+  }
+}
+
+cluster_job_info job_info(coordinator_pointer self, const std::string& job_id,
+                          const coordinator_job& job) {
+  cluster_job_info info;
+  info.job_id = job_id;
+  info.name = job.spec.name();
+  info.node = node_name(self, job.node);
+  info.state = job.state;
+  info.attempt = job.attempts;
+  info.since_us = job.since_us;
+  return info;
+}
+
+}  // namespace
+
+int64_t unix_now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+           std::chrono::system_clock::now().time_since_epoch())
+    .count();
+}
+
+v1::JobEvent cluster_result_event(const std::string& job_id, uint64_t sequence,
+                                  v1::JobStatus status, const std::string& error) {
+  v1::JobEvent event;
+  event.set_job_id(job_id);
+  event.set_sequence(sequence);
+  event.set_timestamp_us(unix_now_us());
+  auto* result = event.mutable_result();
+  result->set_job_id(job_id);
+  result->set_status(status);
+  switch (status) {
+    case v1::SUCCEEDED: result->set_exit_code(0); break;
+    case v1::FAILED: result->set_exit_code(1); break;
+    case v1::TIMED_OUT: result->set_exit_code(124); break;
+    case v1::CANCELLED: result->set_exit_code(130); break;
+    default: result->set_exit_code(125); break;
+  }
+  result->set_error(error);
+  result->set_summary("job " + job_id + " " + lower_words(v1::JobStatus_Name(status)) + " — " +
+                      error.substr(0, error.find('\n')));
+  return event;
+}
+
+coordinator_actor::behavior_type coordinator(coordinator_pointer self,
+                                             coordinator_options options) {
+  self->state.options = options;
+  self->attach_functor([relays = self->state.relays](const caf::error&) {
+    for (auto& relay : *relays)
+      caf::anon_send_exit(relay, caf::exit_reason::user_shutdown);
+  });
+  self->set_down_handler([self](caf::down_msg& msg) {
+    if (self->state.nodes.count(msg.source))
+      node_lost(self, msg.source, error_text(msg.reason));
+    else
+      submitter_lost(self, msg.source);
+  });
+  self->delayed_send(self, options.tick_interval, tick_atom::value);
+  return {
+    [self](submit_atom, v1::JobSpec& spec,
+           event_sink_actor submitter) -> caf::result<std::string> {
+      auto& st = self->state;
+      if (!submitter)
+        return caf::make_error(runner_errc::invalid_input, "a job needs an event sink");
+      if (spec.steps_size() == 0)
+        return caf::make_error(runner_errc::invalid_input, "the job has no steps");
+      if (spec.id().empty()) {
+        do
+          spec.set_id(make_cluster_job_id());
+        while (st.jobs.count(spec.id()));
+      } else if (st.jobs.count(spec.id())) {
+        return caf::make_error(runner_errc::invalid_input,
+                               "job id " + spec.id() + " is already queued or running");
+      }
+      auto job_id = spec.id();
+      auto& job = st.jobs[job_id];
+      job.spec = std::move(spec);
+      job.submitter = std::move(submitter);
+      job.since_us = unix_now_us();
+      job.queued_at = std::chrono::steady_clock::now();
+      self->monitor(job.submitter);
+      st.queue.push_back(job_id);
+      spdlog::info("job {} queued ({}), position {}", job_id,
+                   job.spec.name().empty() ? "unnamed" : job.spec.name(), st.queue.size());
+      v1::JobEvent queued;
+      queued.mutable_state()->set_state(v1::QUEUED);
+      std::string detail = "position " + std::to_string(st.queue.size()) + " in the cluster queue";
+      bool capable = std::any_of(st.nodes.begin(), st.nodes.end(), [&](const auto& entry) {
+        return node_can_ever_run(job, entry.second);
+      });
+      if (!capable)
+        detail += job.spec.runs_on().empty()
+                    ? "; no node has joined yet"
+                    : "; no node offers runs_on '" + job.spec.runs_on() + "' yet";
+      queued.mutable_state()->set_detail(detail);
+      emit(self, job, std::move(queued));
+      dispatch_queued(self);
+      return job_id;
+    },
+    [self](join_atom, node_offer& offer, runner_node_actor handle) -> caf::result<ok_atom> {
+      auto& st = self->state;
+      if (!handle)
+        return caf::make_error(runner_errc::invalid_input, "a node needs a handle");
+      if (offer.name.empty())
+        return caf::make_error(runner_errc::invalid_input, "a node needs a name");
+      if (offer.slots == 0)
+        return caf::make_error(runner_errc::invalid_input,
+                               "node " + offer.name + " offers no slots");
+      // The same node joining again over a new connection replaces its old entry.
+      for (auto i = st.nodes.begin(); i != st.nodes.end(); ++i)
+        if (i->second.offer.name == offer.name && i->first != handle.address()) {
+          node_lost(self, i->first, "it joined again");
+          break;
+        }
+      auto& node = st.nodes[handle.address()];
+      bool rejoin = static_cast<bool>(node.handle);
+      node.handle = handle;
+      node.offer = std::move(offer);
+      if (!rejoin)
+        self->monitor(handle);
+      std::string labels;
+      for (const auto& [label, memory] : node.offer.labels)
+        labels += (labels.empty() ? "" : ", ") + label;
+      spdlog::info("node {} joined: {} slot(s), memory budget {}, labels: {}", node.offer.name,
+                   node.offer.slots,
+                   node.offer.memory_mib ? std::to_string(node.offer.memory_mib) + " MiB"
+                                         : std::string{"unlimited"},
+                   labels.empty() ? "none" : labels);
+      dispatch_queued(self);
+      return ok_atom::value;
+    },
+    [self](cancel_atom, const std::string& job_id) {
+      auto& st = self->state;
+      auto i = st.jobs.find(job_id);
+      if (i == st.jobs.end())
+        return;
+      auto& job = i->second;
+      if (!job.node) {
+        end_job(self, job_id, v1::CANCELLED, "cancelled while queued");
+        return;
+      }
+      if (job.cancel_requested)
+        return;
+      job.cancel_requested = true;
+      notice(self, job, "cancelling the job on node " + node_name(self, job.node));
+      self->send(st.nodes.at(*job.node).handle, cancel_atom::value, job_id);
+    },
+    [self](status_atom) {
+      auto& st = self->state;
+      cluster_status status;
+      for (const auto& [addr, node] : st.nodes) {
+        cluster_node_info info;
+        info.offer = node.offer;
+        info.slots_used = node.slots_used;
+        info.memory_used_mib = node.memory_used_mib;
+        status.nodes.push_back(std::move(info));
+      }
+      for (const auto& job_id : st.queue)
+        status.queued.push_back(job_info(self, job_id, st.jobs.at(job_id)));
+      for (const auto& [job_id, job] : st.jobs)
+        if (job.node)
+          status.running.push_back(job_info(self, job_id, job));
+      return status;
+    },
+    [self](relay_atom, uint64_t dispatch_id, v1::JobEvent& event) {
+      on_relayed(self, dispatch_id, event);
+    },
+    [self](tick_atom) {
+      auto& st = self->state;
+      auto now = std::chrono::steady_clock::now();
+      std::vector<std::string> expired;
+      for (const auto& job_id : st.queue)
+        if (now - st.jobs.at(job_id).queued_at >= st.options.queue_timeout)
+          expired.push_back(job_id);
+      for (const auto& job_id : expired)
+        end_job(self, job_id, v1::INFRASTRUCTURE_ERROR,
+                "no node could take the job within " +
+                  std::to_string(std::chrono::duration_cast<std::chrono::seconds>(
+                                   st.options.queue_timeout)
+                                   .count()) +
+                  " s of queueing");
+      self->delayed_send(self, st.options.tick_interval, tick_atom::value);
+    },
+  };
+}
+
+}  // namespace solstice

@@ -1,0 +1,85 @@
+#pragma once
+// The cluster coordinator: takes jobs from submitters, keeps them in a FIFO
+// queue, dispatches each to a runner node with a free slot and enough memory
+// budget, and relays the job's events back to its submitter, each exactly once
+// and renumbered in one sequence even when the job had to be dispatched again.
+// A node that is lost (its connection closed or timed out) takes its jobs with
+// it: each ends `infrastructure_error`, or is dispatched once more when the job
+// allows retries.
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "actors/actors.hpp"
+
+namespace solstice {
+
+struct coordinator_options {
+  // How long a node has to accept a dispatched job.
+  std::chrono::milliseconds dispatch_timeout{std::chrono::seconds(30)};
+  // How long a job may wait in the queue for a node that can take it.
+  std::chrono::milliseconds queue_timeout{std::chrono::hours(1)};
+  // How often queue deadlines are checked.
+  std::chrono::milliseconds tick_interval{std::chrono::seconds(1)};
+};
+
+struct coordinator_node {
+  runner_node_actor handle;
+  node_offer offer;
+  uint32_t slots_used = 0;
+  uint32_t memory_used_mib = 0;
+  std::set<std::string> jobs;
+  uint64_t last_dispatch = 0;  // serial of its latest dispatch (spreads ties)
+};
+
+struct coordinator_job {
+  v1::JobSpec spec;
+  event_sink_actor submitter;  // invalid once the submitter is gone
+  uint32_t attempts = 0;       // dispatches so far
+  std::optional<caf::actor_addr> node;  // while dispatched
+  uint64_t dispatch = 0;       // id of the current dispatch (0: none)
+  event_sink_actor relay;      // the current dispatch's relay
+  uint32_t memory_mib = 0;     // reserved on its node
+  // Events to the submitter are numbered here, across dispatches.
+  uint64_t next_sequence = 0;
+  // Highest node-side sequence relayed for the current dispatch.
+  std::optional<uint64_t> last_node_sequence;
+  std::string state = "QUEUED";
+  int64_t since_us = 0;
+  std::chrono::steady_clock::time_point queued_at;
+  bool cancel_requested = false;
+};
+
+struct coordinator_state {
+  static inline const char* name = "coordinator";
+  coordinator_state() = default;
+  coordinator_options options;
+  std::map<caf::actor_addr, coordinator_node> nodes;
+  std::map<std::string, coordinator_job> jobs;  // queued and running, by id
+  std::deque<std::string> queue;                // job ids waiting, in order
+  std::map<uint64_t, std::string> dispatches;   // dispatch id -> job id
+  uint64_t next_dispatch = 1;
+  // Every relay alive, killed when the coordinator ends.
+  std::shared_ptr<std::set<caf::actor>> relays = std::make_shared<std::set<caf::actor>>();
+};
+
+coordinator_actor::behavior_type
+coordinator(coordinator_actor::stateful_pointer<coordinator_state> self,
+            coordinator_options options);
+
+// A result event made outside a job supervisor (node lost, job refused,
+// cancelled while queued): the status, the exit code `run` would give for it,
+// the error and a one-line summary.
+v1::JobEvent cluster_result_event(const std::string& job_id, uint64_t sequence,
+                                  v1::JobStatus status, const std::string& error);
+
+// Microseconds since the Unix epoch.
+int64_t unix_now_us();
+
+}  // namespace solstice

@@ -1,0 +1,30 @@
+#pragma once
+// Flow control between a producer thread and its consumer: the producer takes
+// credit for the bytes it hands over and blocks while `limit` bytes are still
+// unacknowledged, so a flood of output never piles up in memory.
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <mutex>
+
+namespace solstice {
+
+class ByteCredit {
+ public:
+  explicit ByteCredit(size_t limit) : limit_(limit) {}
+
+  // Blocks until `bytes` more fit (a single chunk larger than the limit passes
+  // alone), or `cancel` becomes true. Returns false when cancelled.
+  bool take(size_t bytes, const std::atomic<bool>& cancel);
+  // The consumer has handled `bytes`.
+  void give_back(size_t bytes);
+  size_t in_flight() const;
+
+ private:
+  const size_t limit_;
+  mutable std::mutex mutex_;
+  std::condition_variable freed_;
+  size_t in_flight_ = 0;
+};
+
+}  // namespace solstice

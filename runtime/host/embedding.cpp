@@ -1,0 +1,43 @@
+#include "runtime/host/embedding.hpp"
+
+#include <caf/actor_system.hpp>
+#include <caf/send.hpp>
+#include <caf/spawn_options.hpp>
+
+#include "actors/job_recorder.hpp"
+#include "actors/job_supervisor.hpp"
+#include "runtime/event_log.hpp"
+#include "runtime/host/runner_host.hpp"
+#include "runtime/job_file.hpp"
+#include "runtime/runner_config.hpp"
+#include "runtime/vm_prepare.hpp"
+
+namespace solstice {
+
+Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
+                             const v1::RunnerConfig& config, event_sink_actor events) {
+  if (auto ok = validate_job(job, config); !ok)
+    return fail("the job is not valid:\n" + ok.error().message);
+  auto image = resolve_image(job, config);
+  if (!image)
+    return tl::unexpected(image.error());
+  if (job.id().empty())
+    job.set_id(make_job_id());
+  auto job_dir = job_dir_for(config, job.id());
+  if (auto ok = make_private_dir(job_dir); !ok)
+    return tl::unexpected(ok.error());
+  auto log = EventLog::open(job_dir / "events.jsonl");
+  if (!log)
+    return tl::unexpected(log.error());
+  auto recorder = sys.spawn<caf::detached>(
+    job_recorder, std::make_shared<EventLog>(std::move(*log)), job_dir.string());
+  std::vector<event_sink_actor> sinks{recorder};
+  if (events)
+    sinks.push_back(events);
+  auto supervisor = sys.spawn(job_supervisor, job, *image, config, sinks, detached_vm_actors(),
+                              supervisor_timeouts{});
+  caf::anon_send(supervisor, start_atom::value);
+  return StartedJob{job.id(), job_dir.string(), supervisor, recorder};
+}
+
+}  // namespace solstice

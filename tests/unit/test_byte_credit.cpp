@@ -1,0 +1,50 @@
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "runtime/byte_credit.hpp"
+
+using namespace solstice;
+using namespace std::chrono_literals;
+
+TEST_SUITE("byte_credit") {
+  TEST_CASE("the producer blocks at the limit until the consumer gives credit back") {
+    ByteCredit credit{100};
+    std::atomic<bool> cancel{false};
+    CHECK(credit.take(60, cancel));
+    CHECK(credit.take(40, cancel));
+    std::atomic<bool> third_taken{false};
+    std::thread producer([&] {
+      credit.take(10, cancel);
+      third_taken = true;
+    });
+    std::this_thread::sleep_for(100ms);
+    CHECK_FALSE(third_taken.load());
+    credit.give_back(60);
+    producer.join();
+    CHECK(third_taken.load());
+    CHECK(credit.in_flight() == 50);
+  }
+
+  TEST_CASE("a chunk larger than the limit passes alone") {
+    ByteCredit credit{10};
+    std::atomic<bool> cancel{false};
+    CHECK(credit.take(1000, cancel));
+    CHECK(credit.in_flight() == 1000);
+  }
+
+  TEST_CASE("cancel releases a blocked producer") {
+    ByteCredit credit{10};
+    std::atomic<bool> cancel{false};
+    CHECK(credit.take(10, cancel));
+    std::atomic<int> result{-1};
+    std::thread producer([&] { result = credit.take(5, cancel) ? 1 : 0; });
+    std::this_thread::sleep_for(60ms);
+    CHECK(result.load() == -1);
+    cancel = true;
+    producer.join();
+    CHECK(result.load() == 0);
+  }
+}
