@@ -54,7 +54,7 @@ namespace {
 
 // A valid hostname from any job id: letters and digits kept, the rest as '-'.
 std::string guest_hostname(const std::string& job_id) {
-  std::string name = "solstice";
+  std::string name = "solstice-";
   for (char c : job_id) {
     if (name.size() >= 40)
       break;
