@@ -102,7 +102,11 @@ stamp prepared
   && stamp marker) &
 watcher_pid=$!
 
-"${argv[@]}" 2> "$work/qemu.stderr" &
+# In its own session, as the runner starts it (runtime/child_process.cpp): on Linux
+# a session is also a scheduler autogroup, and on a busy host the group QEMU sits in
+# changes guest speed several-fold, so both must place QEMU the same way. (setsid
+# does not fork here: a non-interactive shell's background child leads no group.)
+setsid "${argv[@]}" 2> "$work/qemu.stderr" &
 qemu_pid=$!
 echo "qemu_pid=$qemu_pid" >> "$work/times.env"
 stamp qemu_started

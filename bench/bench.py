@@ -170,6 +170,18 @@ class ProcessWatch:
             t.join(timeout=5)
 
 
+# Runner processes and baseline scripts still running, ended if the benchmark is.
+LIVE = set()
+
+
+def end_live_children():
+    for process in list(LIVE):
+        try:
+            process.terminate()
+        except OSError:
+            pass
+
+
 def wait_unreaped(pid):
     """Blocks until `pid` exits, leaving it a zombie so /proc/PID/stat stays readable."""
     while True:
@@ -228,6 +240,7 @@ class Bench:
         process = subprocess.Popen(command, stdout=subprocess.PIPE if stream_to else out_file,
                                    stderr=subprocess.STDOUT if not stream_to else out_file,
                                    env=self.env)
+        LIVE.add(process)
         watch = ProcessWatch(process.pid, os.path.join(job_dir, "console.log"))
         reader = None
         arrivals = {}
@@ -239,6 +252,7 @@ class Bench:
         ended_us = now_us()
         watch.finish()
         process.wait()
+        LIVE.discard(process)
         if reader:
             reader.join()
         out_file.close()
@@ -337,8 +351,10 @@ class Bench:
         started_us = now_us()
         with open(out_path, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            LIVE.add(process)
             watch = ProcessWatch(process.pid)
             _, status, usage = os.wait4(process.pid, 0)
+            LIVE.discard(process)
             ended_us = now_us()
             watch.finish(exited_pid_stat=False)
             process.returncode = os.waitstatus_to_exitcode(status)
@@ -720,8 +736,7 @@ def main():
         parser.error("--pairs and --scale-pairs must be at least 1")
 
     bench = Bench(args)
-    interrupted = []
-    signal.signal(signal.SIGTERM, lambda *_: (interrupted.append(1), sys.exit(143)))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
     info = machine_info()
     log(f"size {args.size}, {pairs} pair(s), work dir {bench.work}; load average "
@@ -731,6 +746,7 @@ def main():
         transfer = bench_transfer(bench, pairs, sizes["stream_mib"], sizes["upload_mib"])
         scale = bench_scale(bench, scale_pairs, sizes["scale"])
     finally:
+        end_live_children()
         bench.cleanup()
     info["load_average_at_end"] = os.getloadavg()
     rows = build_rows(overhead, transfer, scale, sizes)
