@@ -60,8 +60,9 @@ struct RunnerRun {
   }
 };
 
-// Called whenever new stdout arrived, with all stdout so far.
-using StdoutWatch = std::function<void(pid_t runner_pid, const std::string& out)>;
+// Called whenever new output arrived, with all stdout and stderr so far.
+using OutputWatch =
+  std::function<void(pid_t runner_pid, const std::string& out, const std::string& err)>;
 
 // Reads what a non-blocking pipe holds; marks it closed at EOF or on error.
 void drain_pipe(int fd, std::string& into, bool& open) {
@@ -84,7 +85,7 @@ void drain_pipe(int fd, std::string& into, bool& open) {
 
 // Runs solstice-runner with `args`, reading stdout and stderr while it runs so
 // neither pipe fills. A runner still running at `limit` is killed by its PID.
-RunnerRun run_runner(const std::vector<std::string>& args, const StdoutWatch& watch = {},
+RunnerRun run_runner(const std::vector<std::string>& args, const OutputWatch& watch = {},
                      std::chrono::seconds limit = run_limit) {
   std::vector<std::string> argv{runner_binary().string()};
   argv.insert(argv.end(), args.begin(), args.end());
@@ -99,11 +100,11 @@ RunnerRun run_runner(const std::vector<std::string>& args, const StdoutWatch& wa
                      {err_open ? child->stderr_fd() : -1, POLLIN, 0},
                      {exited_at ? -1 : child->exit_fd(), POLLIN, 0}};
     ::poll(fds, 3, 100);
-    auto stdout_before = run.out.size();
+    auto output_before = run.out.size() + run.err.size();
     drain_pipe(child->stdout_fd(), run.out, out_open);
     drain_pipe(child->stderr_fd(), run.err, err_open);
-    if (watch && run.out.size() != stdout_before && !exited_at)
-      watch(child->pid(), run.out);
+    if (watch && run.out.size() + run.err.size() != output_before && !exited_at)
+      watch(child->pid(), run.out, run.err);
     if (!run.status && (run.status = child->try_wait()))
       exited_at = Clock::now();
     // Pipes close at exit; a leftover holder of them gets a short grace only.
@@ -478,6 +479,7 @@ TEST_CASE("a failing step fails the job with its exit code; later steps are skip
     started += event.has_step_started();
   CHECK(started == 2);
   CHECK(result.shutdown_method() == "powerdown");
+  CHECK(contains(run.out, "<== step 'breaks' failed (exit 7)"));
   CHECK(contains(run.out, "(exit code 7)"));
   check_nothing_left(ws);
 }
@@ -520,7 +522,7 @@ TEST_CASE("a step timeout ends the job quickly as timed out") {
               })},
   });
   std::optional<Clock::time_point> step_seen;
-  auto run = run_runner(ws.args(), [&](pid_t, const std::string& out) {
+  auto run = run_runner(ws.args(), [&](pid_t, const std::string& out, const std::string&) {
     if (!step_seen && contains(out, "==> step"))
       step_seen = Clock::now();
   });
@@ -542,6 +544,7 @@ TEST_CASE("a step timeout ends the job quickly as timed out") {
   CHECK(result.steps(1).outcome() == v1::STEP_SKIPPED);
   CHECK(step_output(record, 0, v1::STDOUT) == "sleeping\n");
   CHECK(contains(result.error(), "sleeper"));
+  CHECK(contains(run.out, "<== step 'sleeper' timed out"));
   check_nothing_left(ws);
 }
 
@@ -567,6 +570,13 @@ TEST_CASE("the job timeout ends a job whose step sleeps") {
   CHECK(any_contains(messages_of(record, v1::JobEvent::kError), "timed out"));
   REQUIRE(result.steps_size() == 1);
   CHECK(result.steps(0).outcome() != v1::STEP_SUCCEEDED);
+  // On a slow host the deadline may fall during boot; a step that did start was
+  // interrupted, not skipped.
+  bool step_started = false;
+  for (const auto& event : record.events)
+    step_started |= event.has_step_started();
+  if (step_started)
+    CHECK(result.steps(0).outcome() != v1::STEP_SKIPPED);
   check_nothing_left(ws);
 }
 
@@ -580,7 +590,7 @@ TEST_CASE("SIGINT while a step runs cancels the job and powers the VM down") {
               })},
   });
   std::optional<Clock::time_point> interrupted;
-  auto run = run_runner(ws.args(), [&](pid_t pid, const std::string& out) {
+  auto run = run_runner(ws.args(), [&](pid_t pid, const std::string& out, const std::string&) {
     if (!interrupted && contains(out, "==> step") && contains(out, "started\n")) {
       ::kill(pid, SIGINT);
       interrupted = Clock::now();
@@ -602,6 +612,43 @@ TEST_CASE("SIGINT while a step runs cancels the job and powers the VM down") {
   CHECK(result.steps(0).outcome() == v1::STEP_CANCELLED);
   CHECK(result.steps(1).outcome() == v1::STEP_SKIPPED);
   CHECK_FALSE(contains(run.out, "should-not-run"));
+  check_nothing_left(ws);
+}
+
+TEST_CASE("a second SIGTERM kills a VM that ignores the power button, leaving nothing behind") {
+  Workspace ws;
+  ws.write_job({
+    {"runs_on", "solstice-test-guest"},
+    // Without acpid the guest ignores system_powerdown: the runner would wait
+    // for it, and the second signal must cut that short.
+    {"steps", json::array({{{"name", "deaf"},
+                            {"script", "sudo kill $(pidof acpid); echo started; sleep 600"}}})},
+  });
+  std::optional<Clock::time_point> first, second;
+  auto run = run_runner(ws.args(), [&](pid_t pid, const std::string& out, const std::string& err) {
+    if (!first && contains(out, "started\n")) {
+      ::kill(pid, SIGTERM);
+      first = Clock::now();
+    } else if (first && !second && contains(err, "cancelling") &&
+               contains(out, "shutting down")) {
+      ::kill(pid, SIGTERM);
+      second = Clock::now();
+    }
+  });
+  auto ended = Clock::now();
+  INFO(run.describe());
+  REQUIRE(first.has_value());
+  REQUIRE(second.has_value());
+  CHECK(run.exit_code() == 130);
+  CHECK(ended - *second < 15s);
+  CHECK(contains(run.err, "killing"));
+  auto record = load_record(ws.state_dir);
+  const auto& result = record.result;
+  CHECK(result.status() == v1::CANCELLED);
+  CHECK(result.exit_code() == 130);
+  CHECK(result.shutdown_method() == "kill");
+  REQUIRE(!record.events.empty());
+  CHECK(record.events.back().has_result());
   check_nothing_left(ws);
 }
 
