@@ -312,6 +312,14 @@ cluster_job_info job_info(coordinator_pointer self, const std::string& job_id,
 
 }  // namespace
 
+std::string peer_loss_text(const caf::error& reason) {
+  if (reason == caf::exit_reason::remote_link_unreachable)
+    return "its connection closed or timed out";
+  if (reason == caf::exit_reason::normal || reason == caf::exit_reason::user_shutdown)
+    return "it shut down";
+  return error_text(reason);
+}
+
 int64_t unix_now_us() {
   return std::chrono::duration_cast<std::chrono::microseconds>(
            std::chrono::system_clock::now().time_since_epoch())
@@ -349,7 +357,7 @@ coordinator_actor::behavior_type coordinator(coordinator_pointer self,
   });
   self->set_down_handler([self](caf::down_msg& msg) {
     if (self->state.nodes.count(msg.source))
-      node_lost(self, msg.source, error_text(msg.reason));
+      node_lost(self, msg.source, peer_loss_text(msg.reason));
     else
       submitter_lost(self, msg.source);
   });

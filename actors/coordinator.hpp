@@ -79,6 +79,10 @@ coordinator(coordinator_actor::stateful_pointer<coordinator_state> self,
 v1::JobEvent cluster_result_event(const std::string& job_id, uint64_t sequence,
                                   v1::JobStatus status, const std::string& error);
 
+// Why a remote peer counts as gone, in plain words ("its connection closed or
+// timed out" for a lost link).
+std::string peer_loss_text(const caf::error& reason);
+
 // Microseconds since the Unix epoch.
 int64_t unix_now_us();
 

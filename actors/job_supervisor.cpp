@@ -183,6 +183,7 @@ void finish(supervisor_pointer self) {
     step->set_name(st.job.steps(i).name());
     step->set_outcome(v1::STEP_SKIPPED);
   }
+  st.slot.reset();  // the VM is gone: its slot is free
   set_state(self, v1::CLEANED_UP);
   auto& r = st.result;
   r.set_job_id(st.job.id());
@@ -543,7 +544,8 @@ void start_running(supervisor_pointer self) {
   self->request(st.ssh, st.timeouts.transfer, exec_atom::value, setup_step, setup, uint32_t{60000})
     .then(
       [=](v1::StepResult& result) {
-        if (self->state.finishing)
+        auto& st = self->state;
+        if (st.finishing)
           return;
         if (result.exit_code() != 0) {
           infrastructure_error(self, "cannot create the job's directories in the guest (" +
@@ -768,6 +770,35 @@ void fall_back_to_tcg(supervisor_pointer self, const std::string& reason) {
       });
 }
 
+// Waits (polling, never blocking) for one of the host's VM slots.
+void acquire_slot(supervisor_pointer self) {
+  auto& st = self->state;
+  if (st.finishing)
+    return;
+  auto max = st.config.max_concurrent_vms();
+  if (max == 0) {
+    prepare(self);
+    return;
+  }
+  auto slot = VmSlot::try_acquire(st.config.state_dir(), max);
+  if (!slot) {
+    infrastructure_error(self, slot.error().message);
+    return;
+  }
+  if (slot->has_value()) {
+    st.slot = std::move(*slot);
+    prepare(self);
+    return;
+  }
+  if (!st.said_waiting) {
+    st.said_waiting = true;
+    notice(self, "waiting in the queue: all " + std::to_string(max) +
+                   " VM slots of this host are in use (max_concurrent_vms)");
+  }
+  st.slot_token = st.next_token++;
+  self->delayed_send(self, milliseconds(250), timeout_atom::value, st.slot_token);
+}
+
 // ------------------------------------------------------------------ observer
 
 void on_qemu_exit(supervisor_pointer self, const v1::ProcessExit& exit) {
@@ -925,7 +956,7 @@ job_supervisor(supervisor_pointer self, v1::JobSpec job, v1::ImageSpec image,
       st.job.set_timeout_seconds(timeout);
       self->delayed_send(self, seconds(timeout), timeout_atom::value, job_deadline_token);
       set_state(self, v1::QUEUED);
-      prepare(self);
+      acquire_slot(self);
     },
     [=](cancel_atom) {
       auto& st = self->state;
@@ -943,6 +974,8 @@ job_supervisor(supervisor_pointer self, v1::JobSpec job, v1::ImageSpec image,
         if (!st.finishing)
           finish_job(self, v1::TIMED_OUT,
                      "job timed out after " + std::to_string(st.job.timeout_seconds()) + " s");
+      } else if (token == st.slot_token && !st.slot) {
+        acquire_slot(self);
       } else if (token == st.debug_token) {
         st.debug_token = 0;
         shut_down_vm(self);

@@ -12,6 +12,7 @@
 
 #include "actors/actors.hpp"
 #include "runtime/redactor.hpp"
+#include "runtime/vm_slots.hpp"
 
 namespace solstice {
 
@@ -85,6 +86,11 @@ struct job_supervisor_state {
   uint64_t debug_token = 0;
   std::string debug_key_path;
   std::string debug_known_hosts_path;
+
+  // The host-wide VM slot this job holds while its VM exists.
+  std::optional<VmSlot> slot;
+  uint64_t slot_token = 0;
+  bool said_waiting = false;
 
   // What the result will say.
   v1::JobResult result;

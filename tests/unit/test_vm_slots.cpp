@@ -1,0 +1,79 @@
+#include <doctest/doctest.h>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include "runtime/vm_slots.hpp"
+
+using namespace solstice;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct TempStateDir {
+  fs::path path;
+  TempStateDir() {
+    std::string pattern = (fs::temp_directory_path() / "solstice-slots-XXXXXX").string();
+    path = ::mkdtemp(pattern.data());
+  }
+  ~TempStateDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+}  // namespace
+
+TEST_SUITE("vm_slots") {
+  TEST_CASE("at most max slots are held; a released slot can be taken again") {
+    TempStateDir state;
+    auto a = VmSlot::try_acquire(state.path, 2);
+    auto b = VmSlot::try_acquire(state.path, 2);
+    REQUIRE(a);
+    REQUIRE(b);
+    REQUIRE(a->has_value());
+    REQUIRE(b->has_value());
+    CHECK((*a)->index() != (*b)->index());
+    auto c = VmSlot::try_acquire(state.path, 2);
+    REQUIRE(c);
+    CHECK_FALSE(c->has_value());
+    a->reset();
+    auto d = VmSlot::try_acquire(state.path, 2);
+    REQUIRE(d);
+    CHECK(d->has_value());
+    CHECK((fs::status(state.path / "slots").permissions() & fs::perms::all) ==
+          fs::perms::owner_all);
+  }
+
+  TEST_CASE("slots are shared between processes and freed when the holder dies") {
+    TempStateDir state;
+    int ready[2];
+    REQUIRE(::pipe(ready) == 0);
+    pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+      auto slot = VmSlot::try_acquire(state.path, 1);
+      char ok = slot && slot->has_value() ? 'y' : 'n';
+      (void)!::write(ready[1], &ok, 1);
+      ::pause();
+      ::_exit(0);
+    }
+    char ok = 0;
+    REQUIRE(::read(ready[0], &ok, 1) == 1);
+    CHECK(ok == 'y');
+    auto taken = VmSlot::try_acquire(state.path, 1);
+    REQUIRE(taken);
+    CHECK_FALSE(taken->has_value());
+    ::kill(child, SIGKILL);
+    ::waitpid(child, nullptr, 0);
+    auto freed = VmSlot::try_acquire(state.path, 1);
+    REQUIRE(freed);
+    CHECK(freed->has_value());
+    ::close(ready[0]);
+    ::close(ready[1]);
+  }
+}
