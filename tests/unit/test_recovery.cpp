@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -43,24 +45,34 @@ struct TempDir {
   }
 };
 
-// A process standing in for a QEMU: `sleep` started with argv[0]
-// "qemu-system-x86_64" and the given extra arguments. Held by a pidfd, so ending it
-// at the end of the test can never hit a process that reused its PID.
+// A process standing in for a QEMU: `tail -F PATH...` (it runs until killed, also
+// when the paths do not exist) started with argv[0] "qemu-system-x86_64", so its
+// command line names the paths as QEMU's names its socket and disks. Held by a
+// pidfd, so ending it at the end of the test can never hit a process that reused
+// its PID.
 class FakeQemu {
  public:
-  explicit FakeQemu(const std::vector<std::string>& extra_args) {
-    std::vector<std::string> args{"qemu-system-x86_64", "100"};
-    args.insert(args.end(), extra_args.begin(), extra_args.end());
+  explicit FakeQemu(const std::vector<std::string>& paths) {
+    std::vector<std::string> args{"qemu-system-x86_64", "-F", "-s", "60"};
+    args.insert(args.end(), paths.begin(), paths.end());
     std::vector<char*> argv;
     for (auto& arg : args)
       argv.push_back(arg.data());
     argv.push_back(nullptr);
-    REQUIRE(::posix_spawnp(&pid_, "sleep", nullptr, nullptr, argv.data(), environ) == 0);
+    posix_spawn_file_actions_t quiet;
+    posix_spawn_file_actions_init(&quiet);
+    posix_spawn_file_actions_addopen(&quiet, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&quiet, 2, "/dev/null", O_WRONLY, 0);
+    int spawned = ::posix_spawnp(&pid_, "tail", &quiet, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&quiet);
+    REQUIRE(spawned == 0);
     pidfd_ = static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0));
     REQUIRE(pidfd_ >= 0);
-    // posix_spawn returns once the child has exec'd: its command line is the sleep's.
+    // posix_spawn returns once the child has exec'd: its command line is the tail's.
     start_time_ = solstice::process_start_time(pid_).value_or(0);
     REQUIRE(start_time_ != 0);
+    std::this_thread::sleep_for(50ms);
+    REQUIRE(running());
   }
   FakeQemu(const FakeQemu&) = delete;
   FakeQemu& operator=(const FakeQemu&) = delete;
@@ -227,7 +239,7 @@ TEST_CASE("recovery: no state directory or no run directory is nothing to do") {
 TEST_CASE("recovery: a dead runner's surviving QEMU is killed, its files removed, the job "
           "recorded as infrastructure_error") {
   Leftover leftover;
-  FakeQemu qemu({"-qmp", "unix:" + (leftover.work_dir / "qmp.sock").string() + ",server=on"});
+  FakeQemu qemu({(leftover.work_dir / "qmp.sock").string()});
   REQUIRE(solstice::write_owner_record(
     leftover.work_dir, leftover.owner(dead_runner(), qemu.pid(), qemu.start_time())));
 
