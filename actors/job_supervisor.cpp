@@ -274,6 +274,10 @@ void shut_down_vm(supervisor_pointer self) {
     cleanup(self);
     return;
   }
+  if (st.vm_paused) {
+    quit_stage(self);  // a paused guest never sees the power button
+    return;
+  }
   powerdown_stage(self);
 }
 
@@ -834,6 +838,10 @@ void on_qemu_exit(supervisor_pointer self, const v1::ProcessExit& exit) {
 void on_qmp_event(supervisor_pointer self, const v1::QmpEvent& event) {
   auto& st = self->state;
   const auto& name = event.name();
+  if (name == "STOP")
+    st.vm_paused = true;
+  else if (name == "RESUME")
+    st.vm_paused = false;
   if (name == "GUEST_PANICKED") {
     notice(self, "QMP event GUEST_PANICKED " + event.data_json());
     if (!st.shutdown_started)
@@ -845,6 +853,15 @@ void on_qmp_event(supervisor_pointer self, const v1::QmpEvent& event) {
   } else if (name == "STOP" && kvm_chosen_automatically(st) && before_ssh_ready(st) &&
              !st.shutdown_started && !st.restarting) {
     fall_back_to_tcg(self, "the VM stopped during boot, as QEMU does on a KVM internal error");
+  } else if (name == "STOP" && before_ssh_ready(st) && !st.shutdown_started &&
+             !st.restarting) {
+    // Nothing here pauses the VM: QEMU stops it on an internal (KVM) error.
+    infrastructure_error(self, "the VM stopped during boot (" + st.vm.accel() +
+                                 "): QEMU pauses a guest it cannot run" +
+                                 (st.vm.accel() == "kvm"
+                                    ? std::string{" — this host's KVM cannot run it; use "
+                                                  "--accel tcg or auto"}
+                                    : std::string{}));
   } else if (name == "SHUTDOWN" || name == "POWERDOWN" || name == "STOP") {
     notice(self, "QMP event " + name + " " + event.data_json());
   }

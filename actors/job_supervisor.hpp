@@ -75,6 +75,8 @@ struct job_supervisor_state {
   bool tailer_stopped = false;
   bool waiting_for_tailer_down = false;
   bool qemu_exited = false;
+  // QEMU paused the guest (STOP without RESUME): it cannot react to the power button.
+  bool vm_paused = false;
   v1::ProcessExit qemu_exit;
   std::optional<unsigned> running_step;
   bool finishing = false;      // the job's outcome is decided; only shutdown remains
