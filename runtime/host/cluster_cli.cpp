@@ -213,8 +213,8 @@ struct ClusterConfig : caf::actor_system_config {
     set("middleman.app-identifiers", std::vector<std::string>{cluster_protocol});
     // Heartbeats in both directions make a silent peer count as lost after the
     // connection timeout (CAF has both off by default).
-    auto timeout = std::chrono::seconds(net.connection_timeout_seconds);
-    auto heartbeat = std::min<caf::timespan>(1s, timeout / 4);
+    caf::timespan timeout = std::chrono::seconds(net.connection_timeout_seconds);
+    caf::timespan heartbeat = std::min<caf::timespan>(1s, timeout / 4);
     set("middleman.heartbeat-interval", caf::timespan{heartbeat});
     set("middleman.connection-timeout", caf::timespan{timeout});
     set("scheduler.max-threads", 4);
@@ -234,7 +234,7 @@ std::string connect_error_text(const caf::actor_system& sys, const caf::error& e
   if (err == caf::sec::request_timeout)
     return "no handshake from " + where + " within the timeout (is it a solstice-runner "
                                           "coordinator, and reachable?)";
-  if (err == caf::sec::disconnect_during_handshake || err == caf::sec::connection_closed)
+  if (err == caf::sec::disconnect_during_handshake)
     return where + " closed the connection during the handshake: " +
            (net.tls() ? "it refused our certificate (is it signed by the coordinator's CA?), "
                         "its certificate is not signed by --ca " + net.ca +
@@ -479,7 +479,7 @@ int node_command(const NodeOptions& options) {
           [&](caf::down_msg& msg) {
             if (msg.source == coordinator_handle->address()) {
               lost = true;
-              reason = error_text(msg.reason);
+              reason = peer_loss_text(msg.reason);
             } else if (msg.source == node.address()) {
               node_down = true;
             }
@@ -590,7 +590,7 @@ int submit_command(const SubmitOptions& options) {
         if (msg.source == printer.address())
           printer_done = true;
         else if (msg.source == coordinator_handle->address())
-          lost = error_text(msg.reason);
+          lost = peer_loss_text(msg.reason);
       },
       caf::after(200ms) >> [] {});
     if (printer_done)

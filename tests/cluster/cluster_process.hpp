@@ -1,0 +1,74 @@
+#pragma once
+// Real `solstice-runner` processes for the cluster tests: a child whose stdout and
+// stderr are collected as they come, waits with deadlines, and a temporary
+// directory for state, job files and certificates.
+#include <chrono>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "runtime/child_process.hpp"
+
+namespace solstice::cluster_testing {
+
+using Clock = std::chrono::steady_clock;
+
+std::filesystem::path runner_binary();
+
+// A mkdtemp directory, removed with everything in it by the destructor.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+void write_text(const std::filesystem::path& path, const std::string& text);
+
+// One runner process. The destructor SIGKILLs it if it still runs (its QEMU
+// children die with it).
+class RunnerProcess {
+ public:
+  explicit RunnerProcess(std::vector<std::string> args);
+  RunnerProcess(RunnerProcess&&) = default;
+  RunnerProcess& operator=(RunnerProcess&&) = default;
+
+  bool started() const { return child_.pid() > 0; }
+  std::string start_error;
+  pid_t pid() const { return child_.pid(); }
+
+  // Collects what the child wrote so far.
+  void pump();
+  const std::string& out() { pump(); return out_; }
+  const std::string& err() { pump(); return err_; }
+
+  // Waits until stdout or stderr contains `text`; false at the deadline or
+  // when the process ended without writing it.
+  bool wait_for_output(const std::string& text, std::chrono::milliseconds timeout);
+  // Waits for the exit; nullopt if it still runs at the deadline.
+  std::optional<ExitStatus> wait_exit(std::chrono::milliseconds timeout);
+  std::optional<ExitStatus> status() const { return status_; }
+  int exit_code() const { return status_ && !status_->signaled ? status_->code : -1; }
+  void kill(int signal) { child_.kill(signal); }
+
+  // Exit status and output tails, for failure messages.
+  std::string describe();
+
+ private:
+  ChildProcess child_;
+  std::string out_, err_;
+  bool out_open_ = true, err_open_ = true;
+  std::optional<ExitStatus> status_;
+};
+
+// The "HOST:PORT" a coordinator printed on its first line, once it is listening.
+std::optional<std::string> coordinator_endpoint(RunnerProcess& coordinator,
+                                                std::chrono::milliseconds timeout);
+
+}  // namespace solstice::cluster_testing
