@@ -120,12 +120,27 @@ void finish_job(supervisor_pointer self, v1::JobStatus status, const std::string
   begin_shutdown(self);
 }
 
-void infrastructure_error(supervisor_pointer self, const std::string& message) {
+void decide_infrastructure_error(supervisor_pointer self, const std::string& message) {
   auto& st = self->state;
   auto text = message;
   if (!st.console_tail.empty())
     text += "\nlast console lines:" + console_tail_text(st);
   finish_job(self, v1::INFRASTRUCTURE_ERROR, text);
+}
+
+// While QEMU may still be running, a failure is held back for a moment: if QEMU's
+// exit report comes meanwhile, the job's error names that real cause instead.
+void infrastructure_error(supervisor_pointer self, const std::string& message) {
+  auto& st = self->state;
+  if (st.finishing || !st.held_error.empty())
+    return;
+  if (!st.launched || st.qemu_exited) {
+    decide_infrastructure_error(self, message);
+    return;
+  }
+  st.held_error = message;
+  st.held_error_token = st.next_token++;
+  self->delayed_send(self, exit_report_grace, timeout_atom::value, st.held_error_token);
 }
 
 int job_exit_code(const job_supervisor_state& st) {
@@ -832,7 +847,8 @@ void on_qemu_exit(supervisor_pointer self, const v1::ProcessExit& exit) {
     cleanup(self);
     return;
   }
-  infrastructure_error(self, message);
+  st.held_error.clear();
+  decide_infrastructure_error(self, message);
 }
 
 void on_qmp_event(supervisor_pointer self, const v1::QmpEvent& event) {
@@ -987,7 +1003,10 @@ job_supervisor(supervisor_pointer self, v1::JobSpec job, v1::ImageSpec image,
     },
     [=](timeout_atom, uint64_t token) {
       auto& st = self->state;
-      if (token == job_deadline_token) {
+      if (token == st.held_error_token && !st.held_error.empty()) {
+        auto message = std::exchange(st.held_error, {});
+        decide_infrastructure_error(self, message);
+      } else if (token == job_deadline_token) {
         if (!st.finishing)
           finish_job(self, v1::TIMED_OUT,
                      "job timed out after " + std::to_string(st.job.timeout_seconds()) + " s");

@@ -86,6 +86,10 @@ struct job_supervisor_state {
   uint64_t next_token = 2;     // token 1 is the job deadline
   uint64_t shutdown_token = 0;
   uint64_t debug_token = 0;
+  // An infrastructure error held back briefly: when QEMU dies, the SSH or QMP
+  // failure it causes can arrive before QEMU's exit report, which names the cause.
+  std::string held_error;
+  uint64_t held_error_token = 0;
   std::string debug_key_path;
   std::string debug_known_hosts_path;
 
@@ -108,6 +112,9 @@ struct job_supervisor_state {
   uint64_t stdout_sequence = 0;
   uint64_t stderr_sequence = 0;
 };
+
+// How long an SSH/QMP failure waits for a QEMU exit report that would explain it.
+inline constexpr std::chrono::milliseconds exit_report_grace{500};
 
 // Console lines kept for error reports.
 inline constexpr size_t console_tail_lines = 30;

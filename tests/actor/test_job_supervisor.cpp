@@ -897,6 +897,46 @@ TEST_CASE_FIXTURE(fixture, "QEMU exiting while waiting for SSH is an infrastruct
   CHECK(states().back() == v1::CLEANED_UP);
 }
 
+// When QEMU dies, the SSH failure it causes can arrive before QEMU's exit report:
+// the job's error must still name the real cause.
+TEST_CASE_FIXTURE(fixture, "an SSH failure followed by QEMU's exit report names the exit") {
+  ssh_answers_ready = false;
+  start(two_step_job());
+  drive();
+  REQUIRE(held_ready.has_value());
+  std::exchange(held_ready, std::nullopt)
+    ->deliver(caf::make_error(runner_errc::ssh_failed, "transport read (libssh2 error -43)"));
+  drive();
+  CHECK(result_count() == 0);  // held back for a moment
+  v1::ProcessExit exit;
+  exit.set_signaled(true);
+  exit.set_signal(9);
+  exit.set_description("signal 9 (KILL)");
+  qemu_exits(exit);
+  drive();
+  auto r = result();
+  CHECK(r.status() == v1::INFRASTRUCTURE_ERROR);
+  CHECK(r.error().find("QEMU exited unexpectedly (signal 9 (KILL))") != std::string::npos);
+  CHECK(r.error().find("libssh2") == std::string::npos);
+}
+
+TEST_CASE_FIXTURE(fixture, "an SSH failure with QEMU still running is decided after the grace") {
+  ssh_answers_ready = false;
+  start(two_step_job());
+  drive();
+  REQUIRE(held_ready.has_value());
+  std::exchange(held_ready, std::nullopt)
+    ->deliver(caf::make_error(runner_errc::ssh_failed, "authentication failed"));
+  drive();
+  CHECK(result_count() == 0);
+  sched.advance_time(exit_report_grace);
+  sched.trigger_timeouts();
+  drive();
+  auto r = result();
+  CHECK(r.status() == v1::INFRASTRUCTURE_ERROR);
+  CHECK(r.error().find("SSH did not become ready: authentication failed") != std::string::npos);
+}
+
 TEST_CASE_FIXTURE(fixture, "cancel during a step powers the VM down and ends cancelled") {
   step_plans[0].hold = true;
   start(two_step_job());
@@ -998,6 +1038,11 @@ TEST_CASE_FIXTURE(fixture, "a guest kernel panic during a step is an infrastruct
   panic.set_name("GUEST_PANICKED");
   panic.set_data_json(R"({"action":"pause"})");
   caf::anon_send(supervisor, qmp_event_atom::value, panic);
+  drive();
+  // The decision waits briefly for a QEMU exit report that would explain more.
+  CHECK(result_count() == 0);
+  sched.advance_time(exit_report_grace);
+  sched.trigger_timeouts();
   drive();
   auto r = result();
   CHECK(r.status() == v1::INFRASTRUCTURE_ERROR);
