@@ -275,6 +275,10 @@ void powerdown_stage(supervisor_pointer self) {
   st.shutdown_stage = "powerdown";
   auto wait = milliseconds(
     std::max<uint32_t>(st.config.powerdown_timeout_seconds(), 1) * 1000);
+  // A guest that never got as far as SSH is unlikely to handle the power button:
+  // give it a short chance, not the full timeout.
+  if (!st.ssh_ready)
+    wait = std::min(wait, milliseconds(3000));
   self->request(st.qmp, seconds(15), command_atom::value, std::string{"system_powerdown"},
                 std::string{"{}"})
     .then([=](const std::string&) { await_exit(self, "powerdown", wait); },
@@ -631,6 +635,7 @@ void wait_for_ssh(supervisor_pointer self) {
       [=](ok_atom) {
         if (self->state.finishing || self->state.boot_attempt != attempt)
           return;
+        self->state.ssh_ready = true;
         end_phase(self, "boot_to_ssh");
         console_handoff(self);
       },

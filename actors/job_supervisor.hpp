@@ -72,6 +72,7 @@ struct job_supervisor_state {
   bool kvm_fallback = false;
   bool restarting = false;
   bool qmp_connected = false;
+  bool ssh_ready = false;
   bool tailer_stopped = false;
   bool waiting_for_tailer_down = false;
   bool qemu_exited = false;
