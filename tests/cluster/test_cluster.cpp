@@ -356,3 +356,68 @@ TEST_CASE("a node lost mid-job with retries: 1: the job is dispatched again once
   cluster.nodes.erase(first[0]);
   cluster.stop();
 }
+
+TEST_CASE("a node rejoins a coordinator that restarted, with backoff") {
+  Cluster cluster;
+  cluster.start_coordinator();
+  auto& node = cluster.start_node("steady");
+  cluster.coordinator->kill(SIGKILL);
+  cluster.coordinator->wait_exit(10s);
+  REQUIRE_MESSAGE(node.wait_for_output("lost the coordinator", 15s), node.describe());
+  // While nobody listens, the node keeps trying and says so.
+  CHECK_MESSAGE(node.wait_for_output("retrying in", 10s), node.describe());
+
+  cluster.coordinator.emplace(std::vector<std::string>{"coordinator", "--listen", cluster.endpoint,
+                                                        "--insecure"});
+  REQUIRE_MESSAGE(coordinator_endpoint(*cluster.coordinator, 20s), cluster.coordinator->describe());
+  auto deadline = Clock::now() + 60s;
+  auto joins = [&] {
+    const auto& out = node.out();
+    size_t count = 0;
+    for (auto at = out.find("joined the coordinator"); at != std::string::npos;
+         at = out.find("joined the coordinator", at + 1))
+      ++count;
+    return count;
+  };
+  while (joins() < 2 && Clock::now() < deadline)
+    std::this_thread::sleep_for(200ms);
+  CHECK_MESSAGE(joins() == 2, node.describe());
+  RunnerProcess status{{"status", "--to", cluster.endpoint, "--insecure"}};
+  REQUIRE(status.wait_exit(30s));
+  CHECK_MESSAGE(status.out().find("steady") != std::string::npos, status.describe());
+  cluster.stop();
+}
+
+TEST_CASE("queued jobs: one no node can take ends within the queue timeout; Ctrl-C cancels one") {
+  Cluster cluster;
+  cluster.coordinator.emplace(std::vector<std::string>{
+    "coordinator", "--listen", "127.0.0.1:0", "--insecure", "--queue-timeout", "2"});
+  auto found = coordinator_endpoint(*cluster.coordinator, 20s);
+  REQUIRE_MESSAGE(found, cluster.coordinator->describe());
+  cluster.endpoint = *found;
+
+  auto job = cluster.job_file("nowhere", simple_job("nowhere", "true"));
+  auto waiting = cluster.submit(job, false);
+  REQUIRE_MESSAGE(waiting.wait_exit(20s), waiting.describe());
+  CHECK_MESSAGE(waiting.exit_code() == 125, waiting.describe());
+  CHECK_MESSAGE(waiting.out().find("no node offers runs_on 'solstice-test-guest' yet") !=
+                  std::string::npos,
+                waiting.describe());
+  CHECK(waiting.out().find("no node could take the job within 2 s") != std::string::npos);
+
+  // A longer queue timeout, and the submitter interrupted while it waits.
+  cluster.coordinator->kill(SIGTERM);
+  cluster.coordinator->wait_exit(20s);
+  cluster.start_coordinator();
+  auto cancelled = cluster.submit(job, false);
+  REQUIRE_MESSAGE(cancelled.wait_for_output("position 1 in the cluster queue", 20s),
+                  cancelled.describe());
+  cancelled.kill(SIGINT);
+  REQUIRE_MESSAGE(cancelled.wait_exit(20s), cancelled.describe());
+  CHECK_MESSAGE(cancelled.exit_code() == 130, cancelled.describe());
+  CHECK(cancelled.out().find("cancelled while queued") != std::string::npos);
+  RunnerProcess status{{"status", "--to", cluster.endpoint, "--insecure"}};
+  REQUIRE(status.wait_exit(30s));
+  CHECK_MESSAGE(status.out().find("0 queued, 0 running") != std::string::npos, status.describe());
+  cluster.stop();
+}
