@@ -374,7 +374,8 @@ struct AttemptFailure {
 // One connection attempt into `impl`, bounded by `deadline` and `stop`.
 tl::expected<void, AttemptFailure> connect_once(Connection& connection, const SshTarget& target,
                                                 Clock::time_point deadline,
-                                                const std::function<bool()>* stop) {
+                                                const std::function<bool()>* stop,
+                                                Clock::duration banner_wait = Clock::duration::max()) {
   std::string where = target.host + ":" + std::to_string(target.port);
   auto failure = [&](std::string message, bool timed_out = false) {
     return tl::unexpected<AttemptFailure>{AttemptFailure{std::move(message), timed_out}};
@@ -386,6 +387,22 @@ tl::expected<void, AttemptFailure> connect_once(Connection& connection, const Ss
 
   auto fd = tcp_connect(target.host, target.port, deadline, stop);
   if (!fd) return failure(fd.error().message, Clock::now() >= deadline);
+  // An SSH server speaks first. A forward that stays silent (QEMU's user network
+  // while the guest's network is not up) is dropped soon and tried afresh: a new
+  // connection sends a new SYN at once instead of waiting out TCP's backoff.
+  if (banner_wait != Clock::duration::max()) {
+    auto until = std::min(deadline, Clock::now() + banner_wait);
+    pollfd readable{*fd, POLLIN, 0};
+    int ready = 0;
+    while ((ready = ::poll(&readable, 1, 20)) == 0 && Clock::now() < until &&
+           !(stop && *stop && (*stop)())) {
+    }
+    if (ready <= 0) {
+      ::close(*fd);
+      return failure("TCP connected to " + where +
+                     ", but no SSH server spoke yet (no handshake started)");
+    }
+  }
 
   Connection* impl = &connection;
   impl->fd = *fd;
@@ -393,6 +410,17 @@ tl::expected<void, AttemptFailure> connect_once(Connection& connection, const Ss
   impl->session = libssh2_session_init();
   if (!impl->session) return failure("cannot create a libssh2 session for " + where);
   libssh2_session_set_blocking(impl->session, 0);
+  // Real images have several host keys; ask for the type of the pinned one, or a
+  // server would present another type and look like a mismatch.
+  const auto& pinned = target.expected_host_key;
+  if (pinned.size() > 4) {
+    uint32_t length = (uint32_t(uint8_t(pinned[0])) << 24) | (uint32_t(uint8_t(pinned[1])) << 16) |
+                      (uint32_t(uint8_t(pinned[2])) << 8) | uint32_t(uint8_t(pinned[3]));
+    if (length > 0 && length < 64 && pinned.size() >= 4 + length) {
+      std::string type = pinned.substr(4, length);
+      libssh2_session_method_pref(impl->session, LIBSSH2_METHOD_HOSTKEY, type.c_str());
+    }
+  }
   auto io = impl->driver(deadline, stop);
 
   int rc = io.run([&] { return libssh2_session_handshake(impl->session, impl->fd); });
@@ -456,6 +484,7 @@ Result<SshSession> SshSession::wait_until_ready(const SshTarget& target,
   std::string last_error = "no attempt was made";
   // An attempt that the overall deadline cut short says less than the one before.
   bool last_cut_short = false;
+  bool server_spoke = false;
   int attempts = 0;
   for (;;) {
     if (give_up && give_up())
@@ -470,7 +499,10 @@ Result<SshSession> SshSession::wait_until_ready(const SshTarget& target,
                   (last_cut_short ? " (a later attempt was cut short by the deadline)" : ""));
     auto attempt_deadline = std::min(deadline, now + attempt_limit);
     auto impl = std::make_unique<Impl>();
-    auto attempt = connect_once(*impl, target, attempt_deadline, &give_up);
+    // Short banner waits first (the silent phase of a boot), longer ones later
+    // so a very slow emulated guest still gets its banner out.
+    auto banner_wait = attempts < 20 ? Clock::duration(500ms) : attempt_limit;
+    auto attempt = connect_once(*impl, target, attempt_deadline, &give_up, banner_wait);
     ++attempts;
     if (attempt) {
       SshSession session;
@@ -478,7 +510,11 @@ Result<SshSession> SshSession::wait_until_ready(const SshTarget& target,
       return session;
     }
     bool cut_short = attempt.error().timed_out && attempt_deadline == deadline && attempts > 1;
-    if (!cut_short) last_error = attempt.error().message;
+    // A silent forward says less than what a server that spoke said before it
+    // (e.g. an authentication failure, then a server throttling new connections).
+    bool silent = attempt.error().message.find("no SSH server spoke yet") != std::string::npos;
+    if (!cut_short && !(silent && server_spoke)) last_error = attempt.error().message;
+    if (!silent) server_spoke = true;
     last_cut_short = cut_short;
     if (attempt.error().timed_out) attempt_limit = std::min<Clock::duration>(attempt_limit * 2, 16s);
     auto next = std::min(deadline, Clock::now() + interval);
