@@ -255,6 +255,14 @@ std::vector<std::string> messages_of(const JobRecord& record, v1::JobEvent::Kind
   return messages;
 }
 
+// How many step_finished events the record holds for step `index`.
+int finished_events(const JobRecord& record, uint32_t index) {
+  int count = 0;
+  for (const auto& event : record.events)
+    count += event.has_step_finished() && event.step_finished().step_index() == index;
+  return count;
+}
+
 bool any_contains(const std::vector<std::string>& texts, const std::string& needle) {
   for (const auto& text : texts)
     if (contains(text, needle))
@@ -609,8 +617,12 @@ TEST_CASE("SIGINT while a step runs cancels the job and powers the VM down") {
   CHECK(result.exit_code() == 130);
   CHECK(result.shutdown_method() == "powerdown");
   REQUIRE(result.steps_size() == 2);
+  // The interrupted step ran: cancelled (once), not skipped, whichever came
+  // first, the executor's answer or the end of the VM.
   CHECK(result.steps(0).outcome() == v1::STEP_CANCELLED);
+  CHECK(finished_events(record, 0) == 1);
   CHECK(result.steps(1).outcome() == v1::STEP_SKIPPED);
+  CHECK(step_output(record, 0, v1::STDOUT) == "started\n");
   CHECK_FALSE(contains(run.out, "should-not-run"));
   check_nothing_left(ws);
 }
