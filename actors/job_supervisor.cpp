@@ -181,12 +181,20 @@ std::string summary_of(const job_supervisor_state& st) {
   return text;
 }
 
+void step_finished(supervisor_pointer self, unsigned index, v1::StepResult result);
+
 void finish(supervisor_pointer self) {
   auto& st = self->state;
   if (st.cleaned_up)
     return;
   st.cleaned_up = true;
   end_phase(self, "shutdown");
+  // A step still running when the VM went (cancel, timeout) was interrupted, not skipped.
+  if (st.running_step) {
+    v1::StepResult interrupted;
+    interrupted.set_outcome(v1::STEP_CANCELLED);
+    step_finished(self, *st.running_step, std::move(interrupted));
+  }
   if (!st.debug_key_path.empty()) {
     ::unlink(st.debug_key_path.c_str());
     ::unlink(st.debug_known_hosts_path.c_str());
@@ -780,6 +788,7 @@ void fall_back_to_tcg(supervisor_pointer self, const std::string& reason) {
         retire(self, caf::actor_cast<caf::actor>(st.qemu));
         st.qemu = nullptr;
         st.qemu_exited = false;
+        st.vm_paused = false;  // the KVM attempt's STOP says nothing about the TCG VM
         st.restarting = false;
         st.phase_started.erase("boot_to_ssh");
         if (st.finishing)
