@@ -9,6 +9,8 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/send.hpp>
 #include <caf/system_messages.hpp>
+
+#include "runtime/job_file.hpp"
 #include <spdlog/spdlog.h>
 
 #include "actors/runner_types.hpp"
@@ -32,20 +34,6 @@ event_sink_actor::behavior_type relay(event_sink_actor::pointer self,
       self->send(coordinator, relay_atom::value, dispatch, std::move(event));
     },
   };
-}
-
-// An id for a job submitted without one: UTC time plus random hex, like a
-// local run's (submit normally sets one itself).
-std::string make_cluster_job_id() {
-  auto now = std::time(nullptr);
-  std::tm utc{};
-  gmtime_r(&now, &utc);
-  char stamp[32];
-  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &utc);
-  std::random_device random;
-  char suffix[16];
-  std::snprintf(suffix, sizeof suffix, "%06x", random() & 0xffffff);
-  return std::string{stamp} + "-" + suffix;
 }
 
 std::string lower_words(std::string text) {
@@ -372,7 +360,7 @@ coordinator_actor::behavior_type coordinator(coordinator_pointer self,
         return caf::make_error(runner_errc::invalid_input, "the job has no steps");
       if (spec.id().empty()) {
         do
-          spec.set_id(make_cluster_job_id());
+          spec.set_id(make_job_id());
         while (st.jobs.count(spec.id()));
       } else if (st.jobs.count(spec.id())) {
         return caf::make_error(runner_errc::invalid_input,

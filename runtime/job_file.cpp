@@ -8,6 +8,9 @@
 #include <cerrno>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <random>
 #include <limits>
 #include <map>
 #include <set>
@@ -655,6 +658,18 @@ Result<void> validate_job(const v1::JobSpec& spec, const v1::RunnerConfig& confi
   std::string message;
   for (const auto& text : problems) message += (message.empty() ? "" : "\n") + text;
   return fail(message);
+}
+
+std::string make_job_id() {
+  auto now = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &utc);
+  std::random_device random;
+  char suffix[16];
+  std::snprintf(suffix, sizeof suffix, "%06x", random() & 0xffffff);
+  return std::string{stamp} + "-" + suffix;
 }
 
 }  // namespace solstice

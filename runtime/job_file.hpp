@@ -30,6 +30,9 @@ Result<v1::JobSpec> parse_job_json(std::string_view text, const std::string& sou
 // once, one per line, each naming its field and value.
 Result<void> validate_job(const v1::JobSpec& spec, const v1::RunnerConfig& config);
 
+// A new job id: UTC time plus random hex, e.g. 20261127-211503-9f3a1c.
+std::string make_job_id();
+
 // The name a step is shown under: its own, or "step N" (N = index + 1).
 std::string step_display_name(const v1::JobSpec& spec, int index);
 

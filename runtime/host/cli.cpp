@@ -36,32 +36,8 @@ void add_common_options(CLI::App& app, CommonOptions& common) {
     ->check(CLI::IsMember({"auto", "kvm", "tcg"}));
 }
 
-// The configuration: defaults, then the file, then the command line; the built
-// test guest is known as `solstice-test-guest` unless the file says otherwise.
 Result<v1::RunnerConfig> load_config(const CommonOptions& common) {
-  auto config = default_runner_config();
-  if (!common.config_file.empty()) {
-    auto loaded = load_runner_config(common.config_file);
-    if (!loaded)
-      return tl::unexpected(loaded.error());
-    config = *loaded;
-  }
-  if (!common.state_dir.empty())
-    config.set_state_dir(fs::absolute(common.state_dir).string());
-  if (!common.accel.empty())
-    config.set_accel(common.accel);
-  bool has_test_guest = false;
-  for (const auto& image : config.images())
-    has_test_guest |= image.label() == test_guest_label;
-  if (!has_test_guest) {
-    const char* env = std::getenv("SOLSTICE_TEST_GUEST_DIR");
-    fs::path dir = env && *env ? env : SOLSTICE_DEFAULT_TEST_GUEST_DIR;
-    if (auto image = load_test_guest_image(dir))
-      *config.add_images() = *image;
-  }
-  if (auto ok = validate_runner_config(config); !ok)
-    return tl::unexpected(ok.error());
-  return config;
+  return load_effective_config(common.config_file, common.state_dir, common.accel);
 }
 
 struct RunOptions {

@@ -391,33 +391,8 @@ int coordinator_command(const CoordinatorOptions& options) {
 
 // ------------------------------------------------------------ node
 
-// The node's configuration: defaults, then the file, then the command line;
-// the built test guest is known as `solstice-test-guest` unless the file says
-// otherwise (as for `run`).
 Result<v1::RunnerConfig> load_node_config(const NodeOptions& options) {
-  auto config = default_runner_config();
-  if (!options.config_file.empty()) {
-    auto loaded = load_runner_config(options.config_file);
-    if (!loaded)
-      return tl::unexpected(loaded.error());
-    config = *loaded;
-  }
-  if (!options.state_dir.empty())
-    config.set_state_dir(fs::absolute(options.state_dir).string());
-  if (!options.accel.empty())
-    config.set_accel(options.accel);
-  bool has_test_guest = false;
-  for (const auto& image : config.images())
-    has_test_guest |= image.label() == test_guest_label;
-  if (!has_test_guest) {
-    const char* env = std::getenv("SOLSTICE_TEST_GUEST_DIR");
-    fs::path dir = env && *env ? env : SOLSTICE_DEFAULT_TEST_GUEST_DIR;
-    if (auto image = load_test_guest_image(dir))
-      *config.add_images() = *image;
-  }
-  if (auto ok = validate_runner_config(config); !ok)
-    return tl::unexpected(ok.error());
-  return config;
+  return load_effective_config(options.config_file, options.state_dir, options.accel);
 }
 
 std::string default_node_name() {
@@ -556,16 +531,6 @@ int node_command(const NodeOptions& options) {
 
 // ------------------------------------------------------------ submit
 
-int exit_code_of(const v1::JobResult& result) {
-  switch (result.status()) {
-    case v1::SUCCEEDED: return 0;
-    case v1::FAILED: return result.exit_code() != 0 ? result.exit_code() : 1;
-    case v1::TIMED_OUT: return exit_timed_out;
-    case v1::CANCELLED: return exit_cancelled;
-    default: return exit_infrastructure_error;
-  }
-}
-
 int submit_command(const SubmitOptions& options) {
   auto to = parse_endpoint(options.to, "--to");
   if (!to) {
@@ -662,7 +627,7 @@ int submit_command(const SubmitOptions& options) {
     say("solstice-runner: job %s ended without a result\n", job->id());
     return exit_infrastructure_error;
   }
-  return exit_code_of(**result);
+  return exit_code_for(**result);
 }
 
 // ------------------------------------------------------------ status

@@ -6,7 +6,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <future>
 #include <random>
 #include <thread>
@@ -22,6 +24,8 @@
 #include "actors/runner_types.hpp"
 #include "actors/terminal_printer.hpp"
 #include "runtime/host/embedding.hpp"
+#include "runtime/job_file.hpp"
+#include "runtime/runner_config.hpp"
 #include "runtime/vm_prepare.hpp"
 
 namespace solstice {
@@ -81,7 +85,9 @@ class SignalWatcher {
   std::thread thread_;
 };
 
-int exit_code_of(const v1::JobResult& result) {
+}  // namespace
+
+int exit_code_for(const v1::JobResult& result) {
   switch (result.status()) {
     case v1::SUCCEEDED: return 0;
     case v1::FAILED: return result.exit_code() != 0 ? result.exit_code() : 1;
@@ -91,18 +97,32 @@ int exit_code_of(const v1::JobResult& result) {
   }
 }
 
-}  // namespace
-
-std::string make_job_id() {
-  auto now = std::time(nullptr);
-  std::tm utc{};
-  gmtime_r(&now, &utc);
-  char stamp[32];
-  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &utc);
-  std::random_device random;
-  char suffix[16];
-  std::snprintf(suffix, sizeof suffix, "%06x", random() & 0xffffff);
-  return std::string{stamp} + "-" + suffix;
+Result<v1::RunnerConfig> load_effective_config(const std::string& config_file,
+                                               const std::string& state_dir,
+                                               const std::string& accel) {
+  auto config = default_runner_config();
+  if (!config_file.empty()) {
+    auto loaded = load_runner_config(config_file);
+    if (!loaded)
+      return tl::unexpected(loaded.error());
+    config = *loaded;
+  }
+  if (!state_dir.empty())
+    config.set_state_dir(std::filesystem::absolute(state_dir).string());
+  if (!accel.empty())
+    config.set_accel(accel);
+  bool has_test_guest = false;
+  for (const auto& image : config.images())
+    has_test_guest |= image.label() == test_guest_label;
+  if (!has_test_guest) {
+    const char* env = std::getenv("SOLSTICE_TEST_GUEST_DIR");
+    std::filesystem::path dir = env && *env ? env : SOLSTICE_DEFAULT_TEST_GUEST_DIR;
+    if (auto image = load_test_guest_image(dir))
+      *config.add_images() = *image;
+  }
+  if (auto ok = validate_runner_config(config); !ok)
+    return tl::unexpected(ok.error());
+  return config;
 }
 
 int run_job_locally(v1::JobSpec job, const v1::RunnerConfig& config,
@@ -176,7 +196,7 @@ int run_job_locally(v1::JobSpec job, const v1::RunnerConfig& config,
     std::fprintf(stderr, "solstice-runner: job %s ended without a result\n", job.id().c_str());
     return exit_infrastructure_error;
   }
-  return exit_code_of(result_future.get());
+  return exit_code_for(result_future.get());
 }
 
 }  // namespace solstice

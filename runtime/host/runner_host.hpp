@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <string>
 
+#include "runtime/error.hpp"
 #include "solstice.pb.h"
 
 namespace solstice {
@@ -21,8 +22,15 @@ inline constexpr int exit_timed_out = 124;
 inline constexpr int exit_infrastructure_error = 125;
 inline constexpr int exit_cancelled = 130;
 
-// A new job id: UTC time plus random hex, e.g. 20261127-211503-9f3a1c.
-std::string make_job_id();
+// The process exit code for a job's result (the codes above).
+int exit_code_for(const v1::JobResult& result);
+
+// The runner configuration a command works with: defaults, then `config_file`,
+// then the command line (`state_dir`, `accel`); the built test guest is known as
+// `solstice-test-guest` unless the file says otherwise.
+Result<v1::RunnerConfig> load_effective_config(const std::string& config_file,
+                                               const std::string& state_dir,
+                                               const std::string& accel);
 
 // Runs one validated job to its end.
 int run_job_locally(v1::JobSpec job, const v1::RunnerConfig& config,
