@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -15,6 +16,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <thread>
@@ -155,8 +157,13 @@ long vm_hwm_kib(pid_t pid) {
 // Runs the runner with stdout and stderr going to files (a pipe this test reads
 // would make the test's own reading speed part of the measurement), samples its
 // VmHWM every 100 ms, and kills it (by PID) at `timeout`.
+//
+// With `hold_terminal`, stdout is a pipe instead, standing for a terminal that
+// does not keep up: nothing is read from it while hold_terminal() is true, then
+// everything is copied to `out_file`.
 FloodRun run_to_files(const std::vector<std::string>& args, const fs::path& out_file,
-                      const fs::path& err_file, std::chrono::seconds timeout) {
+                      const fs::path& err_file, std::chrono::seconds timeout,
+                      const std::function<bool()>& hold_terminal = {}) {
   std::vector<std::string> argv_text{runner_binary().string()};
   argv_text.insert(argv_text.end(), args.begin(), args.end());
   std::vector<char*> argv;
@@ -167,6 +174,10 @@ FloodRun run_to_files(const std::vector<std::string>& args, const fs::path& out_
   int err_fd = ::open(err_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   REQUIRE(out_fd >= 0);
   REQUIRE(err_fd >= 0);
+  int terminal[2] = {-1, -1};
+  if (hold_terminal)
+    REQUIRE(::pipe2(terminal, O_CLOEXEC | O_NONBLOCK) == 0);
+  const int child_out = hold_terminal ? terminal[1] : out_fd;
   pid_t parent = ::getpid();
   auto started = steady::now();
   pid_t pid = ::fork();
@@ -175,32 +186,59 @@ FloodRun run_to_files(const std::vector<std::string>& args, const fs::path& out_
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (::getppid() != parent)
       ::_exit(127);
-    ::dup2(out_fd, STDOUT_FILENO);
+    ::dup2(child_out, STDOUT_FILENO);
     ::dup2(err_fd, STDERR_FILENO);
+    // The runner writes to its terminal with plain blocking writes.
+    ::fcntl(STDOUT_FILENO, F_SETFL, 0);
     ::execv(argv[0], argv.data());
     ::_exit(127);
   }
-  ::close(out_fd);
+  if (terminal[1] >= 0)
+    ::close(terminal[1]);
   ::close(err_fd);
   REQUIRE(pid > 0);
 
+  // Copies what the pipe holds to out_file.
+  auto copy_terminal = [&] {
+    char buf[1 << 16];
+    ssize_t n;
+    while (terminal[0] >= 0 && (n = ::read(terminal[0], buf, sizeof buf)) > 0)
+      if (::write(out_fd, buf, static_cast<size_t>(n)) != n)
+        FAIL("cannot write " << out_file);
+  };
   FloodRun run;
   auto deadline = started + timeout;
   int raw = 0;
-  for (;;) {
-    if (::waitpid(pid, &raw, WNOHANG) == pid)
-      break;
-    if (auto hwm = vm_hwm_kib(pid); hwm > 0)
-      run.peak_rss_kib = hwm;
-    if (steady::now() >= deadline) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &raw, 0);
-      run.seconds = std::chrono::duration<double>(steady::now() - started).count();
-      return run;  // status stays empty: it did not end by itself
+  bool exited = false;
+  bool holding = static_cast<bool>(hold_terminal);
+  while (!exited) {
+    exited = ::waitpid(pid, &raw, WNOHANG) == pid;
+    if (!exited) {
+      if (auto hwm = vm_hwm_kib(pid); hwm > 0)
+        run.peak_rss_kib = hwm;
+      if (steady::now() >= deadline) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, &raw, 0);
+        break;
+      }
     }
-    std::this_thread::sleep_for(100ms);
+    holding = holding && hold_terminal();
+    if (terminal[0] >= 0 && !holding) {
+      copy_terminal();
+      pollfd fds[1] = {{terminal[0], POLLIN, 0}};
+      ::poll(fds, 1, exited ? 0 : 100);
+      copy_terminal();
+    } else if (!exited) {
+      std::this_thread::sleep_for(100ms);
+    }
   }
+  copy_terminal();
+  if (terminal[0] >= 0)
+    ::close(terminal[0]);
+  ::close(out_fd);
   run.seconds = std::chrono::duration<double>(steady::now() - started).count();
+  if (!exited)
+    return run;  // status stays empty: it did not end by itself
   solstice::ExitStatus status;
   if (WIFSIGNALED(raw)) {
     status.signaled = true;
@@ -411,11 +449,12 @@ TEST_CASE("a flood of stdout arrives whole in the terminal and the event log, wi
 
   auto run = run_to_files(sandbox.run_args(job_file, "tcg"), sandbox.root() / "stdout",
                           sandbox.root() / "stderr", 3300s);
-  INFO("runner stderr:\n" << excerpt(read_file(sandbox.root() / "stderr"), 0, 2000));
   REQUIRE_MESSAGE(run.status, "the runner did not finish within " << run.seconds << " s");
   CHECK_MESSAGE(run.status->describe() == "exit code 0",
                 "runner: " << run.status->describe() << "\n"
-                           << excerpt(read_file(sandbox.root() / "stdout"), 0, 3000));
+                           << excerpt(read_file(sandbox.root() / "stdout"), 0, 3000)
+                           << "\n--- stderr:\n"
+                           << excerpt(read_file(sandbox.root() / "stderr"), 0, 2000));
   MESSAGE(size << " bytes through the runner in " << run.seconds << " s (whole job) = "
                << static_cast<double>(size) / (1 << 20) / run.seconds << " MiB/s");
   check_runner_memory(run);
@@ -437,6 +476,47 @@ TEST_CASE("a flood of stdout arrives whole in the terminal and the event log, wi
                            << fs::file_size(sandbox.job_dir(id) / "events.jsonl") << " bytes");
   REQUIRE(recorded.result);
   CHECK(recorded.result->status() == v1::SUCCEEDED);
+  check_nothing_left(sandbox);
+}
+
+TEST_CASE("a terminal that does not keep up with a flood does not make the runner's memory "
+          "grow" * doctest::timeout(1800)) {
+  if (auto problem = test_guest_problem(); !problem.empty()) {
+    MESSAGE(problem);
+    return;
+  }
+  Sandbox sandbox;
+  // More than the memory bound: held in the runner, it could not fit under it.
+  const uint64_t size = 64ull << 20;
+  const std::string pattern = "0123456789abcdef\n";
+  const std::string id = "flood-held-terminal";
+  auto job = guest_job(id, {"yes 0123456789abcdef | head -c " + std::to_string(size)});
+  job["steps"][0]["name"] = "flood";
+  auto job_file = sandbox.write_json("job.json", job);
+
+  // The terminal reads nothing until the job has ended (its result is recorded)
+  // or for two minutes at most: a runner with flow control all the way to its
+  // terminal slows the step down meanwhile instead of buffering its output.
+  const auto result_file = sandbox.job_dir(id) / "result.json";
+  const auto hold_until = steady::now() + 120s;
+  auto run = run_to_files(sandbox.run_args(job_file, "tcg"), sandbox.root() / "stdout",
+                          sandbox.root() / "stderr", 1500s,
+                          [&] { return !fs::exists(result_file) && steady::now() < hold_until; });
+  REQUIRE_MESSAGE(run.status, "the runner did not finish within " << run.seconds << " s");
+  CHECK_MESSAGE(run.status->describe() == "exit code 0",
+                "runner: " << run.status->describe() << "\n--- stderr:\n"
+                           << excerpt(read_file(sandbox.root() / "stderr"), 0, 2000));
+  check_runner_memory(run);
+
+  // Slow or not, the terminal gets every byte.
+  auto [digest, expected_size] = repeated_digest(pattern, size);
+  const char last_byte = pattern[(size - 1) % pattern.size()];
+  check_big_step_in_stdout(sandbox.root() / "stdout", "flood", digest, expected_size, last_byte);
+  auto recorded = reassemble(sandbox.job_dir(id) / "events.jsonl");
+  check_sequences(recorded);
+  auto& stream = recorded.stream(0, v1::STDOUT);
+  CHECK(stream.sha.size() == expected_size);
+  CHECK(stream.sha.hex() == digest);
   check_nothing_left(sandbox);
 }
 

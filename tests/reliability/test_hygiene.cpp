@@ -26,7 +26,7 @@ using steady = std::chrono::steady_clock;
 
 namespace {
 
-// Jobs the hygiene host runs after its warm-up job. Each TCG boot takes 5-15 s on
+// Jobs the hygiene host runs after its warm-up jobs. Each TCG boot takes 5-15 s on
 // a loaded two-core host: the default keeps the case to a few minutes, and
 // SOLSTICE_HYGIENE_JOBS=50 runs the issue's fifty.
 constexpr int default_hygiene_jobs = 12;
@@ -146,17 +146,23 @@ TEST_CASE("jobs one after another in one host leave no fds, threads, memory, fil
                   hygiene_host_binary() << " is not built (tests/reliability/tools)");
   Sandbox sandbox;
   const int jobs = hygiene_jobs();
+  // The baseline is taken after these: RSS climbs over the first few jobs while
+  // glibc's per-thread malloc arenas fill, then levels off.
+  const int warmup_jobs = 3;
   // Direct kernel boot: the same guest, a few seconds faster per job than through
   // the firmware, which matters over dozens of jobs.
   auto finished = run_program({hygiene_host_binary().string(), test_guest_dir().string(),
-                               sandbox.state().string(), std::to_string(jobs), "kernel"},
-                              std::chrono::seconds(120 + 240 * (jobs + 1)));
+                               sandbox.state().string(), std::to_string(jobs), "kernel",
+                               std::to_string(warmup_jobs)},
+                              std::chrono::seconds(120 + 240 * (jobs + warmup_jobs)));
   INFO("hygiene host output:\n" << finished.out << "\n--- stderr:\n" << finished.err);
   REQUIRE_MESSAGE(finished.status, "the hygiene host did not finish in time");
   CHECK(finished.status->describe() == "exit code 0");
 
-  // Every job, the warm-up one too, succeeded and has its record.
-  std::vector<std::string> ids{"hygiene-warmup"};
+  // Every job, the warm-up ones too, succeeded and has its record.
+  std::vector<std::string> ids;
+  for (int i = 1; i <= warmup_jobs; ++i)
+    ids.push_back("hygiene-warmup-" + std::to_string(i));
   for (int i = 1; i <= jobs; ++i)
     ids.push_back("hygiene-" + std::to_string(i));
   for (const auto& id : ids) {
@@ -172,16 +178,15 @@ TEST_CASE("jobs one after another in one host leave no fds, threads, memory, fil
   auto after = usage_line(finished.out, "after");
   REQUIRE(baseline);
   REQUIRE(after);
-  MESSAGE("after the warm-up job: " << baseline->fds << " fds, " << baseline->threads
-                                    << " threads, " << baseline->rss_kib << " KiB RSS; after "
-                                    << jobs << " more jobs: " << after->fds << " fds, "
-                                    << after->threads << " threads, " << after->rss_kib
-                                    << " KiB RSS");
+  MESSAGE("after " << warmup_jobs << " warm-up jobs: " << baseline->fds << " fds, "
+                   << baseline->threads << " threads, " << baseline->rss_kib << " KiB RSS; after "
+                   << jobs << " more jobs: " << after->fds << " fds, " << after->threads
+                   << " threads, " << after->rss_kib << " KiB RSS");
   CHECK(baseline->fds > 0);
   CHECK(baseline->threads > 0);
   CHECK(baseline->rss_kib > 0);
-  CHECK_MESSAGE(after->fds == baseline->fds, "open fds grew");
-  CHECK_MESSAGE(after->threads == baseline->threads, "threads grew");
+  CHECK_MESSAGE(after->fds <= baseline->fds, "open fds grew");
+  CHECK_MESSAGE(after->threads <= baseline->threads, "threads grew");
   CHECK_MESSAGE(after->rss_kib * 10 < baseline->rss_kib * 11, "RSS grew by 10 % or more");
   check_nothing_left(sandbox);
 }

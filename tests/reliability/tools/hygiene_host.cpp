@@ -1,13 +1,18 @@
 // A long-lived host process for the reliability suite: runs jobs one after another
 // on the test guest through the embedding API (one actor system for all of them)
-// and reports what the process holds — open fds, threads, RSS — after a warm-up
-// job and again after the last job, so a test can assert that nothing grows.
+// and reports what the process holds — open fds, threads, RSS — after warm-up
+// jobs and again after the last job, so a test can assert that nothing grows.
 //
-//   solstice-hygiene-host TEST_GUEST_DIR STATE_DIR JOBS [disk|kernel]
+//   solstice-hygiene-host TEST_GUEST_DIR STATE_DIR JOBS [disk|kernel] [WARMUP_JOBS]
+//
+// Warm-up jobs (default 3) come first: glibc gives new threads their own malloc
+// arenas, and the arenas a job's threads touch stay in RSS for reuse, so RSS
+// climbs over the first few jobs and then levels off (with MALLOC_ARENA_MAX=1 it
+// stays flat from the first job on).
 //
 // Prints one line per job ("job ID STATUS SECONDS") followed by a measurement
-// line ("  now fds=N threads=N rss_kib=N heap_kib=N"); the one after the warm-up job is
-// labelled "baseline", the one after the last job "after".
+// line ("  now fds=N threads=N rss_kib=N heap_kib=N"); the one after the warm-up
+// is labelled "baseline", the one after the last job "after".
 // Exit code 0 when every job succeeded, 1 when one did not, 2 on bad usage.
 #include <dirent.h>
 #include <malloc.h>
@@ -184,14 +189,17 @@ Usage settled(const Usage& baseline) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 4 || argc > 5) {
-    std::fprintf(stderr, "usage: %s TEST_GUEST_DIR STATE_DIR JOBS [disk|kernel]\n", argv[0]);
+  if (argc < 4 || argc > 6) {
+    std::fprintf(stderr, "usage: %s TEST_GUEST_DIR STATE_DIR JOBS [disk|kernel] [WARMUP_JOBS]\n",
+                 argv[0]);
     return 2;
   }
   const int jobs = std::atoi(argv[3]);
-  const std::string boot = argc == 5 ? argv[4] : "disk";
-  if (jobs < 1 || (boot != "disk" && boot != "kernel")) {
-    std::fprintf(stderr, "%s: JOBS must be at least 1 and the boot mode disk or kernel\n",
+  const std::string boot = argc >= 5 ? argv[4] : "disk";
+  const int warmup_jobs = argc >= 6 ? std::atoi(argv[5]) : 3;
+  if (jobs < 1 || warmup_jobs < 1 || (boot != "disk" && boot != "kernel")) {
+    std::fprintf(stderr,
+                 "%s: JOBS and WARMUP_JOBS must be at least 1, the boot mode disk or kernel\n",
                  argv[0]);
     return 2;
   }
@@ -212,7 +220,9 @@ int main(int argc, char** argv) {
   caf::actor_system sys{cfg};
   constexpr auto job_timeout = std::chrono::seconds(600);
 
-  bool all_succeeded = run_job(sys, config, "hygiene-warmup", job_timeout);
+  bool all_succeeded = true;
+  for (int i = 1; i <= warmup_jobs && all_succeeded; ++i)
+    all_succeeded = run_job(sys, config, "hygiene-warmup-" + std::to_string(i), job_timeout);
   auto baseline = quiet();
   print("baseline", baseline);
   for (int i = 1; i <= jobs && all_succeeded; ++i) {
