@@ -230,9 +230,11 @@ TEST_CASE("four jobs at once on two cores all succeed and their logs never mix" 
     // The record holds this job's events only, and exactly this job's output.
     auto events = sandbox.events(id);
     CHECK(events.size() > 10);
+    std::string foreign;
     for (const auto& event : events)
-      CHECK_MESSAGE(event.job_id() == id, "an event of " << event.job_id() << " in " << id
-                                                         << "'s events.jsonl");
+      if (event.job_id() != id && foreign.empty())
+        foreign = event.job_id();
+    CHECK_MESSAGE(foreign.empty(), "an event of '" << foreign << "' in " << id << "'s events.jsonl");
     CHECK(sandbox.step_output(id, 0) == pattern_output(id, lines));
     std::string err_output;
     for (const auto& event : events)
