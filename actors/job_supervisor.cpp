@@ -33,6 +33,8 @@ using std::chrono::seconds;
 using supervisor_pointer = job_supervisor_actor::stateful_pointer<job_supervisor_state>;
 
 constexpr uint64_t job_deadline_token = 1;
+// The job deadline is checked at least this often.
+constexpr std::chrono::seconds deadline_check{10};
 constexpr uint32_t setup_step = runner_setup_step;
 
 int64_t now_us() {
@@ -1001,7 +1003,10 @@ job_supervisor(supervisor_pointer self, v1::JobSpec job, v1::ImageSpec image,
                        ? st.config.default_job_timeout_seconds()
                        : 3600u;
       st.job.set_timeout_seconds(timeout);
-      self->delayed_send(self, seconds(timeout), timeout_atom::value, job_deadline_token);
+      st.deadline = self->clock().now() + seconds(timeout);
+      self->delayed_send(self, std::min<caf::actor_clock::duration_type>(seconds(timeout),
+                                                                         deadline_check),
+                         timeout_atom::value, job_deadline_token);
       set_state(self, v1::QUEUED);
       acquire_slot(self);
     },
@@ -1021,6 +1026,16 @@ job_supervisor(supervisor_pointer self, v1::JobSpec job, v1::ImageSpec image,
         auto message = std::exchange(st.held_error, {});
         decide_infrastructure_error(self, message);
       } else if (token == job_deadline_token) {
+        auto now = self->clock().now();
+        if (st.cleaned_up)
+          return;
+        if (now < st.deadline) {
+          self->delayed_send(self,
+                             std::min<caf::actor_clock::duration_type>(st.deadline - now,
+                                                                       deadline_check),
+                             timeout_atom::value, job_deadline_token);
+          return;
+        }
         if (!st.finishing)
           finish_job(self, v1::TIMED_OUT,
                      "job timed out after " + std::to_string(st.job.timeout_seconds()) + " s");

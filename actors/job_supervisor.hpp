@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include <caf/actor_clock.hpp>
+
 #include "actors/actors.hpp"
 #include "runtime/redactor.hpp"
 #include "runtime/vm_slots.hpp"
@@ -85,6 +87,9 @@ struct job_supervisor_state {
   bool cleaned_up = false;
   std::string shutdown_stage;  // powerdown, quit, kill
   uint64_t next_token = 2;     // token 1 is the job deadline
+  // When the job times out, on the actor clock (checked by short chained timers:
+  // one long timer would keep a finished supervisor alive until it fired).
+  caf::actor_clock::time_point deadline;
   uint64_t shutdown_token = 0;
   uint64_t debug_token = 0;
   // An infrastructure error held back briefly: when QEMU dies, the SSH or QMP
