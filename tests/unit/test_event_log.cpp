@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/event_log.hpp"
+#include "tests/unit/temp_dir.hpp"
 
 namespace fs = std::filesystem;
 namespace v1 = solstice::v1;
@@ -21,17 +22,8 @@ using solstice::EventLog;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "solstice-event-log-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
+struct TempDir : solstice::test::TempDir {
+  TempDir() : solstice::test::TempDir("solstice-event-log-") {}
 };
 
 std::string all_bytes() {

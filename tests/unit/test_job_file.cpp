@@ -13,6 +13,7 @@
 #include "runtime/job_file.hpp"
 #include "runtime/redactor.hpp"
 #include "runtime/runner_config.hpp"
+#include "tests/unit/temp_dir.hpp"
 
 namespace fs = std::filesystem;
 using solstice::load_job_file;
@@ -21,23 +22,8 @@ using solstice::validate_job;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "solstice-job-file-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
-  fs::path write(const std::string& name, const std::string& content) const {
-    const fs::path file = path / name;
-    fs::create_directories(file.parent_path());
-    std::ofstream(file, std::ios::binary) << content;
-    return file;
-  }
+struct TempDir : solstice::test::TempDir {
+  TempDir() : solstice::test::TempDir("solstice-job-file-") {}
 };
 
 std::string error_of(const solstice::Result<solstice::v1::JobSpec>& result) {

@@ -12,6 +12,7 @@
 #include "runtime/child_process.hpp"
 #include "runtime/qemu_argv.hpp"
 #include "runtime/qmp.hpp"
+#include "tests/unit/temp_dir.hpp"
 
 using namespace solstice;
 using namespace std::chrono_literals;
@@ -20,17 +21,8 @@ namespace fs = std::filesystem;
 namespace {
 
 // A mkdtemp directory (with a comma in its name, to exercise escaping) removed at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    char name_template[] = "/tmp/solstice,argv-XXXXXX";
-    REQUIRE(::mkdtemp(name_template) != nullptr);
-    path = name_template;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
+struct TempDir : solstice::test::TempDir {
+  TempDir() : solstice::test::TempDir("solstice,argv-") {}
 };
 
 // The value following `option` each time it occurs.

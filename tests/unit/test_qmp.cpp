@@ -13,6 +13,7 @@
 
 #include "runtime/child_process.hpp"
 #include "runtime/qmp.hpp"
+#include "tests/unit/temp_dir.hpp"
 
 using namespace solstice;
 using namespace std::chrono_literals;
@@ -29,17 +30,8 @@ const std::string kUsernet =
     "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
     "  TCP[HOST_FORWARD]   8       127.0.0.1 33203       10.0.2.15    22     0     0\r\n";
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    char name_template[] = "/tmp/solstice-qmp-XXXXXX";
-    REQUIRE(::mkdtemp(name_template) != nullptr);
-    path = name_template;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
+struct TempDir : solstice::test::TempDir {
+  TempDir() : solstice::test::TempDir("solstice-qmp-") {}
 };
 
 // A QEMU with no guest, just a user-mode netdev and a QMP socket.

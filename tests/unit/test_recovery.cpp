@@ -22,6 +22,7 @@
 #include "runtime/event_log.hpp"
 #include "runtime/recovery.hpp"
 #include "runtime/vm_prepare.hpp"
+#include "tests/unit/temp_dir.hpp"
 
 namespace fs = std::filesystem;
 namespace v1 = solstice::v1;
@@ -32,17 +33,8 @@ extern char** environ;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "solstice-recovery-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
+struct TempDir : solstice::test::TempDir {
+  TempDir() : solstice::test::TempDir("solstice-recovery-") {}
 };
 
 // A process standing in for a QEMU: `tail -F PATH...` (it runs until killed, also

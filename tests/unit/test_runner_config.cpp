@@ -9,6 +9,7 @@
 
 #include "runtime/job_file.hpp"
 #include "runtime/runner_config.hpp"
+#include "tests/unit/temp_dir.hpp"
 
 namespace fs = std::filesystem;
 namespace v1 = solstice::v1;
@@ -18,23 +19,8 @@ using solstice::resolve_image;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "solstice-runner-config-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
-  fs::path write(const std::string& name, const std::string& content) const {
-    const fs::path file = path / name;
-    fs::create_directories(file.parent_path());
-    std::ofstream(file, std::ios::binary) << content;
-    return file;
-  }
+struct TempDir : solstice::test::TempDir {
+  TempDir() : solstice::test::TempDir("solstice-runner-config-") {}
 };
 
 const std::string qcow2_bytes = std::string("QFI\xfb\0\0\0\3", 8) + std::string(504, '\0');

@@ -8,25 +8,12 @@
 #include <string>
 
 #include "runtime/vm_slots.hpp"
+#include "tests/unit/temp_dir.hpp"
 
 using namespace solstice;
 namespace fs = std::filesystem;
 
-namespace {
-
-struct TempStateDir {
-  fs::path path;
-  TempStateDir() {
-    std::string pattern = (fs::temp_directory_path() / "solstice-slots-XXXXXX").string();
-    path = ::mkdtemp(pattern.data());
-  }
-  ~TempStateDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-}  // namespace
+using TempStateDir = solstice::test::TempDir;
 
 TEST_SUITE("vm_slots") {
   TEST_CASE("at most max slots are held; a released slot can be taken again") {
