@@ -619,6 +619,13 @@ Result<ExecOutcome> SshSession::exec(
 
 namespace {
 
+// Why an SFTP read or write failed: a stalled transfer, or the server's error.
+std::string transfer_failure(Connection& ssh, int rc) {
+  return rc == kDeadlinePassed
+           ? "no progress for " + milliseconds_text(kTransferStallTimeout)
+           : ssh.sftp_error();
+}
+
 // Writes all of `data` to an SFTP handle, handling partial writes.
 Result<void> sftp_write_all(Connection& ssh, LIBSSH2_SFTP_HANDLE* handle,
                             std::string_view data, const std::string& remote_path) {
@@ -630,9 +637,7 @@ Result<void> sftp_write_all(Connection& ssh, LIBSSH2_SFTP_HANDLE* handle,
     });
     if (rc != 0)
       return fail("writing " + remote_path + " on " + ssh.peer + " failed: " +
-                  (rc == kDeadlinePassed ? std::string("no progress for ") +
-                                               milliseconds_text(kTransferStallTimeout)
-                                         : ssh.sftp_error()));
+                  transfer_failure(ssh, rc));
     data.remove_prefix(static_cast<size_t>(written));
   }
   return {};
@@ -770,9 +775,7 @@ Result<void> SshSession::download(const std::string& remote_path,
     });
     if (rc != 0)
       return abandon("reading " + remote_path + " from " + ssh.peer + " failed: " +
-                     (rc == kDeadlinePassed ? std::string("no progress for ") +
-                                                  milliseconds_text(kTransferStallTimeout)
-                                            : ssh.sftp_error()));
+                     transfer_failure(ssh, rc));
     if (received == 0) break;
     const char* data = buffer.data();
     size_t left = static_cast<size_t>(received);
