@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/runner_config.hpp"
+#include "runtime/vm_prepare.hpp"
 
 namespace solstice {
 namespace {
@@ -378,6 +379,18 @@ std::string file_problem(const fs::path& path) {
   return "";
 }
 
+// Why the disk image at `path` cannot be a VM's base, or "" when it can: its file
+// and header first (cheap), then whether QEMU can open it as the format it would
+// be given (`configured_format`, or the one its header shows when empty).
+std::string disk_image_problem(const std::string& path, const std::string& configured_format,
+                               const std::string& what) {
+  auto detected = detect_disk_format(path, what);
+  if (!detected) return detected.error().message;
+  const std::string& format = configured_format.empty() ? *detected : configured_format;
+  if (auto usable = check_disk_image(path, format, what); !usable) return usable.error().message;
+  return {};
+}
+
 std::string configured_labels(const v1::RunnerConfig& config) {
   if (config.images_size() == 0) return "the runner's configuration has no images";
   std::string labels = "configured labels: ";
@@ -551,11 +564,17 @@ Result<void> validate_job(const v1::JobSpec& spec, const v1::RunnerConfig& confi
     add("neither image nor runs_on is set: a job names exactly one of them (a qcow2 or raw disk "
         "image, or a label from the runner's configuration)");
   } else if (!spec.image().empty()) {
-    if (auto format = detect_disk_format(spec.image(), "image"); !format) add(format.error().message);
+    if (auto why = disk_image_problem(spec.image(), "", "image"); !why.empty()) add(why);
   } else {
-    const bool known = std::any_of(config.images().begin(), config.images().end(),
-                                   [&](const v1::ImageSpec& image) { return image.label() == spec.runs_on(); });
-    if (!known) add("runs_on " + shown(spec.runs_on()) + ": no image has this label (" + configured_labels(config) + ")");
+    const auto image = std::find_if(config.images().begin(), config.images().end(),
+                                    [&](const v1::ImageSpec& candidate) { return candidate.label() == spec.runs_on(); });
+    if (image == config.images().end()) {
+      add("runs_on " + shown(spec.runs_on()) + ": no image has this label (" + configured_labels(config) + ")");
+    } else if (!image->disk().empty()) {
+      const std::string where = "images[" + std::to_string(image - config.images().begin()) + "] (" +
+                                shown(image->label()) + ") disk";
+      if (auto why = disk_image_problem(image->disk(), image->disk_format(), where); !why.empty()) add(why);
+    }
   }
 
   // Steps.

@@ -27,7 +27,10 @@ Result<v1::JobSpec> parse_job_json(std::string_view text, const std::string& sou
                                    const std::filesystem::path& base_dir);
 
 // Every check that can be made before a VM starts. All problems are reported at
-// once, one per line, each naming its field and value.
+// once, one per line, each naming its field and value. The job's disk image (its
+// own `image`, or the disk of its runs_on image) must be a file QEMU can open as
+// the format it will be given: `qemu-img info` is asked (see check_disk_image), so
+// a corrupt qcow2 is refused here, not when its VM is prepared.
 Result<void> validate_job(const v1::JobSpec& spec, const v1::RunnerConfig& config);
 
 // A new job id: UTC time plus random hex, e.g. 20261127-211503-9f3a1c.

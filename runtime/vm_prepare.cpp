@@ -4,11 +4,17 @@
 #include <sys/un.h>
 
 #include <fcntl.h>
+#include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <chrono>
 #include <system_error>
+#include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "runtime/child_process.hpp"
 #include "runtime/cloud_init.hpp"
@@ -65,26 +71,129 @@ std::string guest_hostname(const std::string& job_id) {
   return name;
 }
 
+struct ToolRun {
+  ExitStatus status;
+  std::string out;
+  std::string err;
+};
+
+// Runs `argv` to its end, reading its stdout and stderr while it runs (a full pipe
+// would stall it), keeping at most 1 MiB of each. A child still running at the
+// deadline is killed (by ~ChildProcess) and the error says so.
+Result<ToolRun> run_to_end(const std::vector<std::string>& argv, std::chrono::milliseconds timeout) {
+  using clock = std::chrono::steady_clock;
+  constexpr size_t kept_bytes = 1u << 20;
+  const auto deadline = clock::now() + timeout;
+  auto child = ChildProcess::spawn(argv);
+  if (!child)
+    return fail(child.error().message);
+  ToolRun run;
+  const int fds[2] = {child->stdout_fd(), child->stderr_fd()};
+  std::string* kept[2] = {&run.out, &run.err};
+  bool open[2] = {fds[0] >= 0, fds[1] >= 0};
+  const auto timed_out = [&] {
+    return fail(argv[0] + " did not finish within " +
+                std::to_string(std::chrono::duration_cast<std::chrono::seconds>(timeout).count()) +
+                " s");
+  };
+  while (open[0] || open[1]) {
+    auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now());
+    if (remaining.count() <= 0)
+      return timed_out();
+    pollfd polls[2];
+    int watched[2];
+    nfds_t count = 0;
+    for (int i = 0; i < 2; ++i) {
+      if (open[i]) {
+        polls[count] = pollfd{fds[i], POLLIN, 0};
+        watched[count++] = i;
+      }
+    }
+    if (::poll(polls, count, static_cast<int>(remaining.count()) + 1) < 0 && errno != EINTR)
+      return fail(errno_message("cannot wait for " + argv[0], errno));
+    for (nfds_t p = 0; p < count; ++p) {
+      if (polls[p].revents == 0)
+        continue;
+      const int i = watched[p];
+      char buf[4096];
+      for (;;) {
+        ssize_t n = ::read(fds[i], buf, sizeof buf);
+        if (n > 0) {
+          const size_t room = kept_bytes - std::min(kept_bytes, kept[i]->size());
+          kept[i]->append(buf, std::min(static_cast<size_t>(n), room));
+          continue;
+        }
+        if (n < 0 && errno == EINTR)
+          continue;
+        if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+          open[i] = false;  // end of output (or an unreadable pipe: stop reading it)
+        break;
+      }
+    }
+  }
+  auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now());
+  auto status = child->wait_for(std::max(remaining, std::chrono::milliseconds(0)));
+  if (!status)
+    return timed_out();
+  run.status = *status;
+  return run;
+}
+
+// A tool's stderr for a message: "qemu-img: " prefixes dropped, lines joined with
+// "; ", at most 1000 characters.
+std::string stderr_text(const std::string& err) {
+  std::string text;
+  size_t start = 0;
+  while (start < err.size()) {
+    size_t end = err.find('\n', start);
+    if (end == std::string::npos)
+      end = err.size();
+    std::string line = err.substr(start, end - start);
+    start = end + 1;
+    if (line.rfind("qemu-img: ", 0) == 0)
+      line.erase(0, 10);
+    while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back())))
+      line.pop_back();
+    if (!line.empty())
+      text += (text.empty() ? "" : "; ") + line;
+  }
+  if (text.size() > 1000)
+    text = text.substr(0, 1000) + "...";
+  return text;
+}
+
+std::string quoted(const std::string& text) {
+  return nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+// object[key] when it is a string, else "" (qemu-img's output is not trusted blindly).
+std::string string_field(const nlohmann::json& object, const char* key) {
+  auto found = object.find(key);
+  return found != object.end() && found->is_string() ? found->get<std::string>() : std::string();
+}
+
+// Whether one image of `qemu-img info --output=json` says QEMU marked it corrupt.
+bool marked_corrupt(const nlohmann::json& image) {
+  auto specific = image.find("format-specific");
+  if (specific == image.end() || !specific->is_object())
+    return false;
+  auto data = specific->find("data");
+  if (data == specific->end() || !data->is_object())
+    return false;
+  auto corrupt = data->find("corrupt");
+  return corrupt != data->end() && corrupt->is_boolean() && corrupt->get<bool>();
+}
+
 Result<void> create_overlay(const std::string& qemu_img, const fs::path& base,
                             const std::string& base_format, const fs::path& overlay) {
-  auto child = ChildProcess::spawn({qemu_img, "create", "-q", "-f", "qcow2", "-F", base_format,
-                                    "-b", fs::absolute(base).string(), overlay.string()});
-  if (!child)
-    return fail("cannot create the disk overlay: " + child.error().message);
-  auto status = child->wait_for(std::chrono::seconds(60));
-  if (!status)
-    return fail("qemu-img did not finish within 60 s creating " + overlay.string());
-  if (status->signaled || status->code != 0) {
-    std::string err;
-    char buf[4096];
-    ssize_t n;
-    while (child->stderr_fd() >= 0 && (n = ::read(child->stderr_fd(), buf, sizeof buf)) > 0)
-      err.append(buf, static_cast<size_t>(n));
-    while (!err.empty() && (err.back() == '\n' || err.back() == ' '))
-      err.pop_back();
+  auto run = run_to_end({qemu_img, "create", "-q", "-f", "qcow2", "-F", base_format, "-b",
+                         fs::absolute(base).string(), overlay.string()},
+                        std::chrono::seconds(60));
+  if (!run)
+    return fail("cannot create the disk overlay " + overlay.string() + ": " + run.error().message);
+  if (run->status.signaled || run->status.code != 0)
     return fail("qemu-img create failed for base image " + base.string() + " (" +
-                status->describe() + "): " + err);
-  }
+                run->status.describe() + "): " + stderr_text(run->err));
   return {};
 }
 
@@ -155,6 +264,43 @@ Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& ima
 }
 
 }  // namespace
+
+Result<void> check_disk_image(const fs::path& disk, const std::string& format,
+                              const std::string& what) {
+  const std::string shown = what + " " + quoted(disk.string());
+  // -U: no lock, so VMs of other jobs using the image as their base do not matter;
+  // --backing-chain: a qcow2 whose backing file is gone cannot be used either.
+  auto run = run_to_end({"qemu-img", "info", "-U", "--backing-chain", "--output=json",
+                         fs::absolute(disk).string()},
+                        std::chrono::seconds(10));
+  if (!run)
+    return fail(shown + ": cannot check it with qemu-img info: " + run.error().message);
+  if (run->status.signaled || run->status.code != 0) {
+    auto why = stderr_text(run->err);
+    return fail(shown + ": QEMU cannot open it: " +
+                (why.empty() ? "qemu-img info ended with " + run->status.describe() : why));
+  }
+  auto chain = nlohmann::json::parse(run->out, nullptr, false);
+  if (chain.is_object())
+    chain = nlohmann::json::array({chain});
+  if (!chain.is_array() || chain.empty() || !chain[0].is_object())
+    return fail(shown + ": qemu-img info answered something that is not its JSON description");
+  // An empty format is used as raw when the VM is prepared.
+  const std::string expected = format.empty() ? std::string("raw") : format;
+  const std::string reported = string_field(chain[0], "format");
+  if (reported != expected)
+    return fail(shown + ": QEMU reads it as a " + quoted(reported) + " image, but it would be used as " +
+                quoted(expected) + " (the runner takes qcow2 or raw images; qemu-img convert -O qcow2 "
+                "makes one)");
+  for (size_t i = 0; i < chain.size(); ++i) {
+    if (!chain[i].is_object() || !marked_corrupt(chain[i]))
+      continue;
+    const std::string which =
+      i == 0 ? std::string("the image") : "its backing file " + quoted(string_field(chain[i], "filename"));
+    return fail(shown + ": " + which + " is marked corrupt by QEMU (qemu-img check -r all repairs it)");
+  }
+  return {};
+}
 
 Result<v1::VmHandle> prepare_vm(const v1::JobSpec& job, const v1::ImageSpec& image,
                                 const v1::RunnerConfig& config) {

@@ -2,6 +2,8 @@
 // file, field and value, nothing made in the state directory, no QEMU started.
 #include <doctest/doctest.h>
 
+#include <cstdlib>
+#include <fstream>
 #include <regex>
 
 #include "tests/reliability/harness.hpp"
@@ -19,8 +21,8 @@ struct Refusal {
 
 // Runs the runner on `job` and checks that it refused to start anything.
 Refusal run_refused(const Sandbox& sandbox, const fs::path& job,
-                    const std::vector<std::string>& extra = {}) {
-  auto runner = run_to_end(sandbox.run_args(job, "tcg", {}, extra), 60s);
+                    const std::vector<std::string>& extra = {}, const fs::path& config = {}) {
+  auto runner = run_to_end(sandbox.run_args(job, "tcg", config, extra), 60s);
   REQUIRE_MESSAGE(runner.exited(), runner.output());
   Refusal refusal{runner.wait(0ms)->code, runner.err()};
   INFO(runner.output());
@@ -34,6 +36,20 @@ Refusal run_refused(const Sandbox& sandbox, const fs::path& job,
 
 bool mentions(const Refusal& refusal, const std::string& part) {
   return refusal.err.find(part) != std::string::npos;
+}
+
+// A real qcow2 image (qemu-img create) whose header is valid and whose header
+// extensions, right after it, are garbage: the magic says qcow2, QEMU cannot open it.
+fs::path corrupt_qcow2(const Sandbox& sandbox, const std::string& name) {
+  auto image = sandbox.root() / name;
+  auto command = "qemu-img create -q -f qcow2 '" + image.string() + "' 16M";
+  REQUIRE_MESSAGE(std::system(command.c_str()) == 0, command);
+  std::fstream file(image, std::ios::in | std::ios::out | std::ios::binary);
+  file.seekp(112);  // the end of a version 3 qcow2 header
+  const std::string garbage(4096, '\xa5');
+  file.write(garbage.data(), static_cast<std::streamsize>(garbage.size()));
+  REQUIRE(file.good());
+  return image;
 }
 
 nlohmann::json job_with(nlohmann::json fields) {
@@ -100,6 +116,25 @@ TEST_CASE("bad job files are refused before any VM starts") {
     INFO(refusal.err);
     CHECK(mentions(refusal, empty.string()));
     CHECK(mentions(refusal, "empty"));
+  }
+  SUBCASE("qcow2 image with a valid header and a corrupt body") {
+    auto corrupt = corrupt_qcow2(sandbox, "corrupt.qcow2");
+    auto job = sandbox.write_json("job.json", {{"image", corrupt.string()},
+                                               {"steps", {{{"script", "true"}}}}});
+    auto refusal = run_refused(sandbox, job);
+    INFO(refusal.err);
+    CHECK(mentions(refusal, "image \"" + corrupt.string() + "\""));
+    CHECK(mentions(refusal, "QEMU cannot open it"));
+  }
+  SUBCASE("runs_on image whose qcow2 disk has a corrupt body") {
+    auto corrupt = corrupt_qcow2(sandbox, "corrupt-base.qcow2");
+    auto config = sandbox.write_json(
+      "config.json", {{"images", {{{"label", "broken-disk"}, {"disk", corrupt.string()}}}}});
+    auto job = sandbox.write_json("job.json", job_with({{"runs_on", "broken-disk"}}));
+    auto refusal = run_refused(sandbox, job, {}, config);
+    INFO(refusal.err);
+    CHECK(mentions(refusal, "images[0] (\"broken-disk\") disk \"" + corrupt.string() + "\""));
+    CHECK(mentions(refusal, "QEMU cannot open it"));
   }
   SUBCASE("upload source missing") {
     auto missing = sandbox.root() / "src.tar.gz";

@@ -35,12 +35,37 @@ std::string parse_error(const std::string& text) {
   return error_of(parse_job_json(text, "job.json", "/nowhere"));
 }
 
-solstice::v1::RunnerConfig config_with_label(const std::string& label) {
+// A config with one image, `label`, whose disk is a small raw file in `dir`.
+solstice::v1::RunnerConfig config_with_label(const std::string& label, const TempDir& dir) {
   auto config = solstice::default_runner_config();
   auto* image = config.add_images();
   image->set_label(label);
-  image->set_disk("/images/" + label + ".qcow2");
+  image->set_disk(dir.write("images/" + label + ".raw", std::string(64 * 1024, '\0')).string());
   return config;
+}
+
+// Runs a shell command (qemu-img here) and requires that it succeeds.
+void shell(const std::string& command) {
+  INFO(command);
+  REQUIRE(std::system(command.c_str()) == 0);
+}
+
+// A real qcow2 image made by qemu-img.
+fs::path make_qcow2(const TempDir& dir, const std::string& name, const std::string& backing = "") {
+  const fs::path image = dir.path / name;
+  shell("qemu-img create -q -f qcow2 " +
+        (backing.empty() ? std::string() : "-F qcow2 -b '" + (dir.path / backing).string() + "' ") +
+        "'" + image.string() + "' 16M");
+  return image;
+}
+
+// Overwrites `bytes` of `file` at `offset`, keeping its size.
+void overwrite(const fs::path& file, std::streamoff offset, const std::string& bytes) {
+  std::fstream stream(file, std::ios::in | std::ios::out | std::ios::binary);
+  REQUIRE(stream);
+  stream.seekp(offset);
+  stream.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  REQUIRE(stream);
 }
 
 // Runs `script` with /bin/sh under `env` (NAME=value pairs) and returns its exit
@@ -177,7 +202,8 @@ TEST_CASE("jobrequest.v1 becomes a job: env vars, a checkout step and the script
   REQUIRE(spec->steps_size() == 2);
   CHECK(spec->steps(0).name() == "checkout");
   CHECK(spec->steps(1).name() == "run ci/build.sh");
-  CHECK(validate_job(*spec, config_with_label("debian")).has_value());
+  TempDir dir;
+  CHECK(validate_job(*spec, config_with_label("debian", dir)).has_value());
 
   const auto without_repo = parse_job_json(R"({"request_id": "r1", "runs_on": "x", "script_path": "/opt/ci.sh"})",
                                            "request.json", "/");
@@ -236,7 +262,7 @@ TEST_CASE("jobrequest.v1 steps clone the repository and run the script, in a rea
 
 TEST_CASE("validation names each field that is wrong") {
   TempDir dir;
-  const auto config = config_with_label("linux");
+  const auto config = config_with_label("linux", dir);
   const auto problems = [&](const std::string& json) {
     auto spec = parse_job_json(json, "job.json", dir.path);
     REQUIRE(spec.has_value());
@@ -267,7 +293,7 @@ TEST_CASE("validation names each field that is wrong") {
   CHECK(problems(R"({"image": "a-directory", )" + step + "}").find("is a directory, not a disk image") != std::string::npos);
   dir.write("empty.img", "");
   CHECK(problems(R"({"image": "empty.img", )" + step + "}").find("is empty (0 bytes)") != std::string::npos);
-  dir.write("disk.qcow2", std::string("QFI\xfb\0\0\0\3", 8) + std::string(512, '\0'));
+  make_qcow2(dir, "disk.qcow2");
   dir.write("disk.raw", std::string(1024, '\0'));
   CHECK(valid(R"({"image": "disk.qcow2", )" + step + "}"));
   CHECK(valid(R"({"image": "disk.raw", )" + step + "}"));
@@ -350,8 +376,9 @@ TEST_CASE("the sample job loads and validates against a config that knows its la
   CHECK(spec->artifacts(0).path() == "/tmp/out/result.txt");
   REQUIRE(spec->secrets_size() == 1);
 
-  CHECK(validate_job(*spec, config_with_label(solstice::test_guest_label)).has_value());
-  const auto unknown = validate_job(*spec, config_with_label("other"));
+  TempDir dir;
+  CHECK(validate_job(*spec, config_with_label(solstice::test_guest_label, dir)).has_value());
+  const auto unknown = validate_job(*spec, config_with_label("other", dir));
   REQUIRE_FALSE(unknown.has_value());
   CHECK(unknown.error().message.find("runs_on \"solstice-test-guest\"") == 0);
 
@@ -372,5 +399,89 @@ TEST_CASE("the sample job loads and validates against a config that knows its la
   const auto request = load_job_file(examples / "jobrequest.json");
   INFO((request ? std::string() : request.error().message));
   REQUIRE(request.has_value());
-  CHECK(validate_job(*request, config_with_label(solstice::test_guest_label)).has_value());
+  CHECK(validate_job(*request, config_with_label(solstice::test_guest_label, dir)).has_value());
+}
+
+TEST_CASE("a disk image QEMU cannot use is refused by validation, naming the file and why") {
+  TempDir dir;
+  const std::string step = R"("steps": [{"script": "true"}])";
+  const auto check_job = [&](const std::string& image, const solstice::v1::RunnerConfig& config) {
+    auto spec = parse_job_json(R"({"image": ")" + image + "\", " + step + "}", "job.json", dir.path);
+    REQUIRE(spec.has_value());
+    return validate_job(*spec, config);
+  };
+  const auto config = solstice::default_runner_config();
+  const fs::path good = make_qcow2(dir, "good.qcow2");
+  CHECK(check_job(good.string(), config).has_value());
+
+  SUBCASE("a valid qcow2 header with a corrupt body") {
+    const fs::path corrupt = make_qcow2(dir, "corrupt.qcow2");
+    // The header (112 bytes) stays; the header extensions after it become garbage.
+    overwrite(corrupt, 112, std::string(4096, '\xa5'));
+    REQUIRE(solstice::detect_disk_format(corrupt, "image").value() == "qcow2");
+    const auto refused = check_job(corrupt.string(), config);
+    REQUIRE_FALSE(refused.has_value());
+    const std::string& message = refused.error().message;
+    INFO(message);
+    CHECK(message.find("image \"" + corrupt.string() + "\": QEMU cannot open it: ") == 0);
+    // qemu-img's own reason follows.
+    CHECK(message.find("Header extension too large") != std::string::npos);
+  }
+  SUBCASE("a qcow2 header and nothing after it") {
+    const auto header_only = dir.write("header-only.qcow2", std::string("QFI\xfb\0\0\0\3", 8) + std::string(504, '\0'));
+    const auto refused = check_job(header_only.string(), config);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().message.find("image \"" + header_only.string() + "\": QEMU cannot open it") == 0);
+  }
+  SUBCASE("a qcow2 whose backing file is gone") {
+    make_qcow2(dir, "base.qcow2");
+    const fs::path overlay = make_qcow2(dir, "overlay.qcow2", "base.qcow2");
+    CHECK(check_job(overlay.string(), config).has_value());
+    fs::remove(dir.path / "base.qcow2");
+    const auto refused = check_job(overlay.string(), config);
+    REQUIRE_FALSE(refused.has_value());
+    INFO(refused.error().message);
+    CHECK(refused.error().message.find("image \"" + overlay.string() + "\": QEMU cannot open it") == 0);
+    CHECK(refused.error().message.find((dir.path / "base.qcow2").string()) != std::string::npos);
+  }
+  SUBCASE("a qcow2 that QEMU marked corrupt") {
+    const fs::path marked = make_qcow2(dir, "marked.qcow2");
+    // incompatible_features (big-endian, bytes 72-79), bit 1: corrupt.
+    overwrite(marked, 79, std::string(1, '\x02'));
+    const auto refused = check_job(marked.string(), config);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().message ==
+          "image \"" + marked.string() + "\": the image is marked corrupt by QEMU (qemu-img check -r all repairs it)");
+  }
+  SUBCASE("another format than the runner would pass to QEMU") {
+    // No qcow2 magic, so the runner would hand it to QEMU as raw.
+    const fs::path vmdk = dir.path / "disk.vmdk";
+    shell("qemu-img create -q -f vmdk '" + vmdk.string() + "' 16M");
+    const auto refused = check_job(vmdk.string(), config);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().message.find("image \"" + vmdk.string() +
+                                       "\": QEMU reads it as a \"vmdk\" image, but it would be used as \"raw\"") == 0);
+  }
+  SUBCASE("the disk of a runs_on image is checked as its configured format") {
+    auto with_image = solstice::default_runner_config();
+    auto* image = with_image.add_images();
+    image->set_label("debian");
+    image->set_disk(good.string());
+    auto spec = parse_job_json(R"({"runs_on": "debian", )" + step + "}", "job.json", dir.path);
+    REQUIRE(spec.has_value());
+    CHECK(validate_job(*spec, with_image).has_value());
+    image->set_disk_format("qcow2");
+    CHECK(validate_job(*spec, with_image).has_value());
+    image->set_disk_format("raw");
+    auto refused = validate_job(*spec, with_image);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().message == "images[0] (\"debian\") disk \"" + good.string() +
+                                       "\": QEMU reads it as a \"qcow2\" image, but it would be used as \"raw\" "
+                                       "(the runner takes qcow2 or raw images; qemu-img convert -O qcow2 makes one)");
+    image->set_disk_format("");
+    overwrite(good, 112, std::string(4096, '\xa5'));
+    refused = validate_job(*spec, with_image);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().message.find("images[0] (\"debian\") disk \"" + good.string() + "\": QEMU cannot open it: ") == 0);
+  }
 }
