@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include <caf/actor_system.hpp>
@@ -910,26 +911,63 @@ void on_console_line(supervisor_pointer self, std::string& line) {
   emit(self, std::move(event));
 }
 
+// Sink `index` has handled `bytes` more of the executor's output: credit the
+// executor with what every sink has now handled (its worker waits when too much
+// is in flight, so the slowest sink paces the step).
+void output_handled(supervisor_pointer self, size_t index, uint64_t bytes) {
+  auto& st = self->state;
+  st.sink_handled_bytes[index] += bytes;
+  auto all_handled = *std::min_element(st.sink_handled_bytes.begin(), st.sink_handled_bytes.end());
+  if (all_handled > st.output_credited_bytes && st.ssh)
+    self->send(st.ssh, ack_atom::value, all_handled - st.output_credited_bytes);
+  st.output_credited_bytes = std::max(st.output_credited_bytes, all_handled);
+}
+
+// Output events go to the sinks as requests: the (empty) reply of a sink's
+// handler is its acknowledgement. A sink that is gone answers with an error,
+// which counts as handled: nothing is queued for it any more.
+void emit_output(supervisor_pointer self, v1::JobEvent event, uint64_t chunk_bytes) {
+  auto& st = self->state;
+  event.set_job_id(st.job.id());
+  event.set_sequence(st.event_sequence++);
+  event.set_timestamp_us(now_us());
+  for (size_t i = 0; i < st.sinks.size(); ++i)
+    self->request(st.sinks[i], caf::infinite, event_atom::value, event)
+      .then([=]() { output_handled(self, i, chunk_bytes); },
+            [=](caf::error&) { output_handled(self, i, chunk_bytes); });
+}
+
 void on_output(supervisor_pointer self, const v1::OutputChunk& chunk) {
   auto& st = self->state;
-  // Credit back to the executor, whose worker waits when too much is in flight.
-  if (st.ssh)
-    self->send(st.ssh, ack_atom::value, static_cast<uint64_t>(chunk.data().size()));
+  const uint64_t chunk_bytes = chunk.data().size();
+  if (st.sink_handled_bytes.size() != st.sinks.size())
+    st.sink_handled_bytes.assign(st.sinks.size(), st.output_credited_bytes);
+  auto not_queued = [&] {
+    for (size_t i = 0; i < st.sinks.size(); ++i)
+      st.sink_handled_bytes[i] += chunk_bytes;
+    if (st.ssh)
+      self->send(st.ssh, ack_atom::value, chunk_bytes);
+    st.output_credited_bytes += chunk_bytes;
+  };
   if (chunk.step_index() == setup_step || !st.running_step ||
-      chunk.step_index() != *st.running_step)
+      chunk.step_index() != *st.running_step) {
+    not_queued();
     return;
+  }
   bool is_out = chunk.stream() == v1::STDOUT;
   auto& redactor = is_out ? st.stdout_redactor : st.stderr_redactor;
   auto data = redactor ? redactor->feed(chunk.data()) : chunk.data();
-  if (data.empty())
+  if (data.empty() || st.sinks.empty()) {
+    not_queued();
     return;
+  }
   v1::JobEvent event;
   auto* out = event.mutable_output();
   out->set_step_index(chunk.step_index());
   out->set_stream(chunk.stream());
   out->set_sequence(is_out ? st.stdout_sequence++ : st.stderr_sequence++);
   out->set_data(std::move(data));
-  emit(self, std::move(event));
+  emit_output(self, std::move(event), chunk_bytes);
 }
 
 void on_down(supervisor_pointer self, const caf::down_msg& down) {

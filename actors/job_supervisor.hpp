@@ -117,6 +117,13 @@ struct job_supervisor_state {
   std::optional<Redactor> stderr_redactor;
   uint64_t stdout_sequence = 0;
   uint64_t stderr_sequence = 0;
+
+  // Flow control from the sinks back to the SSH reader: output bytes each sink
+  // has acknowledged (its handler ran), and how many of them the executor has
+  // been credited. The executor only gets credit for bytes every sink has
+  // handled, so a sink that cannot keep up slows the step instead of queueing.
+  std::vector<uint64_t> sink_handled_bytes;
+  uint64_t output_credited_bytes = 0;
 };
 
 // How long an SSH/QMP failure waits for a QEMU exit report that would explain it.
