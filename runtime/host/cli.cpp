@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -41,7 +42,7 @@ Result<v1::RunnerConfig> load_config(const CommonOptions& common) {
 }
 
 struct RunOptions {
-  std::string job_file;
+  std::vector<std::string> job_files;
   std::string image;
   std::string runs_on;
   std::string script_file;
@@ -53,12 +54,14 @@ struct RunOptions {
   bool console = false;
 };
 
-Result<v1::JobSpec> job_from_options(const RunOptions& run) {
+// The job of `job_file` (or, when it is empty, of the quick form), with the
+// command line's overrides applied.
+Result<v1::JobSpec> job_from_options(const RunOptions& run, const std::string& job_file) {
   v1::JobSpec job;
-  if (!run.job_file.empty()) {
+  if (!job_file.empty()) {
     if (!run.image.empty() || !run.script_file.empty())
       return fail("give either a job file or --image/--runs-on with --script, not both");
-    auto loaded = load_job_file(run.job_file);
+    auto loaded = load_job_file(job_file);
     if (!loaded)
       return tl::unexpected(loaded.error());
     job = *loaded;
@@ -93,26 +96,55 @@ Result<v1::JobSpec> job_from_options(const RunOptions& run) {
   return job;
 }
 
+// Loads and checks one job; an error says what is wrong (naming `job_file` when
+// `name_file` is set: with several files the user must know which one).
+Result<v1::JobSpec> checked_job(const RunOptions& run, const std::string& job_file,
+                                const v1::RunnerConfig& config, bool name_file) {
+  auto job = job_from_options(run, job_file);
+  if (!job)
+    return job;  // a file's own errors name it already
+  const std::string where = name_file ? job_file + ": " : "";
+  if (auto ok = validate_job(*job, config); !ok)
+    return fail(where + "the job is not valid:\n" + ok.error().message);
+  if (auto image = resolve_image(*job, config); !image)
+    return fail(where + image.error().message);
+  return job;
+}
+
 int run_command(const CommonOptions& common, const RunOptions& run) {
   auto config = load_config(common);
   if (!config) {
     std::fprintf(stderr, "solstice-runner: %s\n", config.error().message.c_str());
     return exit_invalid_input;
   }
-  auto job = job_from_options(run);
-  if (!job) {
-    std::fprintf(stderr, "solstice-runner: %s\n", job.error().message.c_str());
-    return exit_invalid_input;
+  // Every job is checked before any starts: one bad file runs nothing.
+  std::vector<std::string> files = run.job_files;
+  if (files.empty())
+    files.push_back("");  // the quick form
+  const bool several = files.size() > 1;
+  std::vector<v1::JobSpec> jobs;
+  bool all_valid = true;
+  for (const auto& file : files) {
+    auto job = checked_job(run, file, *config, several);
+    if (!job) {
+      std::fprintf(stderr, "solstice-runner: %s\n", job.error().message.c_str());
+      all_valid = false;
+      continue;
+    }
+    jobs.push_back(std::move(*job));
   }
-  if (auto ok = validate_job(*job, *config); !ok) {
-    std::fprintf(stderr, "solstice-runner: the job is not valid:\n%s\n",
-                 ok.error().message.c_str());
+  if (!all_valid)
     return exit_invalid_input;
-  }
-  if (auto image = resolve_image(*job, *config); !image) {
-    std::fprintf(stderr, "solstice-runner: %s\n", image.error().message.c_str());
-    return exit_invalid_input;
-  }
+  // Two jobs with one id would share one record directory.
+  for (size_t i = 0; i < jobs.size(); ++i)
+    for (size_t k = 0; k < i; ++k)
+      if (!jobs[i].id().empty() && jobs[i].id() == jobs[k].id()) {
+        std::fprintf(stderr,
+                     "solstice-runner: %s and %s both have the job id \"%s\"; the jobs of one "
+                     "run need different ids (or none: one is made for each)\n",
+                     files[k].c_str(), files[i].c_str(), jobs[i].id().c_str());
+        return exit_invalid_input;
+      }
   // Whatever a runner that died left in this state directory is cleaned first.
   if (auto recovered = recover_abandoned_jobs(*config); !recovered)
     std::fprintf(stderr, "solstice-runner: recovery skipped: %s\n",
@@ -123,7 +155,7 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
   LocalRunOptions options;
   options.json = run.json;
   options.show_console = run.console;
-  return run_job_locally(*job, *config, options);
+  return run_jobs_locally(std::move(jobs), *config, options);
 }
 
 }  // namespace
@@ -133,13 +165,19 @@ int run_cli(int argc, char** argv) {
   app.require_subcommand(1);
   app.footer(
     "Exit codes of `run`: 0 success; a failing step's own exit code (128+N when it died by "
-    "signal N); 124 timed out; 130 cancelled; 125 infrastructure error; 2 invalid input.");
+    "signal N); 124 timed out; 130 cancelled; 125 infrastructure error; 2 invalid input. "
+    "With several job files: 0 when every job succeeded, else the code of the first job "
+    "(in command-line order) that did not.");
 
   CommonOptions common;
   RunOptions run;
-  auto* run_app = app.add_subcommand("run", "run a job in a fresh VM and stream its output");
+  auto* run_app = app.add_subcommand(
+    "run", "run jobs, each in a fresh VM, and stream their output (several job files run "
+           "at once in one process, as many VMs at a time as max_concurrent_vms allows)");
   add_common_options(*run_app, common);
-  run_app->add_option("job", run.job_file, "job file (job.json: protobuf JSON of JobSpec)")
+  run_app->add_option("jobs", run.job_files,
+                      "job files (job.json: protobuf JSON of JobSpec); several run at once, "
+                      "each output line prefixed with its job's name")
     ->check(CLI::ExistingFile);
   run_app->add_option("--image", run.image, "quick form: base image (qcow2 or raw) to boot");
   run_app->add_option("--runs-on", run.runs_on,

@@ -9,9 +9,12 @@
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
-#include <future>
+#include <map>
+#include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
+#include <vector>
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
@@ -43,10 +46,11 @@ struct host_config : caf::actor_system_config {
   }
 };
 
-// Ctrl-C / SIGTERM: the first cancels the job, the second kills it at once.
+// Ctrl-C / SIGTERM: the first cancels the jobs, the second kills them at once.
 class SignalWatcher {
  public:
-  SignalWatcher(caf::actor supervisor) : supervisor_(std::move(supervisor)) {
+  explicit SignalWatcher(std::vector<caf::actor> supervisors)
+      : supervisors_(std::move(supervisors)) {
     thread_ = std::thread([this] { run(); });
   }
   ~SignalWatcher() {
@@ -62,6 +66,7 @@ class SignalWatcher {
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGHUP);
+    const bool one = supervisors_.size() == 1;
     int count = 0;
     while (!done_) {
       timespec wait{0, 100 * 1000 * 1000};
@@ -69,21 +74,77 @@ class SignalWatcher {
       if (sig <= 0)
         continue;
       if (++count == 1) {
-        std::fprintf(stderr,
-                     "\nsolstice-runner: cancelling the job (interrupt again to kill it at once)\n");
-        caf::anon_send(caf::actor_cast<job_supervisor_actor>(supervisor_), cancel_atom::value);
+        std::fprintf(stderr, one ? "\nsolstice-runner: cancelling the job (interrupt again to "
+                                   "kill it at once)\n"
+                                 : "\nsolstice-runner: cancelling the jobs (interrupt again to "
+                                   "kill them at once)\n");
+        for (const auto& supervisor : supervisors_)
+          caf::anon_send(caf::actor_cast<job_supervisor_actor>(supervisor), cancel_atom::value);
       } else if (!killed_) {
         killed_ = true;
-        std::fprintf(stderr, "\nsolstice-runner: killing the job's VM now\n");
-        caf::anon_send_exit(supervisor_, caf::exit_reason::kill);
+        std::fprintf(stderr, one ? "\nsolstice-runner: killing the job's VM now\n"
+                                 : "\nsolstice-runner: killing the jobs' VMs now\n");
+        for (const auto& supervisor : supervisors_)
+          caf::anon_send_exit(supervisor, caf::exit_reason::kill);
       }
     }
   }
-  caf::actor supervisor_;
+  std::vector<caf::actor> supervisors_;
   std::atomic<bool> done_{false};
   std::atomic<bool> killed_{false};
   std::thread thread_;
 };
+
+// How long the terminal printer may take to show what it still holds once every
+// job has ended (its backlog is bounded by the output flow control).
+constexpr std::chrono::seconds printer_grace{60};
+
+int64_t now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+           std::chrono::system_clock::now().time_since_epoch())
+    .count();
+}
+
+// The result event that stands in for a job that could not report its own.
+v1::JobEvent stand_in_result(const std::string& job_id, v1::JobStatus status, int exit_code,
+                             const std::string& error, const std::string& summary) {
+  v1::JobEvent event;
+  event.set_job_id(job_id);
+  event.set_sequence(UINT64_MAX);
+  event.set_timestamp_us(now_us());
+  auto* result = event.mutable_result();
+  result->set_job_id(job_id);
+  result->set_status(status);
+  result->set_exit_code(exit_code);
+  result->set_error(error);
+  result->set_summary(summary);
+  return event;
+}
+
+// What the terminal calls each job: its name, else its id; names that several
+// jobs share get the job's position on the command line.
+std::vector<std::string> job_labels(const std::vector<v1::JobSpec>& jobs) {
+  std::vector<std::string> labels;
+  std::map<std::string, int> uses;
+  for (const auto& job : jobs) {
+    labels.push_back(job.name().empty() ? job.id() : job.name());
+    ++uses[labels.back()];
+  }
+  for (size_t i = 0; i < labels.size(); ++i)
+    if (uses[labels[i]] > 1)
+      labels[i] += " #" + std::to_string(i + 1);
+  return labels;
+}
+
+std::string status_text(v1::JobStatus status) {
+  switch (status) {
+    case v1::SUCCEEDED: return "succeeded";
+    case v1::FAILED: return "failed";
+    case v1::TIMED_OUT: return "timed out";
+    case v1::CANCELLED: return "cancelled";
+    default: return "infrastructure error";
+  }
+}
 
 }  // namespace
 
@@ -127,12 +188,32 @@ Result<v1::RunnerConfig> load_effective_config(const std::string& config_file,
 
 int run_job_locally(v1::JobSpec job, const v1::RunnerConfig& config,
                     const LocalRunOptions& options) {
-  if (job.id().empty())
-    job.set_id(make_job_id());
+  std::vector<v1::JobSpec> jobs;
+  jobs.push_back(std::move(job));
+  return run_jobs_locally(std::move(jobs), config, options);
+}
+
+int run_jobs_locally(std::vector<v1::JobSpec> jobs, const v1::RunnerConfig& config,
+                     const LocalRunOptions& options) {
+  if (jobs.empty())
+    return exit_invalid_input;
+  const bool several = jobs.size() > 1;
+  std::map<std::string, size_t> index_of;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    auto& job = jobs[i];
+    while (job.id().empty() || index_of.count(job.id()))
+      job.set_id(make_job_id());  // two made in one second could meet
+    index_of[job.id()] = i;
+  }
+  const auto labels = job_labels(jobs);
+  std::vector<std::string> prefixes;
+  for (const auto& label : labels)
+    prefixes.push_back(several ? "[" + label + "] " : "");
   if (!options.json)
-    std::printf("job %s: %s\n  record: %s\n", job.id().c_str(),
-                job.name().empty() ? "(unnamed)" : job.name().c_str(),
-                job_dir_for(config, job.id()).c_str());
+    for (size_t i = 0; i < jobs.size(); ++i)
+      std::printf("%sjob %s: %s\n%s  record: %s\n", prefixes[i].c_str(), jobs[i].id().c_str(),
+                  jobs[i].name().empty() ? "(unnamed)" : jobs[i].name().c_str(),
+                  prefixes[i].c_str(), job_dir_for(config, jobs[i].id()).c_str());
   std::fflush(stdout);
 
   // Signals go to the watcher thread only: block them before any thread exists.
@@ -143,60 +224,139 @@ int run_job_locally(v1::JobSpec job, const v1::RunnerConfig& config,
   sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  std::promise<v1::JobResult> result_promise;
-  auto result_future = result_promise.get_future();
-  bool killed = false;
-  bool started_ok = true;
+  // Filled by the printer's thread, read once it has gone.
+  std::mutex results_mutex;
+  std::vector<std::optional<v1::JobResult>> results(jobs.size());
+  bool started_any = false;
   {
     host_config cfg;
     caf::actor_system sys{cfg};
+    std::vector<printed_job> shown;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      printed_job view;
+      view.job_id = jobs[i].id();
+      view.prefix = prefixes[i];
+      view.step_count = static_cast<uint32_t>(jobs[i].steps_size());
+      shown.push_back(std::move(view));
+    }
     auto printer = sys.spawn<caf::detached>(
-      terminal_printer, options.json, options.show_console,
-      static_cast<uint32_t>(job.steps_size()),
-      [&result_promise](const v1::JobResult& result) { result_promise.set_value(result); });
-    auto started = start_job(sys, job, config, printer);
-    if (!started) {
-      std::fprintf(stderr, "solstice-runner: %s\n", started.error().message.c_str());
+      jobs_terminal_printer, options.json, options.show_console, std::move(shown),
+      [&](const v1::JobResult& result) {
+        std::lock_guard<std::mutex> lock{results_mutex};
+        auto found = index_of.find(result.job_id());
+        if (found != index_of.end() && !results[found->second])
+          results[found->second] = result;
+      });
+    std::vector<std::optional<StartedJob>> started(jobs.size());
+    std::vector<caf::actor> supervisors;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      auto job = start_job(sys, jobs[i], config, printer);
+      if (job) {
+        supervisors.push_back(caf::actor_cast<caf::actor>(job->supervisor));
+        started[i] = std::move(*job);
+        continue;
+      }
+      std::fprintf(stderr, "solstice-runner: %s%s\n", prefixes[i].c_str(),
+                   job.error().message.c_str());
+      // The others run on; this one ends here, and the printer is told so.
+      if (several)
+        caf::anon_send(printer, event_atom::value,
+                       stand_in_result(jobs[i].id(), v1::INFRASTRUCTURE_ERROR,
+                                       exit_infrastructure_error, job.error().message,
+                                       "job " + jobs[i].id() + " could not start"));
+    }
+    started_any = !supervisors.empty();
+    if (!started_any && !several) {
       caf::anon_send_exit(printer, caf::exit_reason::user_shutdown);
-      started_ok = false;
-    } else {
+    } else if (started_any) {
+      bool killed = false;
       {
-        SignalWatcher watcher{caf::actor_cast<caf::actor>(started->supervisor)};
+        SignalWatcher watcher{supervisors};
         caf::scoped_actor self{sys};
-        self->monitor(started->supervisor);
-        bool down = false;
-        self->receive_while([&] { return !down; })([&](caf::down_msg&) { down = true; });
+        for (const auto& supervisor : supervisors)
+          self->monitor(supervisor);
+        size_t down = 0;
+        self->receive_while([&] { return down < supervisors.size(); })(
+          [&](caf::down_msg&) { ++down; });
         killed = watcher.killed();
       }
       if (killed) {
-        // The supervisor was killed before it could report: its VM actors are
-        // gone with it (they kill QEMU and remove their files as they stop).
-        v1::JobEvent event;
-        event.set_job_id(job.id());
-        event.set_sequence(UINT64_MAX);
-        event.set_timestamp_us(std::chrono::duration_cast<std::chrono::microseconds>(
-                                 std::chrono::system_clock::now().time_since_epoch())
-                                 .count());
-        auto* result = event.mutable_result();
-        result->set_job_id(job.id());
-        result->set_status(v1::CANCELLED);
-        result->set_exit_code(exit_cancelled);
-        result->set_shutdown_method("kill");
-        result->set_error("killed by a second interrupt");
-        result->set_summary("job " + job.id() + " cancelled: killed by a second interrupt");
-        caf::anon_send(started->recorder, event_atom::value, event);
-        caf::anon_send(printer, event_atom::value, event);
+        // A supervisor killed before it could report took its VM actors with it
+        // (they kill QEMU and remove their files as they stop). A job that had
+        // reported already keeps its own result: sinks take only the first.
+        for (size_t i = 0; i < jobs.size(); ++i) {
+          if (!started[i])
+            continue;
+          auto event = stand_in_result(jobs[i].id(), v1::CANCELLED, exit_cancelled,
+                                       "killed by a second interrupt",
+                                       "job " + jobs[i].id() +
+                                         " cancelled: killed by a second interrupt");
+          event.mutable_result()->set_shutdown_method("kill");
+          caf::anon_send(started[i]->recorder, event_atom::value, event);
+          caf::anon_send(printer, event_atom::value, event);
+        }
+      }
+      // The printer quits once every job's result is shown. A job that somehow
+      // ended without one must not keep the runner waiting for ever.
+      caf::scoped_actor self{sys};
+      self->monitor(printer);
+      bool printer_done = false;
+      self->receive([&](caf::down_msg&) { printer_done = true; },
+                    caf::after(printer_grace) >> [] {});
+      if (!printer_done) {
+        std::fprintf(stderr, "solstice-runner: the terminal output did not end within %lld s "
+                             "after the last job; stopping it\n",
+                     static_cast<long long>(printer_grace.count()));
+        caf::anon_send_exit(printer, caf::exit_reason::kill);
       }
     }
   }
   pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
-  if (!started_ok)
+  if (!started_any && !several)
     return exit_infrastructure_error;
-  if (result_future.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
-    std::fprintf(stderr, "solstice-runner: job %s ended without a result\n", job.id().c_str());
-    return exit_infrastructure_error;
+
+  std::lock_guard<std::mutex> lock{results_mutex};
+  std::vector<int> codes;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (!results[i])
+      std::fprintf(stderr, "solstice-runner: %sjob %s ended without a result\n",
+                   prefixes[i].c_str(), jobs[i].id().c_str());
+    codes.push_back(results[i] ? exit_code_for(*results[i]) : exit_infrastructure_error);
   }
-  return exit_code_for(result_future.get());
+  int exit_code = 0;
+  size_t deciding = 0;
+  for (size_t i = 0; i < codes.size() && exit_code == 0; ++i)
+    if (codes[i] != 0) {  // every status but succeeded has a non-zero code
+      exit_code = codes[i];
+      deciding = i;
+    }
+  if (several) {
+    // One line per job at the very end, where a CI log is read first. With
+    // --json it goes to stderr: stdout holds JSON lines only.
+    size_t failed = 0, width = 0;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      failed += codes[i] != 0;
+      width = std::max(width, labels[i].size() + 2);
+    }
+    std::string text = "\n" + std::to_string(jobs.size()) + " jobs: " +
+                       std::to_string(jobs.size() - failed) + " succeeded, " +
+                       std::to_string(failed) + " did not";
+    if (exit_code != 0)
+      text += "; exit code " + std::to_string(exit_code) + " from " + labels[deciding];
+    text += "\n";
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      auto label = "[" + labels[i] + "]";
+      label.resize(width, ' ');
+      char rest[64];
+      std::snprintf(rest, sizeof rest, " %-21s exit %-4d  ",
+                    results[i] ? status_text(results[i]->status()).c_str() : "no result",
+                    codes[i]);
+      text += "  " + label + rest + job_dir_for(config, jobs[i].id()).string() + "\n";
+    }
+    std::fputs(text.c_str(), options.json ? stderr : stdout);
+    std::fflush(options.json ? stderr : stdout);
+  }
+  return exit_code;
 }
 
 }  // namespace solstice

@@ -1,10 +1,11 @@
 #pragma once
-// The actor-system host of a local run: makes the actor system, the job
-// supervisor and the event sinks (job directory recorder, terminal printer), turns
-// Ctrl-C into cancel (and a second one into kill), and returns the exit code.
+// The actor-system host of a local run: makes the actor system, a job supervisor
+// per job and the event sinks (job directory recorders, one terminal printer),
+// turns Ctrl-C into cancel (and a second one into kill), and returns the exit code.
 // Light header on purpose: no CAF templates here.
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "runtime/error.hpp"
 #include "solstice.pb.h"
@@ -35,5 +36,14 @@ Result<v1::RunnerConfig> load_effective_config(const std::string& config_file,
 // Runs one validated job to its end.
 int run_job_locally(v1::JobSpec job, const v1::RunnerConfig& config,
                     const LocalRunOptions& options);
+
+// Runs validated jobs to their end, all at once in one actor system (each takes a
+// VM slot as max_concurrent_vms allows, and says so while it waits). One job is
+// shown exactly as run_job_locally shows it. Several: each line of the human view
+// carries the job's name (or id) as "[name] ", each job's summary comes when it
+// ends, then one line per job. Returns 0 when every job succeeded, else the exit
+// code of the first job (in the given order) that did not.
+int run_jobs_locally(std::vector<v1::JobSpec> jobs, const v1::RunnerConfig& config,
+                     const LocalRunOptions& options);
 
 }  // namespace solstice
