@@ -1,6 +1,7 @@
 // A host CAF application that embeds Solstice Runner: it has its own actors and
-// its own configuration, registers the runner's types, starts one job on the
-// built-in test guest and prints the job's events as its own actor receives them.
+// its own configuration, registers the runner's types, cleans what a previous run
+// that died left in its state directory, starts one job on the built-in test guest
+// and prints the job's events as its own actor receives them.
 //
 //   embedded_host TEST_GUEST_DIR STATE_DIR
 #include <cstdio>
@@ -83,6 +84,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   *config.add_images() = *guest;
+
+  // Once, at the host's start: clean what a previous run that died left behind.
+  auto recovered = solstice::recover_abandoned_jobs_at_start(config);
+  if (!recovered)
+    std::fprintf(stderr, "embedded_host: recovery skipped: %s\n", recovered.error().message.c_str());
+  else
+    for (const auto& job : *recovered)
+      std::printf("host recovered: %s\n", job.description.c_str());
 
   solstice::v1::JobSpec job;
   job.set_name("embedded job");

@@ -43,7 +43,6 @@
 #include "runtime/host/embedding.hpp"
 #include "runtime/host/runner_host.hpp"
 #include "runtime/job_file.hpp"
-#include "runtime/recovery.hpp"
 #include "runtime/runner_config.hpp"
 
 // CAF 0.17's TLS layer (caf::openssl) calls SSL_get_error() after SSL_read,
@@ -427,8 +426,9 @@ int node_command(const NodeOptions& options) {
     say("solstice-runner: %s\n", config.error().message);
     return exit_invalid_input;
   }
-  // Whatever a node that died left in this state directory is cleaned first.
-  if (auto recovered = recover_abandoned_jobs(*config); !recovered)
+  // Whatever a node that died left in this state directory is cleaned first, the
+  // way every embedding host does at its start.
+  if (auto recovered = recover_abandoned_jobs_at_start(*config); !recovered)
     say("solstice-runner: recovery skipped: %s\n", recovered.error().message);
   else
     for (const auto& job : *recovered)

@@ -9,10 +9,15 @@
 #include "runtime/event_log.hpp"
 #include "runtime/host/runner_host.hpp"
 #include "runtime/job_file.hpp"
+#include "runtime/recovery.hpp"
 #include "runtime/runner_config.hpp"
 #include "runtime/vm_prepare.hpp"
 
 namespace solstice {
+
+Result<std::vector<RecoveredJob>> recover_abandoned_jobs_at_start(const v1::RunnerConfig& config) {
+  return recover_abandoned_jobs(config);
+}
 
 Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
                              const v1::RunnerConfig& config, event_sink_actor events) {

@@ -4,15 +4,28 @@
 //   caf::actor_system_config cfg;          // the host's own config
 //   solstice::add_runner_types(cfg);       // the runner's message types + errors
 //   caf::actor_system sys{cfg};
+//   solstice::recover_abandoned_jobs_at_start(config);  // once, at the host's start
 //   auto job = solstice::start_job(sys, spec, config, my_event_sink);
 //
 // The host's event sink is any actor with the event_sink_actor interface
 // (actors/actors.hpp); it receives every job event in order, the last one
 // carrying the result. No global state, no CAF_MAIN, no assumptions about the
 // host's scheduler or other actors.
+//
+// Crash recovery is the host's call, made once when it starts: if a previous run
+// of the host (or any runner sharing its state directory) died with VMs running,
+// recover_abandoned_jobs_at_start() kills the QEMUs that outlived it, removes their
+// work files and records their jobs as infrastructure_error, exactly as
+// `solstice-runner run` and `solstice-runner node` do when they start. start_job
+// never does this by itself: only the host knows when it starts, and recovery may
+// kill processes and block for seconds, which a call that starts one job (often
+// from inside an actor) should not do behind the host's back.
+#include <vector>
+
 #include "actors/actors.hpp"
 #include "actors/runner_types.hpp"
 #include "runtime/error.hpp"
+#include "runtime/recovery.hpp"
 
 namespace solstice {
 
@@ -24,6 +37,15 @@ struct StartedJob {
   // The sink that keeps the job's record (it quits after the result event).
   event_sink_actor recorder;
 };
+
+// Cleans what runners that died left in config.state_dir (see runtime/recovery.hpp):
+// call it once when the host starts, before its first start_job, for each state
+// directory it uses. Jobs of runners still alive (this process included) are left
+// alone, so calling it again is harmless. It blocks (up to a few seconds for each
+// QEMU it has to kill): call it from main or another thread of the host's own, not
+// from an actor. Returns one entry per job it found, each with a description to
+// show or log; the error case is a state directory it cannot read.
+Result<std::vector<RecoveredJob>> recover_abandoned_jobs_at_start(const v1::RunnerConfig& config);
 
 // Validates `job` against `config` (clear errors, before any VM starts), gives it
 // an id if it has none, makes its record directory and starts it: a job

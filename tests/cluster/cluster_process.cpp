@@ -16,6 +16,10 @@ using namespace std::chrono_literals;
 
 fs::path runner_binary() { return fs::path(SOLSTICE_BINARY_DIR) / "solstice-runner"; }
 
+fs::path embedded_host_binary() {
+  return fs::path(SOLSTICE_BINARY_DIR) / "examples" / "embedded_host" / "embedded_host";
+}
+
 TempDir::TempDir() {
   std::string pattern = (fs::temp_directory_path() / "solstice-cluster-XXXXXX").string();
   if (!::mkdtemp(pattern.data()))
@@ -33,8 +37,11 @@ void write_text(const fs::path& path, const std::string& text) {
   file << text;
 }
 
-RunnerProcess::RunnerProcess(std::vector<std::string> args) {
-  args.insert(args.begin(), runner_binary().string());
+RunnerProcess::RunnerProcess(std::vector<std::string> args)
+    : RunnerProcess(runner_binary(), std::move(args)) {}
+
+RunnerProcess::RunnerProcess(const fs::path& program, std::vector<std::string> args) {
+  args.insert(args.begin(), program.string());
   auto child = ChildProcess::spawn(args);
   if (!child)
     start_error = child.error().message;

@@ -15,6 +15,8 @@ namespace solstice::cluster_testing {
 using Clock = std::chrono::steady_clock;
 
 std::filesystem::path runner_binary();
+// The example embedding host (examples/embedded_host) of this build.
+std::filesystem::path embedded_host_binary();
 
 // A mkdtemp directory, removed with everything in it by the destructor.
 class TempDir {
@@ -36,6 +38,8 @@ void write_text(const std::filesystem::path& path, const std::string& text);
 class RunnerProcess {
  public:
   explicit RunnerProcess(std::vector<std::string> args);
+  // Another program of this build (e.g. the embedded host) with the same handling.
+  RunnerProcess(const std::filesystem::path& program, std::vector<std::string> args);
   RunnerProcess(RunnerProcess&&) = default;
   RunnerProcess& operator=(RunnerProcess&&) = default;
 
