@@ -73,9 +73,10 @@ using ssh_executor_actor = caf::typed_actor<
   caf::replies_to<put_file_atom, std::string, std::string, uint32_t>::with<ok_atom>,
   // Downloads a remote file to a local path.
   caf::replies_to<download_atom, std::string, std::string>::with<ok_atom>,
-  // Runs a step (step index, command, timeout in ms); output streams to the
-  // observer as output chunks; replies the step's exit.
-  caf::replies_to<exec_atom, uint32_t, std::string, uint32_t>::with<v1::StepResult>,
+  // Runs a step (step index, command, its stdin bytes, timeout in ms); output
+  // streams to the observer as output chunks; replies the step's exit. File
+  // contents and secrets go in stdin, never in the command line.
+  caf::replies_to<exec_atom, uint32_t, std::string, std::string, uint32_t>::with<v1::StepResult>,
   // Cancels the operation in progress (it then fails or reports cancelled).
   caf::reacts_to<cancel_atom>,
   // The observer has handled this many bytes of output: the worker may read on.

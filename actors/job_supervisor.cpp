@@ -506,8 +506,9 @@ void exec_step(supervisor_pointer self, unsigned index) {
   // The reply deadline is the job's; the step timeout is enforced by the executor
   // so it can report timed_out with the output so far.
   auto reply_deadline = milliseconds(uint64_t{st.job.timeout_seconds()} * 1000 + 60000);
+  // One round trip: the command writes the script from its stdin, then runs it.
   self->request(st.ssh, reply_deadline, exec_atom::value, index, step_command(index),
-                static_cast<uint32_t>(step_timeout.count()))
+                make_step_script(step.script()), static_cast<uint32_t>(step_timeout.count()))
     .then([=](v1::StepResult& result) { step_finished(self, index, std::move(result)); },
           [=](caf::error& err) {
             auto& st = self->state;
@@ -523,21 +524,9 @@ void exec_step(supervisor_pointer self, unsigned index) {
 }
 
 void run_step(supervisor_pointer self, unsigned index) {
-  auto& st = self->state;
-  if (st.finishing)
+  if (self->state.finishing)
     return;
-  const auto& step = st.job.steps(static_cast<int>(index));
-  self->request(st.ssh, st.timeouts.transfer, upload_atom::value, make_step_script(step.script()),
-                step_script_path(index), uint32_t{0755})
-    .then([=](ok_atom) {
-            if (!self->state.finishing)
-              exec_step(self, index);
-          },
-          [=](caf::error& err) {
-            infrastructure_error(self, "cannot upload the script of step '" +
-                                         self->state.job.steps(static_cast<int>(index)).name() +
-                                         "': " + error_text(err));
-          });
+  exec_step(self, index);
 }
 
 void upload_files(supervisor_pointer self, int index) {
@@ -570,33 +559,29 @@ void start_running(supervisor_pointer self) {
     return;
   end_phase(self, "console_handoff");
   set_state(self, v1::RUNNING);
-  // Directories for the job's files and for every upload destination.
-  std::string dirs = shell_quote(guest_job_dir);
+  // One round trip: directories for the job's files and for every upload
+  // destination, and the environment file, written from the command's stdin
+  // (secrets never appear in a command line).
+  std::vector<std::string> dirs;
   for (const auto& upload : st.job.uploads())
-    dirs += " " + shell_quote(fs::path(upload.destination()).parent_path().string());
-  auto setup = "umask 077 && mkdir -p " + dirs;
-  self->request(st.ssh, st.timeouts.transfer, exec_atom::value, setup_step, setup, uint32_t{60000})
+    dirs.push_back(fs::path(upload.destination()).parent_path().string());
+  std::map<std::string, std::string> env(st.job.env().begin(), st.job.env().end());
+  env["SOLSTICE_JOB_ID"] = st.job.id();
+  std::map<std::string, std::string> secrets(st.job.secrets().begin(), st.job.secrets().end());
+  self->request(st.ssh, st.timeouts.transfer, exec_atom::value, setup_step, setup_command(dirs),
+                make_env_file(env, secrets), uint32_t{60000})
     .then(
       [=](v1::StepResult& result) {
         auto& st = self->state;
         if (st.finishing)
           return;
         if (result.exit_code() != 0) {
-          infrastructure_error(self, "cannot create the job's directories in the guest (" +
+          infrastructure_error(self, "cannot create the job's directories and " +
+                                       env_file_path() + " in the guest (exit code " +
                                        std::to_string(result.exit_code()) + ")");
           return;
         }
-        std::map<std::string, std::string> env(st.job.env().begin(), st.job.env().end());
-        env["SOLSTICE_JOB_ID"] = st.job.id();
-        std::map<std::string, std::string> secrets(st.job.secrets().begin(),
-                                                   st.job.secrets().end());
-        self->request(st.ssh, st.timeouts.transfer, upload_atom::value,
-                      make_env_file(env, secrets), env_file_path(), uint32_t{0600})
-          .then([=](ok_atom) { upload_files(self, 0); },
-                [=](caf::error& err) {
-                  infrastructure_error(self, "cannot upload the job's environment: " +
-                                               error_text(err));
-                });
+        upload_files(self, 0);
       },
       [=](caf::error& err) {
         infrastructure_error(self, "cannot prepare the guest: " + error_text(err));

@@ -139,21 +139,32 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
       self->state.ok_replies.emplace(id, rp);
       return rp;
     },
-    [=](exec_atom, uint32_t step, const std::string& command, uint32_t timeout_ms) {
-      auto id = post(self, [step, command, timeout_ms, target = self->state.target,
+    [=](exec_atom, uint32_t step, const std::string& command, const std::string& input,
+        uint32_t timeout_ms) {
+      auto id = post(self, [step, command, input, timeout_ms, target = self->state.target,
                             credit = self->state.output_credit](
                              std::optional<SshSession>& session, std::atomic<bool>& cancel,
                              v1::StepResult& result, const ssh_executor_actor& me) -> std::string {
         if (!session)
           return no_session_error();
+        ExecOptions options;
+        options.timeout = milliseconds(timeout_ms);
+        options.cancel = &cancel;
+        options.input = input;
         if (step == runner_setup_step) {
           // The runner's own set-up command is safe to repeat on a new connection.
           return with_reconnect(session, target, cancel, [&](SshSession& s) {
-            auto outcome = s.exec(command, [](SshStream, std::string_view) {});
+            auto outcome = s.exec(command, [](SshStream, std::string_view) {}, options);
             if (!outcome)
               return outcome.error().message;
+            if (outcome->cancelled)
+              return std::string{"cancelled"};
+            if (outcome->timed_out)
+              return "the runner's set-up command did not finish within " +
+                     std::to_string(timeout_ms) + " ms";
             result.set_step_index(step);
             result.set_exit_code(outcome->exit_code);
+            result.set_exit_signal(outcome->exit_signal);
             result.set_outcome(outcome->exit_code == 0 ? v1::STEP_SUCCEEDED : v1::STEP_FAILED);
             return std::string{};
           });
@@ -170,9 +181,6 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
           credit->take(bytes.size(), cancel);
           caf::anon_send(me, output_atom::value, std::move(chunk));
         };
-        ExecOptions options;
-        options.timeout = milliseconds(timeout_ms);
-        options.cancel = &cancel;
         auto started = std::chrono::steady_clock::now();
         auto outcome = session->exec(command, on_output, options);
         result.set_step_index(step);

@@ -40,9 +40,23 @@ std::string env_file_path() {
   return std::string{guest_job_dir} + "/env";
 }
 
+std::string setup_command(const std::vector<std::string>& directories) {
+  std::string dirs = shell_quote(guest_job_dir);
+  for (const auto& directory : directories)
+    if (!directory.empty())
+      dirs += " " + shell_quote(directory);
+  const auto env = shell_quote(env_file_path());
+  return "umask 077 && mkdir -p " + dirs + " && cat > " + env + " && chmod 0600 " + env;
+}
+
 std::string step_command(unsigned index) {
-  return "cd \"$HOME\" 2>/dev/null || cd /; . " + env_file_path() + " && exec " +
-         step_script_path(index);
+  const auto path = step_script_path(index);
+  const auto script = shell_quote(path);
+  // The command's stdin is the script itself, so the step reads /dev/null instead.
+  return "{ cat > " + script + " && chmod 0755 " + script + "; } || { echo " +
+         shell_quote("solstice: cannot write the step script " + path + " in the guest") +
+         " >&2; exit 125; }; cd \"$HOME\" 2>/dev/null || cd /; . " + shell_quote(env_file_path()) +
+         " && exec " + script + " </dev/null";
 }
 
 }  // namespace solstice

@@ -533,49 +533,128 @@ Result<ExecOutcome> SshSession::exec(
   std::function<bool()> cancelled = [&] { return options.cancel && options.cancel->load(); };
   auto io = ssh.driver(deadline, &cancelled);
 
-  auto stopped_outcome = [&](LIBSSH2_CHANNEL* channel, long remote_pid) {
+  std::string_view input = options.input;
+  bool input_open = true;  // EOF not sent yet
+  // A channel write (or EOF) that returned EAGAIN with the socket full is half
+  // sent: libssh2 (1.10) refuses every other packet, a window adjustment made by a
+  // read included, until the same call has finished it.
+  bool half_sent = false;
+  LIBSSH2_CHANNEL* channel = nullptr;
+
+  // Writes as much input as the channel's window takes now, then EOF once all is
+  // written. Returns whether anything moved.
+  auto feed_input = [&]() -> Result<bool> {
+    auto blocked = [&] {
+      half_sent = libssh2_session_block_directions(ssh.session) & LIBSSH2_SESSION_BLOCK_OUTBOUND;
+    };
+    bool moved = false;
+    for (;;) {
+      if (input.empty()) {
+        int rc = libssh2_channel_send_eof(channel);
+        if (rc == LIBSSH2_ERROR_EAGAIN) {
+          blocked();
+          return moved;
+        }
+        half_sent = false;
+        if (rc != 0 && !libssh2_channel_eof(channel))
+          return fail(io.describe(rc, "cannot close the command's stdin on " + ssh.peer +
+                                          " (command: " + command + ")"));
+        input_open = false;
+        return true;
+      }
+      ssize_t n = libssh2_channel_write(channel, input.data(), input.size());
+      if (n == LIBSSH2_ERROR_EAGAIN) {
+        blocked();
+        return moved;
+      }
+      half_sent = false;
+      if (n == 0) return moved;  // the window is full
+      if (n < 0) {
+        // The command is gone (its channel closed): the rest of its input is moot.
+        if (n == LIBSSH2_ERROR_CHANNEL_CLOSED || n == LIBSSH2_ERROR_CHANNEL_EOF_SENT ||
+            libssh2_channel_eof(channel)) {
+          input = {};
+          input_open = false;
+          return true;
+        }
+        return fail(io.describe(static_cast<int>(n), "writing the command's stdin on " +
+                                                         ssh.peer + " (command: " + command + ")"));
+      }
+      input.remove_prefix(static_cast<size_t>(n));
+      moved = true;
+    }
+  };
+  // Before the channel is closed or another is opened (bounded wait).
+  auto finish_half_sent = [&] {
+    ssh.driver(Clock::now() + kCloseTimeout).run([&]() -> int {
+      if (half_sent) (void)feed_input();
+      return half_sent ? LIBSSH2_ERROR_EAGAIN : 0;
+    });
+  };
+
+  auto stopped_outcome = [&](long remote_pid) {
     ExecOutcome outcome;
     outcome.exit_code = -1;
     outcome.cancelled = cancelled();
     outcome.timed_out = !outcome.cancelled;
+    finish_half_sent();
     ssh.kill_remote(remote_pid);
     if (channel) ssh.close_channel(channel, Clock::now() + kCloseTimeout);
     return outcome;
   };
-  auto failed = [&](LIBSSH2_CHANNEL* channel, int rc, const std::string& what) {
+  auto failed = [&](int rc, const std::string& what) {
     std::string message = io.describe(rc, what + " on " + ssh.peer + " (command: " + command + ")");
     if (channel) ssh.close_channel(channel, Clock::now() + kCloseTimeout);
     return fail(message);
   };
 
   int rc = 0;
-  auto* channel =
-      io.open<LIBSSH2_CHANNEL>([&] { return libssh2_channel_open_session(ssh.session); }, rc);
+  channel = io.open<LIBSSH2_CHANNEL>([&] { return libssh2_channel_open_session(ssh.session); }, rc);
   if (!channel) {
-    if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(nullptr, 0);
-    return failed(nullptr, rc, "cannot open an SSH channel");
+    if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(0);
+    return failed(rc, "cannot open an SSH channel");
   }
   std::string wrapped = wrap_command(command);
   rc = io.run([&] { return libssh2_channel_exec(channel, wrapped.c_str()); });
-  if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(channel, 0);
-  if (rc != 0) return failed(channel, rc, "cannot start the command");
-  // The command gets an empty stdin rather than one that never ends.
-  rc = io.run([&] { return libssh2_channel_send_eof(channel); });
-  if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(channel, 0);
-  if (rc != 0) return failed(channel, rc, "cannot close the command's stdin");
+  if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(0);
+  if (rc != 0) return failed(rc, "cannot start the command");
+  // Without input the command gets an empty stdin rather than one that never ends.
+  if (input.empty()) {
+    rc = io.run([&] { return libssh2_channel_send_eof(channel); });
+    if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(0);
+    if (rc != 0) return failed(rc, "cannot close the command's stdin");
+    input_open = false;
+  }
 
   RemotePidReader pid_reader;
   std::vector<char> buffer(kChunkSize);
   auto deliver = [&](SshStream stream, std::string_view bytes) {
     if (!bytes.empty() && on_output) on_output(stream, bytes);
   };
+  // Input and output are interleaved: a command may write more than the channel's
+  // window holds before it reads all of its input.
   for (;;) {
-    if (cancelled() || Clock::now() >= deadline) return stopped_outcome(channel, pid_reader.pid());
+    if (cancelled() || Clock::now() >= deadline) return stopped_outcome(pid_reader.pid());
     bool progressed = false;
+    if (input_open) {
+      auto fed = feed_input();
+      if (!fed) {
+        ssh.close_channel(channel, Clock::now() + kCloseTimeout);
+        return fail(fed.error().message);
+      }
+      progressed = *fed;
+    }
+    // Nothing else may be sent until a half-sent packet is finished: wait for the
+    // socket to take more (wait_socket below polls for writing then).
+    if (half_sent) {
+      if (!progressed)
+        wait_socket(ssh.fd, ssh.session, std::min(deadline, Clock::now() + kPollSlice));
+      continue;
+    }
     for (int stream_id : {0, SSH_EXTENDED_DATA_STDERR}) {
       ssize_t n = libssh2_channel_read_ex(channel, stream_id, buffer.data(), buffer.size());
       if (n == LIBSSH2_ERROR_EAGAIN || n == 0) continue;
-      if (n < 0) return failed(channel, static_cast<int>(n), "reading the command's output");
+      if (n < 0) return failed(static_cast<int>(n), "reading the command's output");
       std::string_view bytes(buffer.data(), static_cast<size_t>(n));
       if (stream_id == 0)
         deliver(SshStream::out, bytes);
@@ -595,8 +674,8 @@ Result<ExecOutcome> SshSession::exec(
   rc = closing.run([&] { return libssh2_channel_close(channel); });
   if (rc == 0) rc = closing.run([&] { return libssh2_channel_wait_closed(channel); });
   if (rc == kGivenUp || (rc == kDeadlinePassed && close_deadline == deadline))
-    return stopped_outcome(channel, pid_reader.pid());
-  if (rc != 0) return failed(channel, rc, "waiting for the command's channel to close");
+    return stopped_outcome(pid_reader.pid());
+  if (rc != 0) return failed(rc, "waiting for the command's channel to close");
 
   ExecOutcome outcome;
   outcome.exit_code = libssh2_channel_get_exit_status(channel);

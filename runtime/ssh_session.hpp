@@ -35,6 +35,8 @@ struct ExecOutcome {
 struct ExecOptions {
   std::chrono::milliseconds timeout{0};      // 0 = none
   const std::atomic<bool>* cancel = nullptr;  // checked at least every 50 ms
+  // Bytes written to the command's stdin, which then ends (EOF). Must outlive exec().
+  std::string_view input;
 };
 
 class SshSession {
@@ -55,10 +57,14 @@ class SshSession {
                                              std::chrono::milliseconds interval,
                                              const std::function<bool()>& give_up);
 
-  // Runs `command` with the user's login shell and an empty stdin; stdout/stderr
-  // chunks go to `on_output` as they arrive. On timeout or cancel the command's
-  // process group (or, if it leads none, the process) is killed with SIGKILL
-  // through a second channel, and its channel is closed.
+  // Runs `command` with the user's login shell; its stdin is `options.input`,
+  // then EOF (empty by default). stdout/stderr chunks go to `on_output` as they
+  // arrive, also while the input is still being written (no deadlock with a
+  // command that writes before it has read everything). A command that exits
+  // without reading all its input is not an error: the rest is dropped.
+  // On timeout or cancel the command's process group (or, if it leads none, the
+  // process) is killed with SIGKILL through a second channel, and its channel
+  // is closed.
   Result<ExecOutcome> exec(const std::string& command,
                            const std::function<void(SshStream, std::string_view)>& on_output,
                            const ExecOptions& options = {});

@@ -73,6 +73,7 @@ struct entry {
   std::string what;   // the message, or what the actor did
   std::string detail;
   std::string extra;
+  std::string input;  // an exec's stdin
 };
 
 // What the fake SSH executor does for one exec.
@@ -204,9 +205,9 @@ struct fixture {
   }
 
   const entry& note(std::string actor, std::string what, std::string detail = {},
-                    std::string extra = {}) {
+                    std::string extra = {}, std::string input = {}) {
     journal.push_back({++clock, std::move(actor), std::move(what), std::move(detail),
-                       std::move(extra)});
+                       std::move(extra), std::move(input)});
     return journal.back();
   }
 
@@ -519,7 +520,7 @@ ssh_executor_actor::behavior_type fake_ssh(ssh_executor_actor::pointer self, fix
     [=](upload_atom, const std::string& content, const std::string& remote,
         uint32_t mode) -> ok_atom {
       const auto& e = fx->note("ssh", "upload", remote, std::to_string(mode));
-      fx->uploads.push_back({e.seq, "ssh", "upload", remote, content});
+      fx->uploads.push_back({e.seq, "ssh", "upload", remote, content, {}});
       return ok_atom::value;
     },
     [=](put_file_atom, const std::string& local, const std::string& remote, uint32_t) -> ok_atom {
@@ -530,8 +531,9 @@ ssh_executor_actor::behavior_type fake_ssh(ssh_executor_actor::pointer self, fix
       fx->note("ssh", "download", remote, local);
       return ok_atom::value;
     },
-    [=](exec_atom, uint32_t step, const std::string& command, uint32_t) {
-      fx->note("ssh", "exec", std::to_string(step), command);
+    [=](exec_atom, uint32_t step, const std::string& command, const std::string& input,
+        uint32_t) {
+      fx->note("ssh", "exec", std::to_string(step), command, input);
       auto rp = self->make_response_promise<v1::StepResult>();
       const auto& plan = step == setup_step ? fx->setup_plan : fx->step_plans[step];
       for (auto c : plan.output) {
@@ -732,22 +734,20 @@ TEST_CASE_FIXTURE(fixture, "a two-step job succeeds through the whole protocol")
   CHECK(ready_handle.qemu_pid() == 4242);
   CHECK(ready_handle.vcpus() == 2);
 
-  // Environment first, then each step's script (0755) right before its exec.
-  REQUIRE(uploads.size() == 3);
-  CHECK(uploads[0].detail == env_file_path());
-  CHECK(uploads[0].extra.find("SOLSTICE_JOB_ID") != std::string::npos);
-  CHECK(uploads[1].detail == step_script_path(0));
-  CHECK(uploads[1].extra == make_step_script("make"));
-  CHECK(uploads[2].detail == step_script_path(1));
+  // One round trip each: the set-up exec carries the environment file in its
+  // stdin, each step's exec carries that step's script. Nothing goes over SFTP.
+  CHECK(uploads.empty());
   auto execs = entries("ssh", "exec");
   REQUIRE(execs.size() == 3);
   CHECK(execs[0].detail == std::to_string(setup_step));
+  CHECK(execs[0].extra == setup_command({}));
+  CHECK(execs[0].input.find("export SOLSTICE_JOB_ID='job-1'\n") != std::string::npos);
   CHECK(execs[1].detail == "0");
   CHECK(execs[1].extra == step_command(0));
+  CHECK(execs[1].input == make_step_script("make"));
   CHECK(execs[2].detail == "1");
-  CHECK(execs[1].seq > uploads[1].seq);
-  CHECK(execs[2].seq > uploads[2].seq);
-  CHECK(uploads[2].seq > execs[1].seq);
+  CHECK(execs[2].extra == step_command(1));
+  CHECK(execs[2].input == make_step_script("make test"));
 
   // Graceful shutdown through QMP, then cleanup.
   auto commands = entries("qmp", "command");
@@ -797,6 +797,26 @@ TEST_CASE_FIXTURE(fixture, "a two-step job succeeds through the whole protocol")
   CHECK(tailer_exit_reason.has_value());
 }
 
+TEST_CASE_FIXTURE(fixture, "the job's uploads go between the set-up exec, which makes their directories, and the first step") {
+  auto job = two_step_job();
+  auto* upload = job.add_uploads();
+  upload->set_source("/host/src.tar.gz");
+  upload->set_destination("/srv/build/src.tar.gz");
+  start(job);
+  drive();
+
+  auto execs = entries("ssh", "exec");
+  auto puts = entries("ssh", "put_file");
+  REQUIRE(execs.size() == 3);
+  REQUIRE(puts.size() == 1);
+  CHECK(execs[0].extra == setup_command({"/srv/build"}));
+  CHECK(puts[0].detail == "/host/src.tar.gz");
+  CHECK(puts[0].extra == "/srv/build/src.tar.gz");
+  CHECK(execs[0].seq < puts[0].seq);
+  CHECK(puts[0].seq < execs[1].seq);
+  CHECK(result().status() == v1::SUCCEEDED);
+}
+
 TEST_CASE_FIXTURE(fixture, "a failing step fails the job and skips the rest") {
   step_plans[1].exit_code = 3;
   start(job_with_steps({make_step("one", "true"), make_step("two", "exit 3"),
@@ -814,8 +834,8 @@ TEST_CASE_FIXTURE(fixture, "a failing step fails the job and skips the rest") {
   CHECK(r.error().find("'two'") != std::string::npos);
   CHECK(r.error().find("exit code 3") != std::string::npos);
   // The third step never reached the guest.
-  for (const auto& e : entries("ssh"))
-    CHECK(e.detail != step_script_path(2));
+  for (const auto& e : entries("ssh", "exec"))
+    CHECK(e.detail != "2");
   CHECK(count("ssh", "exec") == 3);  // set-up, one, two
   CHECK(r.shutdown_method() == "powerdown");
   CHECK(count("qemu", "cleanup") == 1);
@@ -856,9 +876,14 @@ TEST_CASE_FIXTURE(fixture, "secrets are redacted from output split across chunks
     everything += event.SerializeAsString() + event.DebugString();
   CHECK(everything.find("hunter2") == std::string::npos);
   CHECK(everything.find("***") != std::string::npos);
-  // The guest still gets it, through the environment file.
-  REQUIRE(!uploads.empty());
-  CHECK(uploads[0].extra.find("hunter2") != std::string::npos);
+  // The guest still gets it, through the environment file in the set-up's stdin,
+  // and never in a command line (which the guest's process list shows).
+  auto execs = entries("ssh", "exec");
+  REQUIRE(!execs.empty());
+  CHECK(execs[0].detail == std::to_string(setup_step));
+  CHECK(execs[0].input.find("export TOKEN='hunter2'") != std::string::npos);
+  for (const auto& e : execs)
+    CHECK(e.extra.find("hunter2") == std::string::npos);
   CHECK(result().status() == v1::SUCCEEDED);
 }
 

@@ -12,6 +12,7 @@
 #include <random>
 #include <thread>
 
+#include "runtime/guest_commands.hpp"
 #include "runtime/ssh_keys.hpp"
 #include "runtime/ssh_session.hpp"
 #include "tests/integration/guest_fixture.hpp"
@@ -317,6 +318,109 @@ TEST_CASE("the cancel flag stops a running command") {
   CHECK(captured.out == "started\n");
   CHECK(elapsed < 5s);
   CHECK(count_remote_processes(ssh, "sleep 42") == 0);
+}
+
+TEST_CASE("exec writes its input to the command's stdin, then EOF") {
+  SshSession ssh = session();
+  ExecOptions options;
+  options.timeout = 180s;
+
+  SUBCASE("a few bytes, no final newline") {
+    Captured captured;
+    std::string input = "first line\nsecond \x01\xff line";
+    options.input = input;
+    auto outcome = run(ssh, "cat; echo '<eof>'", captured, options);
+    CHECK(outcome.exit_code == 0);
+    CHECK(captured.out == input + "<eof>\n");
+    CHECK(captured.err.empty());
+  }
+  SUBCASE("more than 4 MiB of random bytes arrive whole, checked in the guest") {
+    std::string input = random_bytes(4 * 1024 * 1024 + 12345);
+    options.input = input;
+    Captured captured;
+    auto outcome = run(ssh,
+                       "cat >/tmp/stdin.bin && sha256sum /tmp/stdin.bin && wc -c </tmp/stdin.bin"
+                       " && rm /tmp/stdin.bin",
+                       captured, options);
+    REQUIRE_MESSAGE(outcome.exit_code == 0, captured.err);
+    REQUIRE(captured.out.size() > 64);
+    CHECK(captured.out.substr(0, 64) == sha256_hex(input));
+    CHECK(captured.out.find("\n" + std::to_string(input.size()) + "\n") != std::string::npos);
+  }
+  SUBCASE("a command that echoes its input while it is still being written does not deadlock") {
+    // Both directions' windows fill: output must be read while input is written.
+    std::string input = random_bytes(5 * 1024 * 1024);
+    options.input = input;
+    Captured captured;
+    auto outcome = run(ssh, "cat", captured, options);
+    CHECK(outcome.exit_code == 0);
+    CHECK_FALSE(outcome.timed_out);
+    CHECK(captured.out.size() == input.size());
+    CHECK(captured.out == input);
+  }
+  SUBCASE("a command that exits without reading its input") {
+    std::string input = random_bytes(2 * 1024 * 1024);
+    options.input = input;
+    Captured captured;
+    auto outcome = run(ssh, "echo done; exit 3", captured, options);
+    CHECK(outcome.exit_code == 3);
+    CHECK_FALSE(outcome.timed_out);
+    CHECK(captured.out == "done\n");
+  }
+  SUBCASE("a timeout while the input is still being written stops the command") {
+    std::string input = random_bytes(4 * 1024 * 1024);
+    options.input = input;
+    options.timeout = 2s;
+    Captured captured;
+    auto started = Clock::now();
+    auto outcome = run(ssh, "sleep 44", captured, options);
+    CHECK(outcome.timed_out);
+    CHECK(Clock::now() - started < 12s);
+    // The connection is still usable, and the command is gone.
+    CHECK(count_remote_processes(ssh, "sleep 44") == 0);
+  }
+}
+
+TEST_CASE("the runner's set-up and step commands work in the guest's shell") {
+  SshSession ssh = session();
+  ExecOptions options;
+  options.timeout = 60s;
+  std::string env = make_env_file({{"GREETING", "hello from env"}}, {{"TOKEN", "it's secret"}});
+  options.input = env;
+  Captured setup;
+  auto outcome = run(ssh, setup_command({"/tmp/solstice-upload-dir"}), setup, options);
+  REQUIRE_MESSAGE(outcome.exit_code == 0, setup.err);
+  Captured check;
+  run(ssh,
+      "stat -c %a " + env_file_path() + " " + std::string(guest_job_dir) +
+        "; test -d /tmp/solstice-upload-dir && echo dir-made; sha256sum " + env_file_path(),
+      check);
+  CHECK(check.out.rfind("600\n700\ndir-made\n" + sha256_hex(env), 0) == 0);
+
+  // One exec writes the script from stdin and runs it: env sourced, in $HOME,
+  // and the step's own stdin is /dev/null, not its script.
+  std::string script = make_step_script(
+    "echo \"$GREETING|$TOKEN\"\n"
+    "test \"$(pwd)\" = \"$HOME\" && echo in-home\n"
+    "readlink /proc/$$/fd/0\n"
+    "exit 5");
+  options.input = script;
+  Captured step;
+  outcome = run(ssh, step_command(0), step, options);
+  CHECK(outcome.exit_code == 5);
+  CHECK(step.out == "hello from env|it's secret\nin-home\n/dev/null\n");
+  CHECK(step.err.empty());
+  Captured mode;
+  run(ssh, "stat -c %a " + step_script_path(0), mode);
+  CHECK(mode.out == "755\n");
+
+  std::string killer = make_step_script("echo before; kill -TERM $$; echo after");
+  options.input = killer;
+  Captured killed;
+  outcome = run(ssh, step_command(1), killed, options);
+  CHECK(outcome.exit_signal == "TERM");
+  CHECK(outcome.exit_code == 143);
+  CHECK(killed.out == "before\n");
 }
 
 TEST_CASE("an uploaded script keeps its mode despite the umask and runs") {

@@ -1,11 +1,21 @@
 #include <doctest/doctest.h>
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 
+#include <csignal>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <string>
+#include <vector>
 
 #include "runtime/guest_commands.hpp"
+#include "tests/unit/temp_dir.hpp"
 
 using namespace solstice;
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -20,6 +30,67 @@ std::string run_sh(const std::string& script) {
     out.append(buf, n);
   ::pclose(pipe);
   return out;
+}
+
+std::string read_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+unsigned mode_of(const fs::path& path) {
+  struct stat info {};
+  REQUIRE(::stat(path.c_str(), &info) == 0);
+  return info.st_mode & 07777;
+}
+
+// Not a prefix of the guest's job directory, which relocated() looks for.
+const std::string scratch_prefix = "guest-commands-test-";
+
+// `command` as the guest would run it, with the guest's job directory moved to
+// `job_dir` so the test touches only its own temporary directory.
+std::string relocated(std::string command, const fs::path& job_dir) {
+  const std::string from = guest_job_dir;
+  for (auto at = command.find(from); at != std::string::npos;
+       at = command.find(from, at + job_dir.string().size()))
+    command.replace(at, from.size(), job_dir.string());
+  return command;
+}
+
+struct ShellRun {
+  int wait_status = -1;
+  std::string out, err;
+};
+
+// Runs `command` with /bin/sh -c, `input` as its stdin and HOME=`home`, as sshd
+// runs an exec request.
+ShellRun run_with_input(const std::string& command, const std::string& input,
+                        const fs::path& home, const test::TempDir& scratch) {
+  auto in = scratch.write("stdin", input);
+  auto out = scratch.path / "stdout";
+  auto err = scratch.path / "stderr";
+  posix_spawn_file_actions_t files;
+  posix_spawn_file_actions_init(&files);
+  posix_spawn_file_actions_addopen(&files, 0, in.c_str(), O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&files, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  posix_spawn_file_actions_addopen(&files, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  std::string home_var = "HOME=" + home.string();
+  std::string path_var = "PATH=/usr/bin:/bin";
+  std::vector<char*> argv{const_cast<char*>("/bin/sh"), const_cast<char*>("-c"),
+                          const_cast<char*>(command.c_str()), nullptr};
+  std::vector<char*> envp{home_var.data(), path_var.data(), nullptr};
+  pid_t pid = -1;
+  int spawned = ::posix_spawn(&pid, "/bin/sh", &files, nullptr, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&files);
+  REQUIRE(spawned == 0);
+  ShellRun run;
+  REQUIRE(::waitpid(pid, &run.wait_status, 0) == pid);
+  run.out = read_file(out);
+  run.err = read_file(err);
+  return run;
+}
+
+int exit_code(const ShellRun& run) {
+  return WIFEXITED(run.wait_status) ? WEXITSTATUS(run.wait_status) : -1;
 }
 
 }  // namespace
@@ -45,9 +116,101 @@ TEST_SUITE("guest_commands") {
     CHECK(make_step_script("#!/bin/bash\necho hi\n") == "#!/bin/bash\necho hi\n");
   }
 
-  TEST_CASE("step paths and command") {
+  TEST_CASE("step paths") {
     CHECK(step_script_path(0) == "/tmp/solstice/step-1");
-    CHECK(step_command(2).find(". /tmp/solstice/env && exec /tmp/solstice/step-3") !=
-          std::string::npos);
+    CHECK(env_file_path() == "/tmp/solstice/env");
+  }
+
+  TEST_CASE("set-up command makes the directories and writes the env file from stdin") {
+    test::TempDir scratch{scratch_prefix};
+    const auto job_dir = scratch.path / "job";
+    const auto upload_dir = scratch.path / "up loads" / "it's";
+    const auto env_file = job_dir / "env";
+    // Secrets and odd bytes go through stdin untouched, never into the command.
+    auto env = make_env_file({{"GREETING", "hello world"}}, {{"TOKEN", "s3cr'et $(id)"}});
+    auto command = setup_command({upload_dir.string(), ""});
+    CHECK(command.find("s3cr") == std::string::npos);
+
+    auto run = run_with_input(relocated(command, job_dir), env, scratch.path, scratch);
+    REQUIRE_MESSAGE(exit_code(run) == 0, run.err);
+    CHECK(read_file(env_file) == env);
+    CHECK(mode_of(env_file) == 0600);
+    CHECK(mode_of(job_dir) == 0700);
+    CHECK(fs::is_directory(upload_dir));
+    CHECK(run_sh(". " + shell_quote(env_file.string()) + "; printf '%s|%s' \"$GREETING\" \"$TOKEN\"") ==
+          "hello world|s3cr'et $(id)");
+
+    // Byte for byte, whatever the bytes (NUL, no final newline), and again on a
+    // second run (the set-up is repeated on a new connection after a reset).
+    std::string binary("a\0b\xff\ncd", 8);
+    run = run_with_input(relocated(command, job_dir), binary, scratch.path, scratch);
+    REQUIRE_MESSAGE(exit_code(run) == 0, run.err);
+    CHECK(read_file(env_file) == binary);
+  }
+
+  TEST_CASE("set-up command fails when a directory cannot be made") {
+    test::TempDir scratch{scratch_prefix};
+    scratch.write("a-file", "x");
+    auto command = setup_command({(scratch.path / "a-file" / "below").string()});
+    auto run = run_with_input(relocated(command, scratch.path / "job"), "export A=1\n",
+                              scratch.path, scratch);
+    CHECK(exit_code(run) != 0);
+    CHECK_FALSE(fs::exists(scratch.path / "job" / "env"));
+  }
+
+  TEST_CASE("step command writes the script from stdin and runs it in $HOME, env sourced, stdin empty") {
+    test::TempDir scratch{scratch_prefix};
+    const auto job_dir = scratch.path / "job";
+    const auto home = scratch.path / "home";
+    fs::create_directories(home);
+    auto setup = run_with_input(relocated(setup_command({}), job_dir),
+                                make_env_file({{"GREETING", "hello world"}}, {}), home, scratch);
+    REQUIRE_MESSAGE(exit_code(setup) == 0, setup.err);
+
+    // The step's stdin must be /dev/null, not what is left of the command's stdin.
+    auto script = make_step_script(
+      "pwd\n"
+      "echo \"$GREETING\"\n"
+      "readlink /proc/$$/fd/0\n"
+      "echo to-err >&2\n"
+      "exit 7");
+    auto command = step_command(1);
+    CHECK(command.find("GREETING") == std::string::npos);
+    auto run = run_with_input(relocated(command, job_dir), script, home, scratch);
+    CHECK(exit_code(run) == 7);
+    CHECK(run.out == fs::canonical(home).string() + "\nhello world\n/dev/null\n");
+    CHECK(run.err == "to-err\n");
+    const auto written = job_dir / "step-2";
+    CHECK(read_file(written) == script);
+    CHECK(mode_of(written) == 0755);
+
+    SUBCASE("a #! script runs with its own interpreter") {
+      auto own = run_with_input(relocated(command, job_dir),
+                                "#!/bin/sh\nfalse\necho set-e-is-not-added\n", home, scratch);
+      CHECK(exit_code(own) == 0);
+      CHECK(own.out == "set-e-is-not-added\n");
+    }
+    SUBCASE("a signal that kills the script is the command's own end (exec keeps the PID)") {
+      auto killed = run_with_input(relocated(command, job_dir), make_step_script("kill -TERM $$"),
+                                   home, scratch);
+      REQUIRE(WIFSIGNALED(killed.wait_status));
+      CHECK(WTERMSIG(killed.wait_status) == SIGTERM);
+    }
+    SUBCASE("without $HOME the step starts in /") {
+      fs::remove_all(home);
+      auto rootless = run_with_input(relocated(command, job_dir), make_step_script("pwd"), home,
+                                     scratch);
+      CHECK(exit_code(rootless) == 0);
+      CHECK(rootless.out == "/\n");
+    }
+  }
+
+  TEST_CASE("step command says why when the script cannot be written, and runs nothing") {
+    test::TempDir scratch{scratch_prefix};
+    auto run = run_with_input(relocated(step_command(0), scratch.path / "missing"),
+                              make_step_script("echo ran"), scratch.path, scratch);
+    CHECK(exit_code(run) == 125);
+    CHECK(run.out.empty());
+    CHECK(run.err.find("cannot write the step script") != std::string::npos);
   }
 }
