@@ -1,6 +1,7 @@
 #include "actors/job_supervisor.hpp"
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,6 +26,8 @@
 #include "runtime/vm_prepare.hpp"
 
 namespace solstice {
+
+ReturnFreedMemory::~ReturnFreedMemory() { ::malloc_trim(0); }
 
 namespace {
 
@@ -75,6 +78,15 @@ void notice(supervisor_pointer self, const std::string& message) {
   v1::JobEvent event;
   event.mutable_notice()->set_message(redact_text(self->state, message));
   emit(self, std::move(event));
+}
+
+// The job's actors are stopped with the supervisor, and each holds the job's
+// memory trim, which runs when the last of them (threads included) is gone.
+void adopt(supervisor_pointer self, caf::actor child) {
+  auto& st = self->state;
+  caf::actor_cast<caf::abstract_actor*>(child)->attach_functor(
+    [trim = st.memory_trim](const caf::error&) {});
+  st.children->push_back(std::move(child));
 }
 
 void begin_phase(supervisor_pointer self, const std::string& phase) {
@@ -621,7 +633,7 @@ void wait_for_ssh(supervisor_pointer self) {
   set_state(self, v1::WAITING_FOR_SSH, "127.0.0.1:" + std::to_string(st.vm.ssh_port()));
   st.ssh = st.factory.ssh(self->system(), observer_of(self));
   self->monitor(st.ssh);
-  st.children->push_back(caf::actor_cast<caf::actor>(st.ssh));
+  adopt(self, caf::actor_cast<caf::actor>(st.ssh));
   auto boot_timeout = milliseconds(
     uint64_t{st.config.boot_timeout_seconds() ? st.config.boot_timeout_seconds() : 300} * 1000);
   auto attempt = st.boot_attempt;
@@ -676,7 +688,7 @@ void boot(supervisor_pointer self) {
   begin_phase(self, "boot_to_ssh");
   st.tailer = st.factory.console(self->system(), observer_of(self), st.vm.console_log());
   self->monitor(st.tailer);
-  st.children->push_back(caf::actor_cast<caf::actor>(st.tailer));
+  adopt(self, caf::actor_cast<caf::actor>(st.tailer));
   auto attempt = st.boot_attempt;
   self->request(st.qemu, seconds(30), launch_atom::value)
     .then(
@@ -691,7 +703,7 @@ void boot(supervisor_pointer self) {
           return;  // finish_job's shutdown is already under way
         st.qmp = st.factory.qmp(self->system(), observer_of(self));
         self->monitor(st.qmp);
-  st.children->push_back(caf::actor_cast<caf::actor>(st.qmp));
+  adopt(self, caf::actor_cast<caf::actor>(st.qmp));
         self->request(st.qmp, st.timeouts.qmp_connect + seconds(5), connect_atom::value,
                       st.vm.qmp_socket(), static_cast<uint32_t>(st.timeouts.qmp_connect.count()))
           .then(
@@ -719,7 +731,7 @@ void prepare(supervisor_pointer self) {
   begin_phase(self, "prepare");
   st.qemu = st.factory.qemu(self->system(), observer_of(self));
   self->monitor(st.qemu);
-  st.children->push_back(caf::actor_cast<caf::actor>(st.qemu));
+  adopt(self, caf::actor_cast<caf::actor>(st.qemu));
   self->request(st.qemu, st.timeouts.prepare, prepare_atom::value, st.job, st.image, st.config)
     .then(
       [=](v1::VmHandle& handle) {
@@ -754,6 +766,14 @@ void retire(supervisor_pointer self, const caf::actor& child) {
 
 void fall_back_to_tcg(supervisor_pointer self, const std::string& reason) {
   auto& st = self->state;
+  // The KVM attempt's phases keep their time under their own names, so the
+  // result lists each phase once: kvm:prepare, kvm:boot, then the TCG phases.
+  end_phase(self, "boot_to_ssh");
+  for (auto& phase : *st.result.mutable_phases()) {
+    if (phase.phase() == "boot_to_ssh")
+      phase.set_phase("boot");
+    phase.set_phase("kvm:" + phase.phase());
+  }
   st.kvm_fallback = true;
   st.restarting = true;
   st.launched = false;
@@ -778,7 +798,6 @@ void fall_back_to_tcg(supervisor_pointer self, const std::string& reason) {
         st.qemu_exited = false;
         st.vm_paused = false;  // the KVM attempt's STOP says nothing about the TCG VM
         st.restarting = false;
-        st.phase_started.erase("boot_to_ssh");
         if (st.finishing)
           finish(self);
         else
@@ -1007,7 +1026,7 @@ job_supervisor(supervisor_pointer self, v1::JobSpec job, v1::ImageSpec image,
   for (const auto& [name, value] : st.job.secrets())
     st.secrets.push_back(value);
   self->set_down_handler([=](caf::down_msg& down) { on_down(self, down); });
-  self->attach_functor([children = st.children](const caf::error&) {
+  self->attach_functor([children = st.children, trim = st.memory_trim](const caf::error&) {
     for (auto& child : *children)
       caf::anon_send_exit(child, caf::exit_reason::user_shutdown);
   });

@@ -450,7 +450,10 @@ int node_command(const NodeOptions& options) {
       return tl::unexpected(started.error());
     return launched_job{started->supervisor, started->recorder};
   };
-  auto node = sys.spawn(runner_node, offer.name, offer.slots, launcher);
+  // Detached: the launcher validates each job (the disk image check runs
+  // `qemu-img info`) inside the node's handler, which must not hold a thread of
+  // the shared scheduler.
+  auto node = sys.spawn<caf::detached>(runner_node, offer.name, offer.slots, launcher);
   caf::scoped_actor self{sys};
   self->monitor(node);
   auto node_down = false;

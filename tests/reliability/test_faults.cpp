@@ -10,9 +10,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <thread>
+#include <vector>
 
 #include "runtime/recovery.hpp"
 #include "tests/reliability/harness.hpp"
@@ -437,6 +439,23 @@ TEST_CASE("accelerators: auto falls back to TCG with a notice; explicit kvm fail
       CHECK((booting && contains(*booting, "kvm")));
     else
       CHECK(contains(runner.out() + runner.err(), "falling back to TCG"));
+    // Each phase is listed once; after a fallback the KVM attempt's own are
+    // named as such, before the TCG attempt's.
+    std::vector<std::string> phases;
+    std::string listed;
+    for (const auto& phase : result->phases()) {
+      phases.push_back(phase.phase());
+      listed += phase.phase() + " ";
+    }
+    INFO("phases: " << listed);
+    CHECK(std::count(phases.begin(), phases.end(), "prepare") == 1);
+    CHECK(std::count(phases.begin(), phases.end(), "boot_to_ssh") == 1);
+    if (fell_back) {
+      REQUIRE(phases.size() >= 4);
+      CHECK(phases[0] == "kvm:prepare");
+      CHECK(phases[1] == "kvm:boot");
+      CHECK(phases[2] == "prepare");
+    }
   }
   check_nothing_left(sandbox);
 }
