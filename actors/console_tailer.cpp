@@ -1,15 +1,21 @@
 #include "actors/console_tailer.hpp"
 
 #include <fcntl.h>
+#include <sys/inotify.h>
 #include <unistd.h>
 
 #include <chrono>
+
+#include <caf/send.hpp>
 
 namespace solstice {
 
 namespace {
 
+// Until QEMU has created the log, it is looked for this often.
 constexpr auto poll_interval = std::chrono::milliseconds(20);
+// Afterwards inotify says when it grows; this is a safety net.
+constexpr auto fallback_interval = std::chrono::milliseconds(250);
 
 using tailer_pointer = console_tailer_actor::stateful_pointer<console_tailer_state>;
 
@@ -42,16 +48,51 @@ void read_available(tailer_pointer self) {
   }
 }
 
-}  // namespace
-
-console_tailer_state::~console_tailer_state() {
-  if (fd >= 0)
-    ::close(fd);
+// Watches the opened log for growth. Without inotify the actor keeps polling.
+void watch_file(tailer_pointer self) {
+  auto& st = self->state;
+  st.inotify_fd = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+  if (st.inotify_fd < 0)
+    return;
+  if (::inotify_add_watch(st.inotify_fd, st.path.c_str(), IN_MODIFY | IN_CLOSE_WRITE) < 0) {
+    ::close(st.inotify_fd);
+    st.inotify_fd = -1;
+    return;
+  }
+  st.waiter = std::make_unique<FdWaiter>(
+    std::vector<int>{st.inotify_fd},
+    [addr = self->address()] {
+      if (auto me = caf::actor_cast<caf::actor>(addr))
+        caf::anon_send(me, tick_atom::value);
+    },
+    fallback_interval);
 }
 
+void drain_notifications(int inotify_fd) {
+  alignas(inotify_event) char buf[4096];
+  while (::read(inotify_fd, buf, sizeof buf) > 0) {
+  }
+}
+
+void close_all(console_tailer_state& st) {
+  st.waiter.reset();  // first: it polls the inotify fd
+  if (st.inotify_fd >= 0)
+    ::close(st.inotify_fd);
+  st.inotify_fd = -1;
+  if (st.fd >= 0)
+    ::close(st.fd);
+  st.fd = -1;
+}
+
+}  // namespace
+
+console_tailer_state::~console_tailer_state() { close_all(*this); }
+
 console_tailer_actor::behavior_type
-console_tailer(tailer_pointer self, vm_observer_actor observer, std::string console_log_path) {
+console_tailer(tailer_pointer self, vm_observer_actor observer, std::string console_log_path,
+               console_wakeup wakeup) {
   self->state.observer = std::move(observer);
+  self->state.use_inotify = wakeup == console_wakeup::inotify;
   self->state.path = std::move(console_log_path);
   self->send(self, tick_atom::value);
   return {
@@ -63,17 +104,28 @@ console_tailer(tailer_pointer self, vm_observer_actor observer, std::string cons
         if (!st.partial.empty())
           emit_line(self, std::move(st.partial));
         st.partial.clear();
-        if (st.fd >= 0)
-          ::close(st.fd);
-        st.fd = -1;
+        close_all(st);
       }
       return stopped_atom::value;
     },
     [=](tick_atom) {
-      if (self->state.stopped)
+      auto& st = self->state;
+      if (st.stopped)
         return;
+      if (st.waiter) {
+        drain_notifications(st.inotify_fd);  // before reading: later growth wakes us again
+        read_available(self);
+        st.waiter->rearm();
+        return;
+      }
+      bool was_open = st.fd >= 0;
       read_available(self);
-      self->delayed_send(self, poll_interval, tick_atom::value);
+      if (!was_open && st.fd >= 0 && st.use_inotify) {
+        watch_file(self);
+        read_available(self);  // what arrived before the watch was set
+      }
+      if (!st.waiter)
+        self->delayed_send(self, poll_interval, tick_atom::value);
     },
   };
 }

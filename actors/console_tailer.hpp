@@ -1,7 +1,9 @@
 #pragma once
+#include <memory>
 #include <string>
 
 #include "actors/actors.hpp"
+#include "runtime/fd_waiter.hpp"
 
 namespace solstice {
 
@@ -12,6 +14,10 @@ struct console_tailer_state {
   vm_observer_actor observer;
   std::string path;
   int fd = -1;
+  // Once the file exists: inotify reports its growth, the waiter wakes the actor.
+  bool use_inotify = true;
+  int inotify_fd = -1;
+  std::unique_ptr<FdWaiter> waiter;
   // Bytes of a line whose end has not arrived yet.
   std::string partial;
   bool stopped = false;
@@ -22,10 +28,16 @@ struct console_tailer_state {
 // pieces of this size so memory stays bounded.
 inline constexpr size_t console_line_limit = 64 * 1024;
 
+// How the tailer learns that the log grew: inotify wakes it at once (a thread
+// of its own blocks on it); a timer reads every 20 ms instead (what tests on
+// CAF's deterministic scheduler use: no foreign thread sends to the actor).
+enum class console_wakeup { inotify, timer };
+
 // Follows the serial console log QEMU writes and emits its lines to the observer
-// until `stop`. Spawn it detached (it reads a file on every tick).
+// until `stop`. Spawn it detached (it reads a file whenever it grows).
 console_tailer_actor::behavior_type
 console_tailer(console_tailer_actor::stateful_pointer<console_tailer_state> self,
-               vm_observer_actor observer, std::string console_log_path);
+               vm_observer_actor observer, std::string console_log_path,
+               console_wakeup wakeup);
 
 }  // namespace solstice

@@ -1004,7 +1004,8 @@ vm_actor_factory detached_vm_actors() {
     return sys.spawn<caf::detached>(qmp_session, std::move(observer));
   };
   f.console = [](caf::actor_system& sys, vm_observer_actor observer, std::string path) {
-    return sys.spawn<caf::detached>(console_tailer, std::move(observer), std::move(path));
+    return sys.spawn<caf::detached>(console_tailer, std::move(observer), std::move(path),
+                                    console_wakeup::inotify);
   };
   f.ssh = [](caf::actor_system& sys, vm_observer_actor observer) {
     return sys.spawn(ssh_executor, std::move(observer));

@@ -4,6 +4,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <vector>
+
+#include <caf/send.hpp>
 
 #include "actors/runner_types.hpp"
 #include "runtime/qemu_argv.hpp"
@@ -14,7 +17,10 @@ namespace solstice {
 
 namespace {
 
+// Without a pidfd (old kernels) QEMU's exit is only seen by polling this often;
+// with one, this is a safety net and the exit is seen at once.
 constexpr auto poll_interval = std::chrono::milliseconds(10);
+constexpr auto fallback_interval = std::chrono::milliseconds(250);
 constexpr size_t stderr_tail_limit = 8192;
 
 void drain_stderr(qemu_process_state& st) {
@@ -27,6 +33,15 @@ void drain_stderr(qemu_process_state& st) {
     if (st.stderr_tail.size() > stderr_tail_limit)
       st.stderr_tail.erase(0, st.stderr_tail.size() - stderr_tail_limit);
   }
+  if (n == 0)
+    st.stderr_closed = true;  // at EOF the pipe stays readable: stop watching it
+}
+
+std::vector<int> watched_fds(const qemu_process_state& st) {
+  std::vector<int> fds{st.child->exit_fd()};
+  if (!st.stderr_closed)
+    fds.push_back(st.child->stderr_fd());
+  return fds;
 }
 
 v1::ProcessExit to_process_exit(const ExitStatus& status, const std::string& stderr_tail) {
@@ -43,6 +58,7 @@ v1::ProcessExit to_process_exit(const ExitStatus& status, const std::string& std
 
 qemu_process_state::~qemu_process_state() {
   // The actor is gone: nothing may outlive it. ChildProcess kills and reaps QEMU.
+  waiter.reset();  // first: it polls the child's fds
   child.reset();
   if (prepared)
     (void)cleanup_vm(handle);
@@ -82,7 +98,17 @@ qemu_process(qemu_process_actor::stateful_pointer<qemu_process_state> self,
       // Lets a later runner kill this QEMU if it outlives the runner.
       if (auto owned = write_owner_record(st.handle.work_dir(), owner_record_for(st.handle)); !owned)
         return caf::make_error(runner_errc::qemu_failed, owned.error().message);
-      self->delayed_send(self, poll_interval, tick_atom::value);
+      if (st.child->exit_fd() >= 0) {
+        st.waiter = std::make_unique<FdWaiter>(
+          watched_fds(st),
+          [addr = self->address()] {
+            if (auto me = caf::actor_cast<caf::actor>(addr))
+              caf::anon_send(me, tick_atom::value);
+          },
+          fallback_interval);
+      } else {
+        self->delayed_send(self, poll_interval, tick_atom::value);
+      }
       return st.handle;
     },
     [=](kill_atom) {
@@ -94,6 +120,7 @@ qemu_process(qemu_process_actor::stateful_pointer<qemu_process_state> self,
       if (st.child) {
         st.child->kill(SIGKILL);
         st.child->wait_for(std::chrono::seconds(5));
+        st.waiter.reset();
         st.child.reset();
       }
       if (st.prepared) {
@@ -114,7 +141,10 @@ qemu_process(qemu_process_actor::stateful_pointer<qemu_process_state> self,
         self->send(st.observer, exited_atom::value, to_process_exit(*status, st.stderr_tail));
         return;
       }
-      self->delayed_send(self, poll_interval, tick_atom::value);
+      if (st.waiter)
+        st.waiter->rearm(watched_fds(st));
+      else
+        self->delayed_send(self, poll_interval, tick_atom::value);
     },
   };
 }

@@ -1,9 +1,11 @@
 #pragma once
+#include <memory>
 #include <optional>
 #include <string>
 
 #include "actors/actors.hpp"
 #include "runtime/child_process.hpp"
+#include "runtime/fd_waiter.hpp"
 
 namespace solstice {
 
@@ -18,6 +20,9 @@ struct qemu_process_state {
   // The last bytes QEMU wrote to stderr, for error reports.
   std::string stderr_tail;
   bool exit_reported = false;
+  bool stderr_closed = false;
+  // Wakes the actor when QEMU exits (its pidfd) or writes to stderr.
+  std::unique_ptr<FdWaiter> waiter;
   ~qemu_process_state();
 };
 

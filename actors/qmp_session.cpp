@@ -1,6 +1,9 @@
 #include "actors/qmp_session.hpp"
 
 #include <chrono>
+#include <vector>
+
+#include <caf/send.hpp>
 
 #include "actors/runner_types.hpp"
 
@@ -8,7 +11,8 @@ namespace solstice {
 
 namespace {
 
-constexpr auto poll_interval = std::chrono::milliseconds(10);
+// Events are seen when the socket becomes readable; this is a safety net.
+constexpr auto fallback_interval = std::chrono::milliseconds(250);
 
 void forward_events(qmp_session_actor::stateful_pointer<qmp_session_state> self) {
   auto& st = self->state;
@@ -31,8 +35,16 @@ qmp_session(qmp_session_actor::stateful_pointer<qmp_session_state> self,
       auto client = QmpClient::connect(socket, std::chrono::milliseconds(timeout_ms));
       if (!client)
         return caf::make_error(runner_errc::qmp_failed, client.error().message);
-      self->state.client = std::move(*client);
-      self->delayed_send(self, poll_interval, tick_atom::value);
+      auto& st = self->state;
+      st.waiter.reset();
+      st.client = std::move(*client);
+      st.waiter = std::make_unique<FdWaiter>(
+        std::vector<int>{st.client->fd()},
+        [addr = self->address()] {
+          if (auto me = caf::actor_cast<caf::actor>(addr))
+            caf::anon_send(me, tick_atom::value);
+        },
+        fallback_interval);
       return ok_atom::value;
     },
     [=](command_atom, const std::string& command,
@@ -51,10 +63,13 @@ qmp_session(qmp_session_actor::stateful_pointer<qmp_session_state> self,
       return reply->dump();
     },
     [=](tick_atom) {
-      if (!self->state.client)
+      auto& st = self->state;
+      if (!st.client)
         return;
       forward_events(self);
-      self->delayed_send(self, poll_interval, tick_atom::value);
+      // A closed socket stays readable: QEMU is gone, nothing more will come.
+      if (!st.client->peer_closed())
+        st.waiter->rearm();
     },
   };
 }

@@ -1,7 +1,9 @@
 #pragma once
+#include <memory>
 #include <optional>
 
 #include "actors/actors.hpp"
+#include "runtime/fd_waiter.hpp"
 #include "runtime/qmp.hpp"
 
 namespace solstice {
@@ -12,6 +14,9 @@ struct qmp_session_state {
   qmp_session_state() = default;
   vm_observer_actor observer;
   std::optional<QmpClient> client;
+  // Wakes the actor when the QMP socket has something to read.
+  std::unique_ptr<FdWaiter> waiter;
+  ~qmp_session_state() { waiter.reset(); }  // before the client closes its socket
 };
 
 // Owns the QMP socket. Spawn it detached: commands block its own thread briefly

@@ -125,6 +125,7 @@ std::string QmpCodec::encode_command(const std::string& command, const nlohmann:
 
 QmpClient::QmpClient(QmpClient&& other) noexcept
     : fd_(std::exchange(other.fd_, -1)),
+      peer_closed_(other.peer_closed_),
       next_id_(other.next_id_),
       codec_(std::move(other.codec_)),
       events_(std::move(other.events_)),
@@ -134,6 +135,7 @@ QmpClient& QmpClient::operator=(QmpClient&& other) noexcept {
   if (this != &other) {
     if (fd_ >= 0) ::close(fd_);
     fd_ = std::exchange(other.fd_, -1);
+    peer_closed_ = other.peer_closed_;
     next_id_ = other.next_id_;
     codec_ = std::move(other.codec_);
     events_ = std::move(other.events_);
@@ -227,6 +229,7 @@ Result<bool> QmpClient::read_some(std::chrono::milliseconds timeout) {
     // ECONNRESET: QEMU exited while something we sent was still unread.
     if (n <= 0) {
       if (got_bytes) break;  // hand over what arrived; EOF shows up on the next read
+      peer_closed_ = true;
       return fail("QEMU closed the QMP connection (has it exited?)");
     }
     got_bytes = true;

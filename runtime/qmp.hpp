@@ -61,9 +61,12 @@ class QmpClient {
                                     std::chrono::milliseconds timeout = std::chrono::seconds(10));
 
   int fd() const { return fd_; }
+  // QEMU closed the connection (a read met EOF or a reset).
+  bool peer_closed() const { return peer_closed_; }
 
  private:
   int fd_ = -1;
+  bool peer_closed_ = false;
   uint64_t next_id_ = 1;
   QmpCodec codec_;
   std::deque<QmpMessage> events_;
