@@ -31,8 +31,13 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
-// Transfer and read buffer: bounds memory however large the stream is.
+// Output read buffer: bounds memory however large the stream is.
 constexpr size_t kChunkSize = 64 * 1024;
+// SFTP buffer. libssh2 pipelines only within one sftp_write/sftp_read call: it
+// splits the buffer into ~30 KB requests and keeps them all in flight. 1 MiB
+// uploads 128 MiB into the TCG guest at 10.7 MiB/s against 9.3 with 64 KiB
+// (4 MiB: 10.3).
+constexpr size_t kSftpBufferSize = 1024 * 1024;
 // Longest single wait, so cancel flags and give-up callbacks are seen promptly.
 constexpr auto kPollSlice = 50ms;
 // SFTP transfers fail when the server makes no progress for this long.
@@ -725,7 +730,8 @@ Result<void> sftp_write_all(Connection& ssh, LIBSSH2_SFTP_HANDLE* handle,
 // Shared by upload() and upload_file(): `produce` fills the buffer and returns the
 // number of bytes (0 at the end) or an error.
 Result<void> upload_stream(Connection& ssh, const std::string& remote_path, int mode,
-                                  const std::function<Result<size_t>(std::vector<char>&)>& produce) {
+                           size_t total_size,
+                           const std::function<Result<size_t>(std::vector<char>&)>& produce) {
   auto sftp = ssh.sftp_session();
   if (!sftp) return fail(sftp.error().message);
   int rc = 0;
@@ -742,7 +748,8 @@ Result<void> upload_stream(Connection& ssh, const std::string& remote_path, int 
   if (!handle)
     return fail("cannot create " + remote_path + " on " + ssh.peer + ": " +
                 (rc == kDeadlinePassed ? std::string("timed out") : ssh.sftp_error()));
-  std::vector<char> buffer(kChunkSize);
+  // Small files need no big buffer.
+  std::vector<char> buffer(std::clamp<size_t>(total_size, 1, kSftpBufferSize));
   for (;;) {
     auto produced = produce(buffer);
     if (!produced) {
@@ -786,7 +793,8 @@ Result<void> SshSession::upload(const std::string& content, const std::string& r
                                 int mode) {
   if (!impl_ || !impl_->session) return fail("upload of " + remote_path + " on a closed SSH session");
   size_t offset = 0;
-  return upload_stream(*impl_, remote_path, mode, [&](std::vector<char>& buffer) -> Result<size_t> {
+  return upload_stream(*impl_, remote_path, mode, content.size(),
+                       [&](std::vector<char>& buffer) -> Result<size_t> {
     size_t count = std::min(buffer.size(), content.size() - offset);
     std::memcpy(buffer.data(), content.data() + offset, count);
     offset += count;
@@ -799,8 +807,10 @@ Result<void> SshSession::upload_file(const std::filesystem::path& local,
   if (!impl_ || !impl_->session) return fail("upload of " + remote_path + " on a closed SSH session");
   int fd = ::open(local.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return fail(errno_message("cannot open " + local.string() + " for upload", errno));
+  struct stat info {};
+  const size_t size = ::fstat(fd, &info) == 0 ? static_cast<size_t>(info.st_size) : kSftpBufferSize;
   auto result =
-      upload_stream(*impl_, remote_path, mode, [&](std::vector<char>& buffer) -> Result<size_t> {
+      upload_stream(*impl_, remote_path, mode, size, [&](std::vector<char>& buffer) -> Result<size_t> {
         for (;;) {
           ssize_t n = ::read(fd, buffer.data(), buffer.size());
           if (n >= 0) return static_cast<size_t>(n);
@@ -845,7 +855,7 @@ Result<void> SshSession::download(const std::string& remote_path,
     ssh.close_sftp_handle(handle);
     return fail(std::move(message));
   };
-  std::vector<char> buffer(kChunkSize);
+  std::vector<char> buffer(kSftpBufferSize);
   for (;;) {
     ssize_t received = 0;
     rc = ssh.driver(Clock::now() + kTransferStallTimeout).run([&]() -> int {
