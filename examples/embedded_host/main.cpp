@@ -64,6 +64,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s TEST_GUEST_DIR STATE_DIR\n", argv[0]);
     return 2;
   }
+  solstice::limit_malloc_arenas();  // a host that may run many jobs (embedding.hpp)
   host_config cfg;
   caf::actor_system sys{cfg};
 

@@ -1,5 +1,9 @@
 #include "runtime/host/embedding.hpp"
 
+#include <malloc.h>
+
+#include <cstdlib>
+
 #include <caf/actor_system.hpp>
 #include <caf/send.hpp>
 #include <caf/spawn_options.hpp>
@@ -14,6 +18,12 @@
 #include "runtime/vm_prepare.hpp"
 
 namespace solstice {
+
+void limit_malloc_arenas() {
+  const char* set = std::getenv("MALLOC_ARENA_MAX");
+  if (set == nullptr || *set == '\0')
+    ::mallopt(M_ARENA_MAX, 2);
+}
 
 Result<std::vector<RecoveredJob>> recover_abandoned_jobs_at_start(const v1::RunnerConfig& config) {
   return recover_abandoned_jobs(config);

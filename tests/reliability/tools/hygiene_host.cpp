@@ -194,6 +194,9 @@ int main(int argc, char** argv) {
                  argv[0]);
     return 2;
   }
+  // A host that runs job after job, set up as embedding.hpp advises and as the
+  // solstice-runner process is.
+  solstice::limit_malloc_arenas();
   const int jobs = std::atoi(argv[3]);
   const std::string boot = argc >= 5 ? argv[4] : "disk";
   const int warmup_jobs = argc >= 6 ? std::atoi(argv[5]) : 3;
