@@ -1,5 +1,6 @@
 #include "tests/integration/guest_fixture.hpp"
 
+#include <dirent.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -263,5 +264,26 @@ void Guest::shut_down() {
 }
 
 Guest::~Guest() { shut_down(); }
+
+std::vector<std::string> processes_mentioning(const std::string& needle) {
+  std::vector<std::string> found;
+  DIR* proc = ::opendir("/proc");
+  if (!proc)
+    return found;
+  while (auto* entry = ::readdir(proc)) {
+    std::string name = entry->d_name;
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos)
+      continue;
+    std::ifstream in(std::filesystem::path("/proc") / name / "cmdline", std::ios::binary);
+    std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (auto& c : cmdline)
+      if (c == '\0')
+        c = ' ';
+    if (cmdline.find(needle) != std::string::npos)
+      found.push_back(name + ": " + cmdline);
+  }
+  ::closedir(proc);
+  return found;
+}
 
 }  // namespace solstice::testing

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "runtime/child_process.hpp"
 #include "runtime/error.hpp"
@@ -112,5 +113,9 @@ class Guest {
   SshTarget target_;
   std::string qemu_stderr_;
 };
+
+// "PID: command line" of every process whose command line mentions `needle`
+// (what a test checks is gone after a run: a QEMU for its state directory).
+std::vector<std::string> processes_mentioning(const std::string& needle);
 
 }  // namespace solstice::testing

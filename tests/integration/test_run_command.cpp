@@ -272,27 +272,6 @@ bool any_contains(const std::vector<std::string>& texts, const std::string& need
 
 // ------------------------------------------------------------------ leftovers
 
-// PIDs and command lines of processes that mention `needle` on their command line.
-std::vector<std::string> processes_mentioning(const std::string& needle) {
-  std::vector<std::string> found;
-  DIR* proc = ::opendir("/proc");
-  if (!proc)
-    return found;
-  while (auto* entry = ::readdir(proc)) {
-    std::string name = entry->d_name;
-    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos)
-      continue;
-    auto cmdline = read_file(fs::path("/proc") / name / "cmdline");
-    for (auto& c : cmdline)
-      if (c == '\0')
-        c = ' ';
-    if (contains(cmdline, needle))
-      found.push_back(name + ": " + cmdline);
-  }
-  ::closedir(proc);
-  return found;
-}
-
 // After every job: no QEMU (nor anything) running for this state dir, no VM work
 // files, nothing key-like in the job's record.
 void check_nothing_left(const Workspace& ws) {

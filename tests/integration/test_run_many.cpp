@@ -194,26 +194,6 @@ int64_t result_time(const JobRecord& record) {
   return record.events.empty() ? -1 : record.events.back().timestamp_us();
 }
 
-std::vector<std::string> processes_mentioning(const std::string& needle) {
-  std::vector<std::string> found;
-  DIR* proc = ::opendir("/proc");
-  if (!proc)
-    return found;
-  while (auto* entry = ::readdir(proc)) {
-    std::string name = entry->d_name;
-    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos)
-      continue;
-    auto cmdline = read_file(fs::path("/proc") / name / "cmdline");
-    for (auto& c : cmdline)
-      if (c == '\0')
-        c = ' ';
-    if (contains(cmdline, needle))
-      found.push_back(name + ": " + cmdline);
-  }
-  ::closedir(proc);
-  return found;
-}
-
 // No process for this state directory and no VM work files are left.
 void check_nothing_left(const Workspace& ws) {
   auto processes = processes_mentioning(ws.state_dir.string());
