@@ -10,10 +10,11 @@
 #include <caf/send.hpp>
 #include <caf/system_messages.hpp>
 
-#include "runtime/job_file.hpp"
 #include <spdlog/spdlog.h>
 
 #include "actors/runner_types.hpp"
+#include "runtime/base/clock.hpp"
+#include "runtime/job/job_file.hpp"
 
 namespace solstice {
 
@@ -306,12 +307,6 @@ std::string peer_loss_text(const caf::error& reason) {
   if (reason == caf::exit_reason::normal || reason == caf::exit_reason::user_shutdown)
     return "it shut down";
   return error_text(reason);
-}
-
-int64_t unix_now_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-           std::chrono::system_clock::now().time_since_epoch())
-    .count();
 }
 
 v1::JobEvent cluster_result_event(const std::string& job_id, uint64_t sequence,

@@ -83,7 +83,4 @@ v1::JobEvent cluster_result_event(const std::string& job_id, uint64_t sequence,
 // timed out" for a lost link).
 std::string peer_loss_text(const caf::error& reason);
 
-// Microseconds since the Unix epoch.
-int64_t unix_now_us();
-
 }  // namespace solstice

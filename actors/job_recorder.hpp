@@ -3,7 +3,7 @@
 #include <string>
 
 #include "actors/actors.hpp"
-#include "runtime/event_log.hpp"
+#include "runtime/job/event_log.hpp"
 
 namespace solstice {
 

@@ -10,7 +10,7 @@
 #include <string>
 
 #include "actors/actors.hpp"
-#include "runtime/error.hpp"
+#include "runtime/base/error.hpp"
 
 namespace solstice {
 

@@ -4,7 +4,7 @@
 
 #include <cstdio>
 
-#include "runtime/event_log.hpp"
+#include "runtime/job/event_log.hpp"
 
 namespace solstice {
 

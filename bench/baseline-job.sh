@@ -60,7 +60,7 @@ mkdir -m 700 "$vm" "$vm/seed"
 # Keys: the job's key and the guest's host key, fresh per job.
 ssh-keygen -q -t ed25519 -N '' -C baseline-job -f "$vm/userkey"
 ssh-keygen -q -t ed25519 -N '' -C baseline-host -f "$vm/hostkey"
-# The same user-data shape the runner writes (runtime/cloud_init.cpp).
+# The same user-data shape the runner writes (runtime/vm/cloud_init.cpp).
 printf 'instance-id: baseline-%s\nlocal-hostname: baseline\n' "$$" > "$vm/seed/meta-data"
 {
   echo "#cloud-config"
@@ -102,7 +102,7 @@ stamp prepared
   && stamp marker) &
 watcher_pid=$!
 
-# In its own session, as the runner starts it (runtime/child_process.cpp): on Linux
+# In its own session, as the runner starts it (runtime/base/child_process.cpp): on Linux
 # a session is also a scheduler autogroup, and on a busy host the group QEMU sits in
 # changes guest speed several-fold, so both must place QEMU the same way. (setsid
 # does not fork here: a non-interactive shell's background child leads no group.)

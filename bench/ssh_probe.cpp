@@ -1,5 +1,5 @@
 // Where does SSH throughput go? Uploads to and streams from one already running
-// guest through the runner's own SshSession (runtime/ssh_session.cpp), without the
+// guest through the runner's own SshSession (runtime/ssh/), without the
 // actors, then streams through plain blocking libssh2 and prints what it negotiated.
 // Point it at a guest started by the runner (debug_on_failure gives its key) and at
 // one started by bench/baseline-job.sh to compare the two.
@@ -25,7 +25,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/ssh_session.hpp"
+#include "runtime/ssh/ssh_session.hpp"
 
 namespace {
 

@@ -10,9 +10,9 @@
 
 #include "runtime/host/cluster_cli.hpp"
 #include "runtime/host/runner_host.hpp"
-#include "runtime/job_file.hpp"
-#include "runtime/recovery.hpp"
-#include "runtime/runner_config.hpp"
+#include "runtime/job/job_file.hpp"
+#include "runtime/vm/recovery.hpp"
+#include "runtime/job/runner_config.hpp"
 
 namespace solstice {
 

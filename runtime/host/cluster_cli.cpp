@@ -40,10 +40,11 @@
 #include "actors/runner_node.hpp"
 #include "actors/runner_types.hpp"
 #include "actors/terminal_printer.hpp"
+#include "runtime/base/clock.hpp"
 #include "runtime/host/embedding.hpp"
 #include "runtime/host/runner_host.hpp"
-#include "runtime/job_file.hpp"
-#include "runtime/runner_config.hpp"
+#include "runtime/job/job_file.hpp"
+#include "runtime/job/runner_config.hpp"
 
 // CAF 0.17's TLS layer (caf::openssl) calls SSL_get_error() after SSL_read,
 // SSL_write, SSL_accept and SSL_connect without clearing OpenSSL's per-thread

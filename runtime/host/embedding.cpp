@@ -10,12 +10,12 @@
 
 #include "actors/job_recorder.hpp"
 #include "actors/job_supervisor.hpp"
-#include "runtime/event_log.hpp"
+#include "runtime/job/event_log.hpp"
 #include "runtime/host/runner_host.hpp"
-#include "runtime/job_file.hpp"
-#include "runtime/recovery.hpp"
-#include "runtime/runner_config.hpp"
-#include "runtime/vm_prepare.hpp"
+#include "runtime/job/job_file.hpp"
+#include "runtime/vm/recovery.hpp"
+#include "runtime/job/runner_config.hpp"
+#include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice {
 

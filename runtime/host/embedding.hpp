@@ -32,8 +32,8 @@
 
 #include "actors/actors.hpp"
 #include "actors/runner_types.hpp"
-#include "runtime/error.hpp"
-#include "runtime/recovery.hpp"
+#include "runtime/base/error.hpp"
+#include "runtime/vm/recovery.hpp"
 
 namespace solstice {
 
@@ -46,7 +46,7 @@ struct StartedJob {
   event_sink_actor recorder;
 };
 
-// Cleans what runners that died left in config.state_dir (see runtime/recovery.hpp):
+// Cleans what runners that died left in config.state_dir (see runtime/vm/recovery.hpp):
 // call it once when the host starts, before its first start_job, for each state
 // directory it uses. Jobs of runners still alive (this process included) are left
 // alone, so calling it again is harmless. It blocks (up to a few seconds for each

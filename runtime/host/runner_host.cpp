@@ -26,10 +26,11 @@
 #include "actors/job_supervisor.hpp"
 #include "actors/runner_types.hpp"
 #include "actors/terminal_printer.hpp"
+#include "runtime/base/clock.hpp"
 #include "runtime/host/embedding.hpp"
-#include "runtime/job_file.hpp"
-#include "runtime/runner_config.hpp"
-#include "runtime/vm_prepare.hpp"
+#include "runtime/job/job_file.hpp"
+#include "runtime/job/runner_config.hpp"
+#include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice {
 
@@ -99,19 +100,13 @@ class SignalWatcher {
 // job has ended (its backlog is bounded by the output flow control).
 constexpr std::chrono::seconds printer_grace{60};
 
-int64_t now_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-           std::chrono::system_clock::now().time_since_epoch())
-    .count();
-}
-
 // The result event that stands in for a job that could not report its own.
 v1::JobEvent stand_in_result(const std::string& job_id, v1::JobStatus status, int exit_code,
                              const std::string& error, const std::string& summary) {
   v1::JobEvent event;
   event.set_job_id(job_id);
   event.set_sequence(UINT64_MAX);
-  event.set_timestamp_us(now_us());
+  event.set_timestamp_us(unix_now_us());
   auto* result = event.mutable_result();
   result->set_job_id(job_id);
   result->set_status(status);

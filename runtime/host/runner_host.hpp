@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/error.hpp"
+#include "runtime/base/error.hpp"
 #include "solstice.pb.h"
 
 namespace solstice {

@@ -27,7 +27,7 @@
 #include "actors/actors.hpp"
 #include "actors/job_supervisor.hpp"
 #include "actors/runner_types.hpp"
-#include "runtime/guest_commands.hpp"
+#include "runtime/job/guest_commands.hpp"
 
 // Readable failure messages for the state sequences and line lists compared below.
 namespace doctest {

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/child_process.hpp"
+#include "runtime/base/child_process.hpp"
 
 namespace solstice::cluster_testing {
 

@@ -16,7 +16,7 @@
 #include <thread>
 #include <vector>
 
-#include "runtime/event_log.hpp"
+#include "runtime/job/event_log.hpp"
 #include "solstice.pb.h"
 #include "tests/cluster/cluster_process.hpp"
 

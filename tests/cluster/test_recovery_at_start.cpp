@@ -9,9 +9,9 @@
 #include <chrono>
 #include <string>
 
-#include "runtime/event_log.hpp"
-#include "runtime/recovery.hpp"
-#include "runtime/vm_prepare.hpp"
+#include "runtime/job/event_log.hpp"
+#include "runtime/vm/recovery.hpp"
+#include "runtime/vm/vm_prepare.hpp"
 #include "solstice.pb.h"
 #include "tests/cluster/cluster_process.hpp"
 

@@ -13,7 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "runtime/cloud_init.hpp"
+#include "runtime/vm/cloud_init.hpp"
 
 namespace solstice::testing {
 

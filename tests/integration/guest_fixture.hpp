@@ -9,12 +9,12 @@
 #include <string>
 #include <vector>
 
-#include "runtime/child_process.hpp"
-#include "runtime/error.hpp"
-#include "runtime/qemu_argv.hpp"
-#include "runtime/qmp.hpp"
-#include "runtime/ssh_keys.hpp"
-#include "runtime/ssh_session.hpp"
+#include "runtime/base/child_process.hpp"
+#include "runtime/base/error.hpp"
+#include "runtime/vm/qemu_argv.hpp"
+#include "runtime/vm/qmp.hpp"
+#include "runtime/ssh/ssh_keys.hpp"
+#include "runtime/ssh/ssh_session.hpp"
 
 namespace solstice::testing {
 

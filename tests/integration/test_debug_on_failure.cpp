@@ -13,7 +13,7 @@
 #include <regex>
 #include <string>
 
-#include "runtime/child_process.hpp"
+#include "runtime/base/child_process.hpp"
 
 using namespace solstice;
 namespace fs = std::filesystem;

@@ -7,10 +7,10 @@
 
 #include <chrono>
 
-#include "runtime/child_process.hpp"
-#include "runtime/qemu_argv.hpp"
-#include "runtime/qmp.hpp"
-#include "runtime/ssh_session.hpp"
+#include "runtime/base/child_process.hpp"
+#include "runtime/vm/qemu_argv.hpp"
+#include "runtime/vm/qmp.hpp"
+#include "runtime/ssh/ssh_session.hpp"
 #include "tests/integration/guest_fixture.hpp"
 
 using namespace solstice;

@@ -25,8 +25,8 @@
 #include <google/protobuf/util/message_differencer.h>
 #include <nlohmann/json.hpp>
 
-#include "runtime/child_process.hpp"
-#include "runtime/event_log.hpp"
+#include "runtime/base/child_process.hpp"
+#include "runtime/job/event_log.hpp"
 #include "solstice.pb.h"
 #include "tests/integration/guest_fixture.hpp"
 

@@ -12,9 +12,9 @@
 #include <random>
 #include <thread>
 
-#include "runtime/guest_commands.hpp"
-#include "runtime/ssh_keys.hpp"
-#include "runtime/ssh_session.hpp"
+#include "runtime/job/guest_commands.hpp"
+#include "runtime/ssh/ssh_keys.hpp"
+#include "runtime/ssh/ssh_session.hpp"
 #include "tests/integration/guest_fixture.hpp"
 
 using namespace solstice;

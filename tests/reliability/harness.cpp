@@ -16,7 +16,7 @@
 
 #include <google/protobuf/util/json_util.h>
 
-#include "runtime/event_log.hpp"
+#include "runtime/job/event_log.hpp"
 
 namespace solstice::reliability {
 

@@ -13,7 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "runtime/child_process.hpp"
+#include "runtime/base/child_process.hpp"
 #include "solstice.pb.h"
 
 namespace solstice::reliability {

@@ -16,7 +16,7 @@
 #include <thread>
 #include <vector>
 
-#include "runtime/recovery.hpp"
+#include "runtime/vm/recovery.hpp"
 #include "tests/reliability/harness.hpp"
 
 namespace fs = std::filesystem;

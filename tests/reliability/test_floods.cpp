@@ -21,7 +21,7 @@
 #include <memory>
 #include <thread>
 
-#include "runtime/event_log.hpp"
+#include "runtime/job/event_log.hpp"
 #include "tests/reliability/harness.hpp"
 
 namespace fs = std::filesystem;

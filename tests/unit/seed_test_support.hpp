@@ -13,6 +13,8 @@
 #include <string>
 #include <sys/wait.h>
 
+#include "runtime/base/shell.hpp"
+
 namespace solstice::seed_test {
 
 class TempDir {
@@ -42,14 +44,7 @@ class TempDir {
   std::filesystem::path path_;
 };
 
-inline std::string shell_quote(const std::string& text) {
-  std::string out = "'";
-  for (char c : text) {
-    if (c == '\'') out += "'\\''";
-    else out.push_back(c);
-  }
-  return out + "'";
-}
+using solstice::shell_quote;
 
 struct CommandResult {
   int exit_code = -1;

@@ -4,7 +4,7 @@
 #include <chrono>
 #include <thread>
 
-#include "runtime/byte_credit.hpp"
+#include "runtime/base/byte_credit.hpp"
 
 using namespace solstice;
 using namespace std::chrono_literals;

@@ -14,7 +14,7 @@
 #include <string>
 #include <thread>
 
-#include "runtime/child_process.hpp"
+#include "runtime/base/child_process.hpp"
 
 using namespace solstice;
 using namespace std::chrono_literals;

@@ -4,8 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "runtime/cloud_init.hpp"
-#include "runtime/ssh_keys.hpp"
+#include "runtime/vm/cloud_init.hpp"
+#include "runtime/ssh/ssh_keys.hpp"
 #include "tests/unit/seed_test_support.hpp"
 
 namespace solstice {

@@ -12,7 +12,7 @@
 #include <google/protobuf/util/message_differencer.h>
 #include <nlohmann/json.hpp>
 
-#include "runtime/event_log.hpp"
+#include "runtime/job/event_log.hpp"
 #include "tests/unit/temp_dir.hpp"
 
 namespace fs = std::filesystem;

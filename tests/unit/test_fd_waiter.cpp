@@ -7,7 +7,7 @@
 #include <mutex>
 #include <thread>
 
-#include "runtime/fd_waiter.hpp"
+#include "runtime/base/fd_waiter.hpp"
 
 using namespace std::chrono_literals;
 using solstice::FdWaiter;

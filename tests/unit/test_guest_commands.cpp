@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/guest_commands.hpp"
+#include "runtime/job/guest_commands.hpp"
 #include "tests/unit/temp_dir.hpp"
 
 using namespace solstice;

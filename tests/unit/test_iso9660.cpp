@@ -6,7 +6,7 @@
 #include <random>
 #include <set>
 
-#include "runtime/iso9660.hpp"
+#include "runtime/vm/iso9660.hpp"
 #include "tests/unit/seed_test_support.hpp"
 
 namespace solstice {

@@ -10,9 +10,9 @@
 #include <fstream>
 #include <string>
 
-#include "runtime/job_file.hpp"
-#include "runtime/redactor.hpp"
-#include "runtime/runner_config.hpp"
+#include "runtime/job/job_file.hpp"
+#include "runtime/job/redactor.hpp"
+#include "runtime/job/runner_config.hpp"
 #include "tests/unit/temp_dir.hpp"
 
 namespace fs = std::filesystem;

@@ -9,9 +9,9 @@
 #include <thread>
 #include <vector>
 
-#include "runtime/child_process.hpp"
-#include "runtime/qemu_argv.hpp"
-#include "runtime/qmp.hpp"
+#include "runtime/base/child_process.hpp"
+#include "runtime/vm/qemu_argv.hpp"
+#include "runtime/vm/qmp.hpp"
 #include "tests/unit/temp_dir.hpp"
 
 using namespace solstice;

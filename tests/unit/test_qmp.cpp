@@ -11,8 +11,8 @@
 #include <string>
 #include <thread>
 
-#include "runtime/child_process.hpp"
-#include "runtime/qmp.hpp"
+#include "runtime/base/child_process.hpp"
+#include "runtime/vm/qmp.hpp"
 #include "tests/unit/temp_dir.hpp"
 
 using namespace solstice;

@@ -18,10 +18,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "runtime/child_process.hpp"
-#include "runtime/event_log.hpp"
-#include "runtime/recovery.hpp"
-#include "runtime/vm_prepare.hpp"
+#include "runtime/base/child_process.hpp"
+#include "runtime/job/event_log.hpp"
+#include "runtime/vm/recovery.hpp"
+#include "runtime/vm/vm_prepare.hpp"
 #include "tests/unit/temp_dir.hpp"
 
 namespace fs = std::filesystem;

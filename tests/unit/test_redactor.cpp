@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/redactor.hpp"
+#include "runtime/job/redactor.hpp"
 
 using solstice::Redactor;
 

@@ -7,8 +7,8 @@
 #include <fstream>
 #include <string>
 
-#include "runtime/job_file.hpp"
-#include "runtime/runner_config.hpp"
+#include "runtime/job/job_file.hpp"
+#include "runtime/job/runner_config.hpp"
 #include "tests/unit/temp_dir.hpp"
 
 namespace fs = std::filesystem;

@@ -2,7 +2,7 @@
 // (the test guest converts the host key with it).
 #include <doctest/doctest.h>
 
-#include "runtime/ssh_keys.hpp"
+#include "runtime/ssh/ssh_keys.hpp"
 #include "tests/unit/seed_test_support.hpp"
 
 namespace solstice {

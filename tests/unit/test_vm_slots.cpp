@@ -7,7 +7,7 @@
 #include <filesystem>
 #include <string>
 
-#include "runtime/vm_slots.hpp"
+#include "runtime/vm/vm_slots.hpp"
 #include "tests/unit/temp_dir.hpp"
 
 using namespace solstice;

@@ -31,7 +31,7 @@
 #include <caf/send.hpp>
 
 #include "runtime/host/embedding.hpp"
-#include "runtime/runner_config.hpp"
+#include "runtime/job/runner_config.hpp"
 
 namespace {
 

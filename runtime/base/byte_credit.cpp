@@ -1,0 +1,32 @@
+#include "runtime/base/byte_credit.hpp"
+
+#include <chrono>
+
+namespace solstice {
+
+bool ByteCredit::take(size_t bytes, const std::atomic<bool>& cancel) {
+  std::unique_lock<std::mutex> lock{mutex_};
+  while (in_flight_ > 0 && in_flight_ + bytes > limit_) {
+    if (cancel.load())
+      return false;
+    // Wake up now and then to notice a cancel flag nobody notifies about.
+    freed_.wait_for(lock, std::chrono::milliseconds(50));
+  }
+  in_flight_ += bytes;
+  return true;
+}
+
+void ByteCredit::give_back(size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock{mutex_};
+    in_flight_ = bytes > in_flight_ ? 0 : in_flight_ - bytes;
+  }
+  freed_.notify_all();
+}
+
+size_t ByteCredit::in_flight() const {
+  std::lock_guard<std::mutex> lock{mutex_};
+  return in_flight_;
+}
+
+}  // namespace solstice

@@ -1,0 +1,441 @@
+#include "runtime/base/child_process.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <future>
+#include <mutex>
+#include <sstream>
+#include <system_error>
+#include <thread>
+#include <utility>
+
+extern char** environ;
+
+namespace solstice {
+
+std::string ExitStatus::describe() const {
+  if (signaled) return "signal " + std::to_string(signal) + " (" + signal_name(signal) + ")";
+  return "exit code " + std::to_string(code);
+}
+
+std::string signal_name(int signal) {
+  if (const char* abbrev = sigabbrev_np(signal)) return abbrev;
+  return "SIG" + std::to_string(signal);
+}
+
+namespace {
+
+int pidfd_open(pid_t pid) {
+#ifdef SYS_pidfd_open
+  return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+#else
+  errno = ENOSYS;
+  return -1;
+#endif
+}
+
+int pidfd_send_signal(int pidfd, int signal) {
+#ifdef SYS_pidfd_send_signal
+  return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, signal, nullptr, 0));
+#else
+  errno = ENOSYS;
+  return -1;
+#endif
+}
+
+void close_fd(int& fd) {
+  if (fd >= 0) ::close(fd);
+  fd = -1;
+}
+
+// Owns a file descriptor until released; closes it on every early return.
+struct FdGuard {
+  int fd = -1;
+  FdGuard() = default;
+  explicit FdGuard(int f) : fd(f) {}
+  FdGuard(const FdGuard&) = delete;
+  FdGuard& operator=(const FdGuard&) = delete;
+  ~FdGuard() { close_fd(fd); }
+  int release() {
+    int f = fd;
+    fd = -1;
+    return f;
+  }
+};
+
+// Resolves argv[0] like execvp would, but in the parent: execvp is not
+// async-signal-safe, and a missing binary is best reported before forking.
+Result<std::string> resolve_executable(const std::string& name) {
+  if (name.empty()) return fail("cannot spawn a process: empty program name");
+  if (name.find('/') != std::string::npos) {
+    if (::access(name.c_str(), X_OK) != 0)
+      return fail(errno_message("cannot execute " + name, errno));
+    return name;
+  }
+  const char* path_env = std::getenv("PATH");
+  std::string search = path_env ? path_env : "/usr/local/bin:/usr/bin:/bin";
+  std::stringstream directories(search);
+  std::string directory;
+  while (std::getline(directories, directory, ':')) {
+    if (directory.empty()) directory = ".";
+    std::string candidate = directory + "/" + name;
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return fail("cannot spawn " + name + ": program not found in PATH (" + search + ")");
+}
+
+// Everything the forked child needs, prepared in the parent so that the child only
+// makes async-signal-safe system calls.
+struct ChildSetup {
+  const char* executable = nullptr;
+  char* const* argv = nullptr;
+  char* const* envp = nullptr;
+  int stdin_fd = -1;
+  int stdout_fd = -1;
+  int stderr_fd = -1;
+  int error_pipe = -1;  // close-on-exec; carries errno if anything fails before exec
+  bool die_with_parent = true;
+  pid_t parent_pid = -1;
+};
+
+[[noreturn]] void child_fail(int error_pipe, int err) {
+  ssize_t ignored = ::write(error_pipe, &err, sizeof err);
+  (void)ignored;
+  ::_exit(127);
+}
+
+int move_to(int fd, int target) {
+  if (fd == target) {
+    // dup2 onto itself would keep close-on-exec set.
+    int flags = ::fcntl(fd, F_GETFD);
+    return flags < 0 ? -1 : ::fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+  }
+  return ::dup2(fd, target) < 0 ? -1 : 0;
+}
+
+// Runs in the child between fork and exec: async-signal-safe calls only.
+[[noreturn]] void run_child(const ChildSetup& setup) {
+  // Own session and process group: a Ctrl-C at the runner's terminal must not reach
+  // the child; the runner decides how to stop it.
+  if (::setsid() < 0) child_fail(setup.error_pipe, errno);
+  if (setup.die_with_parent) {
+    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) child_fail(setup.error_pipe, errno);
+    // The parent may have died before prctl took effect.
+    if (::getppid() != setup.parent_pid) ::_exit(127);
+  }
+  // Default dispositions and an empty mask (the spawner thread blocks everything;
+  // an ignored SIGPIPE would otherwise be inherited across exec).
+  struct sigaction default_action {};
+  default_action.sa_handler = SIG_DFL;
+  for (int sig = 1; sig < NSIG; ++sig) ::sigaction(sig, &default_action, nullptr);
+  sigset_t empty;
+  sigemptyset(&empty);
+  ::sigprocmask(SIG_SETMASK, &empty, nullptr);
+
+  if (move_to(setup.stdin_fd, STDIN_FILENO) != 0 || move_to(setup.stdout_fd, STDOUT_FILENO) != 0 ||
+      move_to(setup.stderr_fd, STDERR_FILENO) != 0)
+    child_fail(setup.error_pipe, errno);
+  // Any descriptor another thread opened without O_CLOEXEC must not leak into the child.
+#ifdef SYS_close_range
+  if (::syscall(SYS_close_range, 3U, ~0U, 4U /* CLOSE_RANGE_CLOEXEC */) != 0)
+#endif
+  {
+    for (int fd = 3; fd < 4096; ++fd) {
+      if (fd != setup.error_pipe) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    }
+  }
+  ::execve(setup.executable, setup.argv, setup.envp);
+  child_fail(setup.error_pipe, errno);
+}
+
+// One thread, alive for the life of the process, does every fork. PR_SET_PDEATHSIG
+// fires when the *thread* that forked exits, so forking from short-lived threads
+// would kill children early; forking here ties them to the process instead.
+class Spawner {
+ public:
+  static Spawner& instance() {
+    static std::mutex creation_mutex;
+    static Spawner* current = nullptr;
+    std::lock_guard lock(creation_mutex);
+    // After fork() the thread is gone from the new process: start a fresh one
+    // (the old object is deliberately leaked; its mutex may be in any state).
+    if (current == nullptr || current->owner_pid_ != ::getpid()) current = new Spawner();
+    return *current;
+  }
+
+  // Forks on the spawner thread; returns the pid or -errno.
+  pid_t fork_child(const ChildSetup& setup) {
+    Request request{&setup, {}};
+    std::future<pid_t> result = request.done.get_future();
+    {
+      std::lock_guard lock(mutex_);
+      queue_.push_back(&request);
+    }
+    wakeup_.notify_one();
+    return result.get();
+  }
+
+ private:
+  struct Request {
+    const ChildSetup* setup;
+    std::promise<pid_t> done;
+  };
+
+  Spawner() : owner_pid_(::getpid()) {
+    // Block every signal on the spawner thread so process-directed signals go to
+    // the runner's own threads; children reset their mask before exec.
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    std::thread(&Spawner::run, this).detach();
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  }
+
+  [[noreturn]] void run() {
+    for (;;) {
+      Request* request;
+      {
+        std::unique_lock lock(mutex_);
+        wakeup_.wait(lock, [this] { return !queue_.empty(); });
+        request = queue_.front();
+        queue_.pop_front();
+      }
+      pid_t pid = ::fork();
+      if (pid == 0) run_child(*request->setup);
+      request->done.set_value(pid < 0 ? -errno : pid);
+    }
+  }
+
+  pid_t owner_pid_;
+  std::mutex mutex_;
+  std::condition_variable wakeup_;
+  std::deque<Request*> queue_;
+};
+
+ExitStatus decode_wait_status(int status) {
+  ExitStatus result;
+  if (WIFSIGNALED(status)) {
+    result.signaled = true;
+    result.signal = WTERMSIG(status);
+  } else {
+    result.code = WEXITSTATUS(status);
+  }
+  return result;
+}
+
+Result<void> make_capture_pipe(bool capture, const std::string& stream, FdGuard& read_end,
+                               FdGuard& write_end) {
+  if (!capture) {
+    write_end.fd = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (write_end.fd < 0) return fail(errno_message("cannot open /dev/null for " + stream, errno));
+    return {};
+  }
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0)
+    return fail(errno_message("cannot create the " + stream + " pipe", errno));
+  read_end.fd = fds[0];
+  write_end.fd = fds[1];
+  int flags = ::fcntl(read_end.fd, F_GETFL);
+  if (flags < 0 || ::fcntl(read_end.fd, F_SETFL, flags | O_NONBLOCK) != 0)
+    return fail(errno_message("cannot make the " + stream + " pipe non-blocking", errno));
+  return {};
+}
+
+}  // namespace
+
+Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
+                                         const SpawnOptions& options) {
+  if (argv.empty()) return fail("cannot spawn a process: empty command line");
+  auto executable = resolve_executable(argv[0]);
+  if (!executable) return tl::unexpected(executable.error());
+
+  std::vector<char*> child_argv;
+  for (const std::string& arg : argv) child_argv.push_back(const_cast<char*>(arg.c_str()));
+  child_argv.push_back(nullptr);
+
+  FdGuard stdin_null(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  if (stdin_null.fd < 0) return fail(errno_message("cannot open /dev/null for stdin", errno));
+  FdGuard stdout_read, stdout_write, stderr_read, stderr_write;
+  if (auto made = make_capture_pipe(options.capture_stdout, "stdout", stdout_read, stdout_write); !made)
+    return tl::unexpected(made.error());
+  if (auto made = make_capture_pipe(options.capture_stderr, "stderr", stderr_read, stderr_write); !made)
+    return tl::unexpected(made.error());
+  int error_fds[2];
+  if (::pipe2(error_fds, O_CLOEXEC) != 0)
+    return fail(errno_message("cannot create the exec status pipe", errno));
+  FdGuard error_read(error_fds[0]), error_write(error_fds[1]);
+
+  ChildSetup setup;
+  setup.executable = executable->c_str();
+  setup.argv = child_argv.data();
+  setup.envp = environ;
+  setup.stdin_fd = stdin_null.fd;
+  setup.stdout_fd = stdout_write.fd;
+  setup.stderr_fd = stderr_write.fd;
+  setup.error_pipe = error_write.fd;
+  setup.die_with_parent = options.die_with_parent;
+  setup.parent_pid = ::getpid();
+
+  pid_t pid;
+  try {
+    pid = Spawner::instance().fork_child(setup);
+  } catch (const std::system_error& error) {  // the spawner thread could not be started
+    return fail("cannot spawn " + argv[0] + ": " + error.what());
+  }
+  if (pid < 0) return fail(errno_message("cannot fork to run " + argv[0], -pid));
+
+  ChildProcess child;  // from here on, every failure path reaps it in the destructor
+  child.pid_ = pid;
+  child.pidfd_ = pidfd_open(pid);  // the child is not reaped yet, so the pid is still its own
+  child.stdout_fd_ = stdout_read.release();
+  child.stderr_fd_ = stderr_read.release();
+  // Only the child holds the write ends now; EOF on the status pipe means exec worked.
+  close_fd(error_write.fd);
+  close_fd(stdout_write.fd);
+  close_fd(stderr_write.fd);
+  close_fd(stdin_null.fd);
+
+  int child_errno = 0;
+  size_t received = 0;
+  for (;;) {
+    pollfd waiting{error_read.fd, POLLIN, 0};
+    // The child only makes a handful of system calls before exec; 10 s is generous.
+    int ready = ::poll(&waiting, 1, 10000);
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready <= 0) return fail("cannot spawn " + argv[0] + ": the child did not reach exec within 10 s");
+    ssize_t n = ::read(error_read.fd, reinterpret_cast<char*>(&child_errno) + received,
+                       sizeof child_errno - received);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    received += static_cast<size_t>(n);
+    if (received == sizeof child_errno) break;
+  }
+  if (received == sizeof child_errno) {
+    return fail(errno_message("cannot execute " + *executable, child_errno));
+  }
+  if (received != 0) return fail("cannot spawn " + argv[0] + ": garbled exec status from the child");
+  return child;
+}
+
+ChildProcess::ChildProcess(ChildProcess&& other) noexcept
+    : pid_(other.pid_),
+      stdout_fd_(other.stdout_fd_),
+      stderr_fd_(other.stderr_fd_),
+      pidfd_(other.pidfd_),
+      status_(other.status_) {
+  other.pid_ = -1;
+  other.stdout_fd_ = other.stderr_fd_ = other.pidfd_ = -1;
+  other.status_.reset();
+}
+
+ChildProcess& ChildProcess::operator=(ChildProcess&& other) noexcept {
+  if (this != &other) {
+    // The child this object held (if any) ends up in `previous` and is reaped there.
+    ChildProcess previous(std::move(*this));
+    pid_ = std::exchange(other.pid_, -1);
+    stdout_fd_ = std::exchange(other.stdout_fd_, -1);
+    stderr_fd_ = std::exchange(other.stderr_fd_, -1);
+    pidfd_ = std::exchange(other.pidfd_, -1);
+    status_ = std::exchange(other.status_, std::nullopt);
+  }
+  return *this;
+}
+
+ChildProcess::~ChildProcess() {
+  if (pid_ > 0 && !status_) {
+    kill(SIGKILL);
+    int status;
+    while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+    }
+  }
+  close_fds();
+}
+
+void ChildProcess::close_fds() {
+  close_fd(stdout_fd_);
+  close_fd(stderr_fd_);
+  close_fd(pidfd_);
+}
+
+std::optional<ExitStatus> ChildProcess::try_wait() {
+  if (status_ || pid_ <= 0) return status_;
+  int status = 0;
+  pid_t reaped;
+  do {
+    reaped = ::waitpid(pid_, &status, WNOHANG);
+  } while (reaped < 0 && errno == EINTR);
+  if (reaped == pid_) {
+    status_ = decode_wait_status(status);
+  } else if (reaped < 0 && errno == ECHILD) {
+    // Someone else reaped it (e.g. SIGCHLD set to SIG_IGN): gone, status unknown.
+    status_ = ExitStatus{false, -1, 0};
+  }
+  return status_;
+}
+
+std::optional<ExitStatus> ChildProcess::wait_for(std::chrono::milliseconds timeout) {
+  using clock = std::chrono::steady_clock;
+  const auto deadline = clock::now() + timeout;
+  for (;;) {
+    if (auto status = try_wait()) return status;
+    if (pid_ <= 0) return std::nullopt;
+    auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now());
+    if (remaining.count() <= 0) return std::nullopt;
+    if (pidfd_ >= 0) {
+      pollfd exit_poll{pidfd_, POLLIN, 0};
+      int wait_ms = static_cast<int>(std::min<long long>(remaining.count() + 1, INT_MAX));
+      ::poll(&exit_poll, 1, wait_ms);
+    } else {
+      std::this_thread::sleep_for(std::min(remaining, std::chrono::milliseconds(10)));
+    }
+  }
+}
+
+bool ChildProcess::running() { return pid_ > 0 && !try_wait(); }
+
+void ChildProcess::kill(int signal) {
+  // Not yet reaped, so the pid cannot have been reused.
+  if (pid_ <= 0 || status_) return;
+  if (pidfd_ >= 0 && pidfd_send_signal(pidfd_, signal) == 0) return;
+  ::kill(pid_, signal);
+}
+
+std::optional<unsigned long long> process_start_time(pid_t pid) {
+  if (pid <= 0) return std::nullopt;
+  std::ifstream stat_file("/proc/" + std::to_string(pid) + "/stat");
+  if (!stat_file) return std::nullopt;
+  std::string stat((std::istreambuf_iterator<char>(stat_file)), std::istreambuf_iterator<char>());
+  // Field 2 (comm) is in parentheses and may itself contain spaces and ')': the
+  // fields that follow start after the *last* ')'.
+  size_t comm_end = stat.rfind(')');
+  if (comm_end == std::string::npos) return std::nullopt;
+  std::istringstream fields(stat.substr(comm_end + 1));
+  std::string field;
+  // Field 3 (state) is the first after comm; field 22 (starttime) is the 20th.
+  for (int index = 3; index <= 22; ++index) {
+    if (!(fields >> field)) return std::nullopt;
+  }
+  try {
+    size_t used = 0;
+    unsigned long long start_time = std::stoull(field, &used);
+    if (used != field.size()) return std::nullopt;
+    return start_time;
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+}  // namespace solstice

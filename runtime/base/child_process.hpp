@@ -1,0 +1,76 @@
+#pragma once
+// Child processes: spawn with stdout/stderr captured, exit code or signal reported,
+// children that die with the runner, no zombies.
+#include <sys/types.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "runtime/base/error.hpp"
+
+namespace solstice {
+
+struct ExitStatus {
+  bool signaled = false;
+  int code = 0;    // exit code when !signaled
+  int signal = 0;  // signal number when signaled
+  // "exit code 3" or "signal 9 (KILL)".
+  std::string describe() const;
+};
+
+// "KILL" for SIGKILL; "SIG<n>" when unknown.
+std::string signal_name(int signal);
+
+struct SpawnOptions {
+  bool capture_stdout = true;   // else /dev/null
+  bool capture_stderr = true;   // else /dev/null
+  // Kill the child when the runner process dies (works no matter which thread
+  // spawned it).
+  bool die_with_parent = true;
+};
+
+class ChildProcess {
+ public:
+  ChildProcess() = default;
+  ChildProcess(ChildProcess&&) noexcept;
+  ChildProcess& operator=(ChildProcess&&) noexcept;
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
+  // Kills (SIGKILL) and reaps a child still running.
+  ~ChildProcess();
+
+  // argv[0] is looked up in PATH. A missing binary is an error naming it.
+  static Result<ChildProcess> spawn(const std::vector<std::string>& argv,
+                                    const SpawnOptions& options = {});
+
+  pid_t pid() const { return pid_; }
+  // Read ends (non-blocking, close-on-exec) or -1; owned by this object.
+  int stdout_fd() const { return stdout_fd_; }
+  int stderr_fd() const { return stderr_fd_; }
+  // A pidfd that becomes readable when the child exits (-1 if unsupported).
+  int exit_fd() const { return pidfd_; }
+
+  // Non-blocking: the exit status once the child has exited (reaps it).
+  std::optional<ExitStatus> try_wait();
+  // Blocks up to `timeout`; nullopt if still running.
+  std::optional<ExitStatus> wait_for(std::chrono::milliseconds timeout);
+  bool running();
+  // Sends a signal if still running.
+  void kill(int signal);
+
+ private:
+  pid_t pid_ = -1;
+  int stdout_fd_ = -1;
+  int stderr_fd_ = -1;
+  int pidfd_ = -1;
+  std::optional<ExitStatus> status_;
+  void close_fds();
+};
+
+// Start time of a process in clock ticks since boot (/proc/PID/stat field 22), to
+// recognise a process by more than its PID. nullopt if there is no such process.
+std::optional<unsigned long long> process_start_time(pid_t pid);
+
+}  // namespace solstice

@@ -1,0 +1,49 @@
+#pragma once
+// Job events as JSON lines (protobuf JSON mapping, snake_case field names; bytes
+// fields are base64, so console and output bytes round-trip exactly).
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "runtime/base/error.hpp"
+#include "solstice.pb.h"
+
+namespace solstice {
+
+// One event as one line of JSON, without the trailing newline. Invalid UTF-8 in
+// string fields (which JSON cannot carry) is replaced by U+FFFD.
+std::string event_to_json_line(const v1::JobEvent& event);
+Result<v1::JobEvent> event_from_json_line(std::string_view line);
+
+// Append-only event file: opened O_APPEND|O_CLOEXEC, mode 0600; every append is
+// written through at once (no user-space buffering). Safe to share between threads.
+class EventLog {
+ public:
+  static Result<EventLog> open(const std::filesystem::path& path);
+
+  EventLog(EventLog&& other) noexcept;
+  EventLog& operator=(EventLog&& other) noexcept;
+  EventLog(const EventLog&) = delete;
+  EventLog& operator=(const EventLog&) = delete;
+  ~EventLog();
+
+  Result<void> append(const v1::JobEvent& event);
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  EventLog(int fd, std::filesystem::path path);
+  void close_fd();
+
+  int fd_ = -1;
+  std::filesystem::path path_;
+  std::unique_ptr<std::mutex> write_mutex_;
+};
+
+// Parses an event file back; empty lines are skipped; a bad line is an error
+// naming the file and line number.
+Result<std::vector<v1::JobEvent>> read_event_log(const std::filesystem::path& path);
+
+}  // namespace solstice

@@ -1,0 +1,59 @@
+#pragma once
+// Job files: the protobuf JSON mapping of v1::JobSpec (field names in lowerCamel or
+// snake_case), or solstice-ci's `jobrequest.v1` JSON. Loading turns a file into a
+// JobSpec with every relative path resolved; validation checks it against the
+// runner's configuration before any VM starts.
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <google/protobuf/message.h>
+#include <nlohmann/json_fwd.hpp>
+
+#include "runtime/base/error.hpp"
+#include "solstice.pb.h"
+
+namespace solstice {
+
+// Reads and parses `path`; relative upload sources and a relative image path are
+// resolved against the file's directory.
+Result<v1::JobSpec> load_job_file(const std::filesystem::path& path);
+
+// Parses job JSON. `source_name` prefixes every error ("job.json:3:7: ...");
+// relative paths are resolved against `base_dir` (the current directory if empty).
+// Steps without a name are named "step N" (N counted from 1).
+Result<v1::JobSpec> parse_job_json(std::string_view text, const std::string& source_name,
+                                   const std::filesystem::path& base_dir);
+
+// Every check that can be made before a VM starts. All problems are reported at
+// once, one per line, each naming its field and value. The job's disk image (its
+// own `image`, or the disk of its runs_on image) must be a file QEMU can open as
+// the format it will be given: `qemu-img info` is asked (see check_disk_image), so
+// a corrupt qcow2 is refused here, not when its VM is prepared.
+Result<void> validate_job(const v1::JobSpec& spec, const v1::RunnerConfig& config);
+
+// A new job id: UTC time plus random hex, e.g. 20261127-211503-9f3a1c.
+std::string make_job_id();
+
+// The name a step is shown under: its own, or "step N" (N = index + 1).
+std::string step_display_name(const v1::JobSpec& spec, int index);
+
+// The values of the job's secrets (for a Redactor).
+std::vector<std::string> job_secret_values(const v1::JobSpec& spec);
+
+// Protobuf JSON into `message`, with errors that a person can act on: syntax errors
+// as "SOURCE:LINE:COLUMN: what", unknown fields and wrong types named by their path
+// ("SOURCE: unknown field 'steps[0].scrpt'"). Shared by job and config files.
+Result<void> parse_proto_json(std::string_view text, const std::string& source_name,
+                              google::protobuf::Message& message);
+
+// Plain JSON with the same "SOURCE:LINE:COLUMN: what" syntax errors.
+Result<nlohmann::json> parse_json_text(std::string_view text, const std::string& source_name);
+
+// Reads a whole small file (job, config, manifest); refuses non-regular files and
+// files larger than `max_bytes`. Errors name the path.
+Result<std::string> read_small_file(const std::filesystem::path& path,
+                                    std::size_t max_bytes = 16u << 20);
+
+}  // namespace solstice

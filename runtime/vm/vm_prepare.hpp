@@ -1,0 +1,46 @@
+#pragma once
+// "Get the files for a VM": the prepare step of a job, as a plain function. Makes
+// the job's directory (kept: logs, result, artifacts) and the VM's work directory
+// (removed at cleanup: overlay, seed ISO, QMP socket), the ephemeral keys and the
+// seed. Everything it made is removed again when it fails.
+#include <filesystem>
+#include <string>
+
+#include "runtime/base/error.hpp"
+#include "runtime/vm/qemu_argv.hpp"
+#include "solstice.pb.h"
+
+namespace solstice {
+
+// state_dir/jobs/<job id>
+std::filesystem::path job_dir_for(const v1::RunnerConfig& config, const std::string& job_id);
+// state_dir/run/<job id>
+std::filesystem::path work_dir_for(const v1::RunnerConfig& config, const std::string& job_id);
+
+// Creates `dir` and missing parents with mode 0700.
+Result<void> make_private_dir(const std::filesystem::path& dir);
+
+// "kvm" or "tcg" for a configured accel ("auto", "kvm", "tcg").
+std::string resolve_accel(const std::string& configured);
+
+// Asks `qemu-img info` (read only, no lock taken, the whole backing chain opened)
+// whether QEMU can use the disk image at `disk` as `format` ("qcow2" or "raw"), so
+// that an image it cannot open is refused before any VM starts instead of when the
+// VM's overlay is made. Errors start with `what` and the path: qemu-img could not
+// open it (its own message follows: a corrupt qcow2, a missing backing file), QEMU
+// sees another format than `format`, or a qcow2 image marks itself corrupt. Takes a
+// few milliseconds; qemu-img gets at most 10 s.
+Result<void> check_disk_image(const std::filesystem::path& disk, const std::string& format,
+                              const std::string& what);
+
+// Prepares everything the VM of `job` needs. The handle keeps vcpus and memory.
+Result<v1::VmHandle> prepare_vm(const v1::JobSpec& job, const v1::ImageSpec& image,
+                                const v1::RunnerConfig& config);
+
+// The QEMU description of a prepared VM (vcpus and memory from the handle).
+VmSpec vm_spec_from_handle(const v1::VmHandle& handle);
+
+// Removes the VM's work directory (the job directory stays).
+Result<void> cleanup_vm(const v1::VmHandle& handle);
+
+}  // namespace solstice
