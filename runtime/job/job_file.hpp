@@ -8,10 +8,8 @@
 #include <string_view>
 #include <vector>
 
-#include <google/protobuf/message.h>
-#include <nlohmann/json_fwd.hpp>
-
 #include "runtime/base/error.hpp"
+#include "runtime/job/json_input.hpp"  // parse_proto_json, parse_json_text, read_small_file
 #include "solstice.pb.h"
 
 namespace solstice {
@@ -41,19 +39,5 @@ std::string step_display_name(const v1::JobSpec& spec, int index);
 
 // The values of the job's secrets (for a Redactor).
 std::vector<std::string> job_secret_values(const v1::JobSpec& spec);
-
-// Protobuf JSON into `message`, with errors that a person can act on: syntax errors
-// as "SOURCE:LINE:COLUMN: what", unknown fields and wrong types named by their path
-// ("SOURCE: unknown field 'steps[0].scrpt'"). Shared by job and config files.
-Result<void> parse_proto_json(std::string_view text, const std::string& source_name,
-                              google::protobuf::Message& message);
-
-// Plain JSON with the same "SOURCE:LINE:COLUMN: what" syntax errors.
-Result<nlohmann::json> parse_json_text(std::string_view text, const std::string& source_name);
-
-// Reads a whole small file (job, config, manifest); refuses non-regular files and
-// files larger than `max_bytes`. Errors name the path.
-Result<std::string> read_small_file(const std::filesystem::path& path,
-                                    std::size_t max_bytes = 16u << 20);
 
 }  // namespace solstice
