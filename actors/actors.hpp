@@ -20,53 +20,65 @@ inline constexpr uint32_t runner_setup_step = UINT32_MAX;
 
 /// Receives a job's events, in order.
 using event_sink_actor = caf::typed_actor<
-  // One job event (state change, console line, output chunk, result, ...).
+  // One job event (state change, console line, output chunk, result, ...). Output
+  // events come as requests: the (empty) reply is the sink's acknowledgement.
   caf::reacts_to<event_atom, v1::JobEvent>>;
 
-/// What the actors around one VM report to (the job supervisor).
-using vm_observer_actor = caf::typed_actor<
+// ---------------------------------------------------------------------------
+// One VM attempt's children. Each reports to its own kind of observer, so a
+// child can only send what it owns: the tailer no output, the executor no
+// console lines. Their timers and worker messages are internal (in their own
+// headers), not part of these interfaces.
+// ---------------------------------------------------------------------------
+
+/// Hears from qemu_process (the VM attempt).
+using qemu_observer_actor = caf::typed_actor<
   // QEMU exited, by itself or killed; sent the moment it happens.
-  caf::reacts_to<exited_atom, v1::ProcessExit>,
-  // An asynchronous QMP event (SHUTDOWN, POWERDOWN, RESET, GUEST_PANICKED, STOP).
-  caf::reacts_to<qmp_event_atom, v1::QmpEvent>,
+  caf::reacts_to<exited_atom, v1::ProcessExit>>;
+
+/// Hears from qmp_session (the VM attempt).
+using qmp_observer_actor = caf::typed_actor<
+  // An asynchronous QMP event (SHUTDOWN, POWERDOWN, RESET, GUEST_PANICKED, STOP, ...).
+  caf::reacts_to<qmp_event_atom, v1::QmpEvent>>;
+
+/// Hears from console_tailer (the VM attempt).
+using console_observer_actor = caf::typed_actor<
   // One serial console line (raw bytes, no terminator) seen before the hand-off.
-  caf::reacts_to<console_atom, std::string>,
+  caf::reacts_to<console_atom, std::string>>;
+
+/// Hears from ssh_executor (the job supervisor, which runs the steps).
+using output_observer_actor = caf::typed_actor<
   // A chunk of a running step's stdout or stderr, in order.
   caf::reacts_to<output_atom, v1::OutputChunk>>;
 
 /// Owns the QEMU child process and everything made for the VM on the host.
 using qemu_process_actor = caf::typed_actor<
-  // Makes the VM's work dir, keys, seed ISO and disk overlay; replies the handle.
-  caf::replies_to<prepare_atom, v1::JobSpec, v1::ImageSpec, v1::RunnerConfig>::with<v1::VmHandle>,
+  // Makes the VM's work dir, keys, seed ISO and disk overlay for boot attempt
+  // number `attempt` (its socket names are the attempt's own); replies the handle.
+  caf::replies_to<prepare_atom, v1::JobSpec, v1::ImageSpec, v1::RunnerConfig,
+                  uint32_t>::with<v1::VmHandle>,
   // Spawns QEMU for the prepared handle; replies the handle with PID filled in.
   caf::replies_to<launch_atom>::with<v1::VmHandle>,
   // SIGKILLs QEMU (the exit is reported to the observer as usual).
   caf::reacts_to<kill_atom>,
   // Kills QEMU if still running, reaps it, removes the work dir; replies when done.
-  caf::replies_to<cleanup_atom>::with<ok_atom>,
-  // Internal: poll the child's exit and stderr.
-  caf::reacts_to<tick_atom>>;
+  caf::replies_to<cleanup_atom>::with<ok_atom>>;
 
 /// Owns the QMP socket of one VM.
 using qmp_session_actor = caf::typed_actor<
   // Waits (up to the timeout, in ms) for the socket, greeting and capabilities.
   caf::replies_to<connect_atom, std::string, uint32_t>::with<ok_atom>,
   // Runs a QMP command (name, arguments as JSON text); replies "return" as JSON text.
-  caf::replies_to<command_atom, std::string, std::string>::with<std::string>,
-  // Internal: poll the socket.
-  caf::reacts_to<tick_atom>>;
+  caf::replies_to<command_atom, std::string, std::string>::with<std::string>>;
 
 /// Owns the serial console stream during boot.
 using console_tailer_actor = caf::typed_actor<
   // Drains what is buffered, emits it, closes, then replies `stopped`.
-  caf::replies_to<stop_atom>::with<stopped_atom>,
-  // Internal: read new console bytes.
-  caf::reacts_to<tick_atom>>;
+  caf::replies_to<stop_atom>::with<stopped_atom>>;
 
-/// Owns one libssh2 session to the guest; blocking work runs on its own worker.
-using ssh_executor_actor = caf::typed_actor<
-  // Polls until SSH handshake + auth succeed (timeout in ms); replies ok.
-  caf::replies_to<ready_atom, v1::VmHandle, uint32_t>::with<ok_atom>,
+/// The guest shell: what a job's steps use. Only the VM attempt's hand-off gives
+/// it out, after the console tailer has stopped (or was killed and is gone).
+using guest_shell_actor = caf::typed_actor<
   // Uploads bytes (content, remote path, mode) over SFTP, then chmods.
   caf::replies_to<upload_atom, std::string, std::string, uint32_t>::with<ok_atom>,
   // Uploads a local file (local path, remote path, mode) over SFTP, then chmods.
@@ -74,26 +86,60 @@ using ssh_executor_actor = caf::typed_actor<
   // Downloads a remote file to a local path.
   caf::replies_to<download_atom, std::string, std::string>::with<ok_atom>,
   // Runs a step (step index, command, its stdin bytes, timeout in ms); output
-  // streams to the observer as output chunks; replies the step's exit. File
+  // streams to the output observer as chunks; replies the step's exit. File
   // contents and secrets go in stdin, never in the command line.
   caf::replies_to<exec_atom, uint32_t, std::string, std::string, uint32_t>::with<v1::StepResult>,
   // Cancels the operation in progress (it then fails or reports cancelled).
   caf::reacts_to<cancel_atom>,
   // The observer has handled this many bytes of output: the worker may read on.
-  caf::reacts_to<ack_atom, uint64_t>,
-  // Internal: the worker finished operation `id` (error text empty on success).
-  caf::reacts_to<done_atom, uint64_t, std::string, v1::StepResult>,
-  // Internal: the worker read a chunk of output.
-  caf::reacts_to<output_atom, v1::OutputChunk>>;
+  caf::reacts_to<ack_atom, uint64_t>>;
+
+/// Owns one libssh2 session to the guest; blocking work runs on its own worker.
+/// It starts gated: every guest-shell request is refused until `release`.
+using ssh_executor_actor = guest_shell_actor::extend<
+  // Polls until SSH handshake + auth succeed (timeout in ms); replies ok.
+  caf::replies_to<ready_atom, v1::VmHandle, uint32_t>::with<ok_atom>,
+  // The console hand-off is done: guest-shell requests are served from now on.
+  caf::reacts_to<release_atom>>;
+
+// ---------------------------------------------------------------------------
+// One boot attempt and the job around it.
+// ---------------------------------------------------------------------------
+
+/// What a VM attempt tells its job supervisor while it boots and runs.
+using attempt_observer_actor = caf::typed_actor<
+  // The attempt entered a boot state (PREPARING, BOOTING, WAITING_FOR_SSH) + detail.
+  caf::reacts_to<phase_atom, v1::JobState, std::string>,
+  // One serial console line seen before the hand-off.
+  caf::reacts_to<console_atom, std::string>,
+  // Something the user should see (a QMP event worth telling).
+  caf::reacts_to<notice_atom, std::string>,
+  // The booted VM is lost (QEMU exited, QMP closed, the guest panicked or reset):
+  // why, with QEMU's stderr and the console's last lines. Sent at most once.
+  caf::reacts_to<lost_atom, std::string>>;
+
+/// One boot attempt: its QEMU process, QMP session, console tailer and SSH
+/// executor. A retry or a KVM->TCG fallback ends the attempt and starts another;
+/// nothing of the old one reaches the new one, whose files and sockets are its own.
+using vm_attempt_actor = caf::typed_actor<
+  // Prepares, launches and boots the VM until SSH answers; replies the handle,
+  // or an error saying why (runner_errc::kvm_unusable: KVM could not run it).
+  // After an error the attempt says nothing more until `shutdown`.
+  caf::replies_to<boot_atom>::with<v1::VmHandle>,
+  // Stops the console tailer (its `stopped` reply, or killed and DOWN), then
+  // releases the SSH executor and replies it as the guest shell.
+  caf::replies_to<handoff_atom>::with<guest_shell_actor>,
+  // Ends the VM — system_powerdown when `graceful`, then quit, then SIGKILL — and
+  // removes its files; replies how QEMU ended ("powerdown", "quit", "kill",
+  // "exited" or "none"), then quits.
+  caf::replies_to<shutdown_atom, bool>::with<std::string>>;
 
 /// Runs one job from spec to result: the only actor that decides.
-using job_supervisor_actor = vm_observer_actor::extend<
+using job_supervisor_actor = caf::typed_actor<
   // Starts the job.
   caf::reacts_to<start_atom>,
   // Cancels the job: the VM is powered down, the job ends `cancelled`.
-  caf::reacts_to<cancel_atom>,
-  // Internal: a deadline (job, step hand-off, shutdown stage) identified by a token.
-  caf::reacts_to<timeout_atom, uint64_t>>;
+  caf::reacts_to<cancel_atom>>;
 
 }  // namespace solstice
 
@@ -108,11 +154,6 @@ using job_supervisor_actor = vm_observer_actor::extend<
 
 namespace solstice {
 
-using join_atom = caf::atom_constant<caf::atom("join")>;
-using relay_atom = caf::atom_constant<caf::atom("relay")>;
-using run_job_atom = caf::atom_constant<caf::atom("run_job")>;
-using status_atom = caf::atom_constant<caf::atom("status")>;
-using submit_atom = caf::atom_constant<caf::atom("submit")>;
 
 /// What a runner node offers when it joins a coordinator.
 struct node_offer {

@@ -6,6 +6,7 @@
 namespace solstice {
 
 using ack_atom = caf::atom_constant<caf::atom("ack")>;
+using boot_atom = caf::atom_constant<caf::atom("boot")>;
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
 using cleanup_atom = caf::atom_constant<caf::atom("cleanup")>;
 using command_atom = caf::atom_constant<caf::atom("command")>;
@@ -16,17 +17,28 @@ using download_atom = caf::atom_constant<caf::atom("download")>;
 using event_atom = caf::atom_constant<caf::atom("event")>;
 using exec_atom = caf::atom_constant<caf::atom("exec")>;
 using exited_atom = caf::atom_constant<caf::atom("exited")>;
+using handoff_atom = caf::atom_constant<caf::atom("handoff")>;
+using join_atom = caf::atom_constant<caf::atom("join")>;
 using kill_atom = caf::atom_constant<caf::atom("kill")>;
 using launch_atom = caf::atom_constant<caf::atom("launch")>;
+using lost_atom = caf::atom_constant<caf::atom("lost")>;
+using notice_atom = caf::atom_constant<caf::atom("notice")>;
 using ok_atom = caf::atom_constant<caf::atom("ok")>;
 using output_atom = caf::atom_constant<caf::atom("output")>;
+using phase_atom = caf::atom_constant<caf::atom("phase")>;
 using prepare_atom = caf::atom_constant<caf::atom("prepare")>;
 using put_file_atom = caf::atom_constant<caf::atom("put_file")>;
 using qmp_event_atom = caf::atom_constant<caf::atom("qmp_event")>;
 using ready_atom = caf::atom_constant<caf::atom("ready")>;
+using relay_atom = caf::atom_constant<caf::atom("relay")>;
+using release_atom = caf::atom_constant<caf::atom("release")>;
+using run_job_atom = caf::atom_constant<caf::atom("run_job")>;
+using shutdown_atom = caf::atom_constant<caf::atom("shutdown")>;
 using start_atom = caf::atom_constant<caf::atom("start")>;
+using status_atom = caf::atom_constant<caf::atom("status")>;
 using stop_atom = caf::atom_constant<caf::atom("stop")>;
 using stopped_atom = caf::atom_constant<caf::atom("stopped")>;
+using submit_atom = caf::atom_constant<caf::atom("submit")>;
 using tick_atom = caf::atom_constant<caf::atom("tick")>;
 using timeout_atom = caf::atom_constant<caf::atom("timeout")>;
 using upload_atom = caf::atom_constant<caf::atom("upload")>;

@@ -17,7 +17,7 @@ constexpr auto poll_interval = std::chrono::milliseconds(20);
 // Afterwards inotify says when it grows; this is a safety net.
 constexpr auto fallback_interval = std::chrono::milliseconds(250);
 
-using tailer_pointer = console_tailer_actor::stateful_pointer<console_tailer_state>;
+using tailer_pointer = console_tailer_internal::stateful_pointer<console_tailer_state>;
 
 void emit_line(tailer_pointer self, std::string line) {
   if (!line.empty() && line.back() == '\r')
@@ -88,8 +88,8 @@ void close_all(console_tailer_state& st) {
 
 console_tailer_state::~console_tailer_state() { close_all(*this); }
 
-console_tailer_actor::behavior_type
-console_tailer(tailer_pointer self, vm_observer_actor observer, std::string console_log_path,
+console_tailer_internal::behavior_type
+console_tailer(tailer_pointer self, console_observer_actor observer, std::string console_log_path,
                console_wakeup wakeup) {
   self->state.observer = std::move(observer);
   self->state.use_inotify = wakeup == console_wakeup::inotify;

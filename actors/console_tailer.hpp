@@ -3,7 +3,7 @@
 #include <string>
 
 #include "actors/actors.hpp"
-#include "runtime/fd_waiter.hpp"
+#include "runtime/base/fd_waiter.hpp"
 
 namespace solstice {
 
@@ -11,7 +11,7 @@ struct console_tailer_state {
   static inline const char* name = "console_tailer";
   // Not an aggregate: CAF would otherwise try to build the state from `self`.
   console_tailer_state() = default;
-  vm_observer_actor observer;
+  console_observer_actor observer;
   std::string path;
   int fd = -1;
   // Once the file exists: inotify reports its growth, the waiter wakes the actor.
@@ -35,9 +35,13 @@ enum class console_wakeup { inotify, timer };
 
 // Follows the serial console log QEMU writes and emits its lines to the observer
 // until `stop`. Spawn it detached (it reads a file whenever it grows).
-console_tailer_actor::behavior_type
-console_tailer(console_tailer_actor::stateful_pointer<console_tailer_state> self,
-               vm_observer_actor observer, std::string console_log_path,
+// The actor's own interface: the public one plus its wake-up (the log grew, or
+// the poll timer), which only the actor itself sends.
+using console_tailer_internal = console_tailer_actor::extend<caf::reacts_to<tick_atom>>;
+
+console_tailer_internal::behavior_type
+console_tailer(console_tailer_internal::stateful_pointer<console_tailer_state> self,
+               console_observer_actor observer, std::string console_log_path,
                console_wakeup wakeup);
 
 }  // namespace solstice

@@ -2,42 +2,27 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
-#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include <caf/actor_clock.hpp>
 
 #include "actors/actors.hpp"
-#include "runtime/redactor.hpp"
-#include "runtime/vm_slots.hpp"
+#include "actors/vm_attempt.hpp"
+#include "runtime/job/redactor.hpp"
+#include "runtime/vm/vm_slots.hpp"
 
 namespace solstice {
 
-// How the supervisor makes the actors around one VM. The default spawns the real
-// actors detached; tests put in their own.
-struct vm_actor_factory {
-  std::function<qemu_process_actor(caf::actor_system&, vm_observer_actor)> qemu;
-  std::function<qmp_session_actor(caf::actor_system&, vm_observer_actor)> qmp;
-  std::function<console_tailer_actor(caf::actor_system&, vm_observer_actor, std::string)> console;
-  std::function<ssh_executor_actor(caf::actor_system&, vm_observer_actor)> ssh;
-};
-
-vm_actor_factory detached_vm_actors();
-
 struct supervisor_timeouts {
-  std::chrono::milliseconds prepare{std::chrono::minutes(2)};
-  std::chrono::milliseconds qmp_connect{std::chrono::seconds(10)};
-  // How long the console tailer has to answer `stop` before it is killed.
-  std::chrono::milliseconds console_stop{std::chrono::seconds(5)};
+  vm_attempt_timeouts attempt;
   std::chrono::milliseconds transfer{std::chrono::minutes(30)};
-  // After `quit`, and after SIGKILL, how long to wait for QEMU's exit.
-  std::chrono::milliseconds quit_wait{std::chrono::seconds(5)};
-  std::chrono::milliseconds kill_wait{std::chrono::seconds(5)};
+  // How long a failed SSH operation waits for the attempt's report that the VM
+  // is gone, which names the real cause.
+  std::chrono::milliseconds lost_report_grace{500};
 };
 
 // Every job runs on threads of its own (detached actors, the SSH worker), and
@@ -52,6 +37,25 @@ struct ReturnFreedMemory {
   ~ReturnFreedMemory();
 };
 
+// Where the job is. Each phase accepts only the messages that make sense in it;
+// the rest are logged as unexpected and change nothing.
+enum class job_phase {
+  created,           // `start` not received yet
+  queued,            // waiting for one of the host's VM slots
+  booting,           // a VM attempt prepares, boots and waits for SSH
+  retiring_attempt,  // KVM could not run the guest: the attempt ends, TCG follows
+  console_handoff,   // the attempt stops the console tailer, then hands out the shell
+  setup,             // the runner's set-up command in the guest
+  uploads,           // the job's files go into the guest
+  steps,             // the job's steps, one after another
+  artifacts,         // files come back from the guest
+  debug_hold,        // debug-on-failure: the failed VM stays up for the user
+  shutting_down,     // the attempt ends the VM and removes its files
+  ended,             // the result is out
+};
+
+const char* to_string(job_phase phase);
+
 struct job_supervisor_state {
   static inline const char* name = "job_supervisor";
   // Not an aggregate: CAF would otherwise try to build the state from `self`.
@@ -62,72 +66,51 @@ struct job_supervisor_state {
   v1::ImageSpec image;
   v1::RunnerConfig config;
   std::vector<event_sink_actor> sinks;
-  vm_actor_factory factory;
+  vm_child_factory factory;
   supervisor_timeouts timeouts;
+  std::vector<std::string> secrets;
 
-  // The actors around the VM.
-  qemu_process_actor qemu;
-  qmp_session_actor qmp;
-  console_tailer_actor tailer;
-  ssh_executor_actor ssh;
+  job_phase phase = job_phase::created;
+  uint64_t event_sequence = 0;
+
+  // The current VM attempt and, once handed off, its guest shell.
+  vm_attempt_actor attempt;
+  uint32_t attempt_number = 0;
+  // Every attempt made, told to stop should the supervisor end abnormally.
+  std::shared_ptr<std::vector<caf::actor>> attempts = std::make_shared<std::vector<caf::actor>>();
+  guest_shell_actor shell;
   v1::VmHandle vm;
-  // Every child spawned, told to stop when the supervisor ends for any reason.
-  std::shared_ptr<std::vector<caf::actor>> children =
-    std::make_shared<std::vector<caf::actor>>();
-  // Held by the supervisor and each child: returns the job's freed memory to
-  // the system once the last of them has ended.
+  enum class vm_status { none, up, lost } vm_state = vm_status::none;
+  // Held by the supervisor and every attempt's children: returns the job's
+  // freed memory to the system once the last of them has ended.
   std::shared_ptr<ReturnFreedMemory> memory_trim = std::make_shared<ReturnFreedMemory>();
 
-  // Progress.
-  bool started = false;
-  v1::JobState state = v1::QUEUED;
-  uint64_t event_sequence = 0;
-  bool launched = false;
-  // Each boot attempt's replies carry its number; a retired attempt's are ignored.
-  uint32_t boot_attempt = 0;
-  // "auto" chose KVM and KVM could not boot the guest: retrying on TCG.
-  bool kvm_fallback = false;
-  bool restarting = false;
-  bool qmp_connected = false;
-  bool ssh_ready = false;
-  bool tailer_stopped = false;
-  bool waiting_for_tailer_down = false;
-  bool qemu_exited = false;
-  // QEMU paused the guest (STOP without RESUME): it cannot react to the power button.
-  bool vm_paused = false;
-  v1::ProcessExit qemu_exit;
-  std::optional<unsigned> running_step;
-  bool finishing = false;      // the job's outcome is decided; only shutdown remains
-  bool shutdown_started = false;
-  bool cleaned_up = false;
-  std::string shutdown_stage;  // powerdown, quit, kill
-  uint64_t next_token = 2;     // token 1 is the job deadline
-  // When the job times out, on the actor clock (checked by short chained timers:
-  // one long timer would keep a finished supervisor alive until it fired).
+  // The decision: the first one wins.
+  std::optional<v1::JobStatus> status;
+  std::string error;
+  // An SSH failure held for lost_report_grace: the attempt may say why.
+  std::optional<std::string> held_error;
+
+  // Timers, each identified by a token.
+  uint64_t next_token = 2;  // token 1 is the job deadline
   caf::actor_clock::time_point deadline;
-  uint64_t shutdown_token = 0;
+  uint64_t slot_token = 0;
   uint64_t debug_token = 0;
-  // An infrastructure error held back briefly: when QEMU dies, the SSH or QMP
-  // failure it causes can arrive before QEMU's exit report, which names the cause.
-  std::string held_error;
-  uint64_t held_error_token = 0;
-  std::string debug_key_path;
-  std::string debug_known_hosts_path;
+  uint64_t held_token = 0;
 
   // The host-wide VM slot this job holds while its VM exists.
   std::optional<VmSlot> slot;
-  uint64_t slot_token = 0;
   bool said_waiting = false;
 
   // What the result will say.
   v1::JobResult result;
-  std::optional<v1::JobStatus> status;
-  std::string error;
   std::map<std::string, std::chrono::steady_clock::time_point> phase_started;
   std::deque<std::string> console_tail;
+  std::string debug_key_path;
+  std::string debug_known_hosts_path;
 
-  // Secret redaction of the running step's two streams.
-  std::vector<std::string> secrets;
+  // The running step and its two redacted streams.
+  std::optional<unsigned> running_step;
   std::optional<Redactor> stdout_redactor;
   std::optional<Redactor> stderr_redactor;
   uint64_t stdout_sequence = 0;
@@ -141,19 +124,19 @@ struct job_supervisor_state {
   uint64_t output_credited_bytes = 0;
 };
 
-// How long an SSH/QMP failure waits for a QEMU exit report that would explain it.
-inline constexpr std::chrono::milliseconds exit_report_grace{500};
+// The supervisor's own interface: the public one, what its VM attempt and SSH
+// executor tell it, and its timers (which only it sends).
+using job_supervisor_internal = job_supervisor_actor::extend_with<
+  attempt_observer_actor, output_observer_actor>::extend<caf::reacts_to<timeout_atom, uint64_t>>;
 
-// Console lines kept for error reports.
-inline constexpr size_t console_tail_lines = 30;
-
-// Runs one job: prepare, boot, SSH ready, console hand-off, steps, artifacts,
-// shutdown, cleanup; every transition an event to `sinks`, the last event the
-// result. `image` is the resolved image (see resolve_image). Send `start` to begin.
-job_supervisor_actor::behavior_type
-job_supervisor(job_supervisor_actor::stateful_pointer<job_supervisor_state> self,
+// Runs one job: a slot, a VM attempt (a second one on TCG when "auto" chose a KVM
+// that cannot run the guest), the console hand-off, set-up, uploads, steps,
+// artifacts, shutdown, cleanup; every transition an event to `sinks`, the last
+// event the result. `image` is the resolved image. Send `start` to begin.
+job_supervisor_internal::behavior_type
+job_supervisor(job_supervisor_internal::stateful_pointer<job_supervisor_state> self,
                v1::JobSpec job, v1::ImageSpec image, v1::RunnerConfig config,
-               std::vector<event_sink_actor> sinks, vm_actor_factory factory,
+               std::vector<event_sink_actor> sinks, vm_child_factory factory,
                supervisor_timeouts timeouts);
 
 }  // namespace solstice

@@ -9,9 +9,9 @@
 #include <caf/send.hpp>
 
 #include "actors/runner_types.hpp"
-#include "runtime/qemu_argv.hpp"
-#include "runtime/recovery.hpp"
-#include "runtime/vm_prepare.hpp"
+#include "runtime/vm/qemu_argv.hpp"
+#include "runtime/vm/recovery.hpp"
+#include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice {
 
@@ -64,14 +64,14 @@ qemu_process_state::~qemu_process_state() {
     (void)cleanup_vm(handle);
 }
 
-qemu_process_actor::behavior_type
-qemu_process(qemu_process_actor::stateful_pointer<qemu_process_state> self,
-             vm_observer_actor observer) {
+qemu_process_internal::behavior_type
+qemu_process(qemu_process_internal::stateful_pointer<qemu_process_state> self,
+             qemu_observer_actor observer) {
   self->state.observer = std::move(observer);
   return {
     [=](prepare_atom, const v1::JobSpec& job, const v1::ImageSpec& image,
-        const v1::RunnerConfig& config) -> caf::result<v1::VmHandle> {
-      auto handle = prepare_vm(job, image, config);
+        const v1::RunnerConfig& config, uint32_t attempt) -> caf::result<v1::VmHandle> {
+      auto handle = prepare_vm(job, image, config, attempt);
       if (!handle)
         return caf::make_error(runner_errc::prepare_failed, handle.error().message);
       self->state.handle = *handle;

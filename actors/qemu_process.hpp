@@ -4,8 +4,8 @@
 #include <string>
 
 #include "actors/actors.hpp"
-#include "runtime/child_process.hpp"
-#include "runtime/fd_waiter.hpp"
+#include "runtime/base/child_process.hpp"
+#include "runtime/base/fd_waiter.hpp"
 
 namespace solstice {
 
@@ -13,7 +13,7 @@ struct qemu_process_state {
   static inline const char* name = "qemu_process";
   // Not an aggregate: CAF would otherwise try to build the state from `self`.
   qemu_process_state() = default;
-  vm_observer_actor observer;
+  qemu_observer_actor observer;
   v1::VmHandle handle;
   bool prepared = false;
   std::optional<ChildProcess> child;
@@ -26,10 +26,14 @@ struct qemu_process_state {
   ~qemu_process_state();
 };
 
+// The actor's own interface: the public one plus its wake-up (QEMU's pidfd or
+// stderr became readable), which only the actor itself sends.
+using qemu_process_internal = qemu_process_actor::extend<caf::reacts_to<tick_atom>>;
+
 // Owns the QEMU child. Spawn it detached: prepare/launch/cleanup do short
 // blocking file and process work on the actor's own thread.
-qemu_process_actor::behavior_type
-qemu_process(qemu_process_actor::stateful_pointer<qemu_process_state> self,
-             vm_observer_actor observer);
+qemu_process_internal::behavior_type
+qemu_process(qemu_process_internal::stateful_pointer<qemu_process_state> self,
+             qemu_observer_actor observer);
 
 }  // namespace solstice

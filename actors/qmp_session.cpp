@@ -14,7 +14,7 @@ namespace {
 // Events are seen when the socket becomes readable; this is a safety net.
 constexpr auto fallback_interval = std::chrono::milliseconds(250);
 
-void forward_events(qmp_session_actor::stateful_pointer<qmp_session_state> self) {
+void forward_events(qmp_session_internal::stateful_pointer<qmp_session_state> self) {
   auto& st = self->state;
   while (auto event = st.client->next_event(std::chrono::milliseconds(0))) {
     v1::QmpEvent out;
@@ -26,9 +26,9 @@ void forward_events(qmp_session_actor::stateful_pointer<qmp_session_state> self)
 
 }  // namespace
 
-qmp_session_actor::behavior_type
-qmp_session(qmp_session_actor::stateful_pointer<qmp_session_state> self,
-            vm_observer_actor observer) {
+qmp_session_internal::behavior_type
+qmp_session(qmp_session_internal::stateful_pointer<qmp_session_state> self,
+            qmp_observer_actor observer) {
   self->state.observer = std::move(observer);
   return {
     [=](connect_atom, const std::string& socket, uint32_t timeout_ms) -> caf::result<ok_atom> {

@@ -3,8 +3,8 @@
 #include <optional>
 
 #include "actors/actors.hpp"
-#include "runtime/fd_waiter.hpp"
-#include "runtime/qmp.hpp"
+#include "runtime/base/fd_waiter.hpp"
+#include "runtime/vm/qmp.hpp"
 
 namespace solstice {
 
@@ -12,7 +12,7 @@ struct qmp_session_state {
   static inline const char* name = "qmp_session";
   // Not an aggregate: CAF would otherwise try to build the state from `self`.
   qmp_session_state() = default;
-  vm_observer_actor observer;
+  qmp_observer_actor observer;
   std::optional<QmpClient> client;
   // Wakes the actor when the QMP socket has something to read.
   std::unique_ptr<FdWaiter> waiter;
@@ -21,8 +21,12 @@ struct qmp_session_state {
 
 // Owns the QMP socket. Spawn it detached: commands block its own thread briefly
 // (QMP answers in milliseconds); events are polled and forwarded to the observer.
-qmp_session_actor::behavior_type
-qmp_session(qmp_session_actor::stateful_pointer<qmp_session_state> self,
-            vm_observer_actor observer);
+// The actor's own interface: the public one plus its wake-up (the socket became
+// readable), which only the actor itself sends.
+using qmp_session_internal = qmp_session_actor::extend<caf::reacts_to<tick_atom>>;
+
+qmp_session_internal::behavior_type
+qmp_session(qmp_session_internal::stateful_pointer<qmp_session_state> self,
+            qmp_observer_actor observer);
 
 }  // namespace solstice

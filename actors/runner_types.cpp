@@ -18,6 +18,8 @@ const char* errc_name(uint8_t code) {
     case runner_errc::ssh_failed: return "ssh_failed";
     case runner_errc::console_failed: return "console_failed";
     case runner_errc::cancelled: return "cancelled";
+    case runner_errc::kvm_unusable: return "kvm_unusable";
+    case runner_errc::not_released: return "not_released";
   }
   return "unknown";
 }
@@ -36,7 +38,7 @@ void add_runner_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<v1::ProcessExit>("solstice.v1.ProcessExit");
   cfg.add_message_type<v1::QmpEvent>("solstice.v1.QmpEvent");
   cfg.add_message_type<event_sink_actor>("solstice.event_sink_actor");
-  cfg.add_message_type<vm_observer_actor>("solstice.vm_observer_actor");
+  cfg.add_message_type<guest_shell_actor>("solstice.guest_shell_actor");
   cfg.add_message_type<job_supervisor_actor>("solstice.job_supervisor_actor");
   // Cluster (coordinator and runner nodes).
   cfg.add_message_type<node_offer>("solstice.node_offer");

@@ -19,6 +19,8 @@ enum class runner_errc : uint8_t {
   ssh_failed,         // SSH never became ready, or a transfer failed
   console_failed,     // the console log could not be read
   cancelled,          // the operation was cancelled
+  kvm_unusable,       // KVM could not run the guest (QEMU died or stopped it while booting)
+  not_released,       // a guest-shell request before the console hand-off: refused
 };
 
 // Adds the runner's message types and error category to `cfg`.

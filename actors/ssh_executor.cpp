@@ -10,7 +10,7 @@ namespace solstice {
 
 namespace {
 
-using executor_pointer = ssh_executor_actor::stateful_pointer<ssh_executor_state>;
+using executor_pointer = ssh_executor_internal::stateful_pointer<ssh_executor_state>;
 using std::chrono::milliseconds;
 
 constexpr auto ready_poll_interval = milliseconds(20);
@@ -33,7 +33,7 @@ uint64_t post(executor_pointer self, Work work) {
   auto id = st.next_op++;
   auto cancel = std::make_shared<std::atomic<bool>>(false);
   st.in_flight.emplace(id, cancel);
-  auto me = caf::actor_cast<ssh_executor_actor>(self);
+  auto me = caf::actor_cast<ssh_executor_internal>(self);
   st.worker->post([id, cancel, me, session = st.session, work = std::move(work)]() mutable {
     v1::StepResult result;
     std::string error;
@@ -44,6 +44,18 @@ uint64_t post(executor_pointer self, Work work) {
     caf::anon_send(me, done_atom::value, id, std::move(error), std::move(result));
   });
   return id;
+}
+
+// Guest-shell requests before the console hand-off are refused, never run:
+// guest output must not be logged by the console tailer and the step at once.
+caf::error refused(const char* what) {
+  return caf::make_error(runner_errc::not_released,
+                         std::string{what} +
+                           " refused: the console hand-off has not released the SSH executor");
+}
+
+bool released(executor_pointer self) {
+  return self->state.shell_gate == ssh_executor_state::gate::released;
 }
 
 std::string no_session_error() {
@@ -78,8 +90,8 @@ ssh_executor_state::~ssh_executor_state() {
     flag->store(true);
 }
 
-ssh_executor_actor::behavior_type
-ssh_executor(executor_pointer self, vm_observer_actor observer) {
+ssh_executor_internal::behavior_type
+ssh_executor(executor_pointer self, output_observer_actor observer) {
   self->state.observer = std::move(observer);
   return {
     [=](ready_atom, const v1::VmHandle& handle, uint32_t timeout_ms) {
@@ -88,7 +100,7 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
       auto deadline = std::chrono::steady_clock::now() + milliseconds(timeout_ms);
       auto id = post(self, [target, deadline](std::optional<SshSession>& session,
                                               std::atomic<bool>& cancel, v1::StepResult&,
-                                              const ssh_executor_actor&) -> std::string {
+                                              const ssh_executor_internal&) -> std::string {
         auto ready = SshSession::wait_until_ready(target, deadline, ready_poll_interval,
                                                   [&cancel] { return cancel.load(); });
         if (!ready)
@@ -100,10 +112,12 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
       self->state.ok_replies.emplace(id, rp);
       return rp;
     },
-    [=](upload_atom, const std::string& content, const std::string& remote, uint32_t mode) {
+    [=](upload_atom, const std::string& content, const std::string& remote, uint32_t mode) -> caf::result<ok_atom> {
+      if (!released(self))
+        return refused("upload");
       auto id = post(self, [content, remote, mode, target = self->state.target](
                              std::optional<SshSession>& session, std::atomic<bool>& cancel,
-                             v1::StepResult&, const ssh_executor_actor&) -> std::string {
+                             v1::StepResult&, const ssh_executor_internal&) -> std::string {
         return with_reconnect(session, target, cancel, [&](SshSession& s) {
           auto ok = s.upload(content, remote, static_cast<int>(mode));
           return ok ? std::string{} : ok.error().message;
@@ -113,10 +127,12 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
       self->state.ok_replies.emplace(id, rp);
       return rp;
     },
-    [=](put_file_atom, const std::string& local, const std::string& remote, uint32_t mode) {
+    [=](put_file_atom, const std::string& local, const std::string& remote, uint32_t mode) -> caf::result<ok_atom> {
+      if (!released(self))
+        return refused("upload");
       auto id = post(self, [local, remote, mode, target = self->state.target](
                              std::optional<SshSession>& session, std::atomic<bool>& cancel,
-                             v1::StepResult&, const ssh_executor_actor&) -> std::string {
+                             v1::StepResult&, const ssh_executor_internal&) -> std::string {
         return with_reconnect(session, target, cancel, [&](SshSession& s) {
           auto ok = s.upload_file(local, remote, static_cast<int>(mode));
           return ok ? std::string{} : ok.error().message;
@@ -126,10 +142,12 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
       self->state.ok_replies.emplace(id, rp);
       return rp;
     },
-    [=](download_atom, const std::string& remote, const std::string& local) {
+    [=](download_atom, const std::string& remote, const std::string& local) -> caf::result<ok_atom> {
+      if (!released(self))
+        return refused("download");
       auto id = post(self, [remote, local, target = self->state.target](
                              std::optional<SshSession>& session, std::atomic<bool>& cancel,
-                             v1::StepResult&, const ssh_executor_actor&) -> std::string {
+                             v1::StepResult&, const ssh_executor_internal&) -> std::string {
         return with_reconnect(session, target, cancel, [&](SshSession& s) {
           auto ok = s.download(remote, local);
           return ok ? std::string{} : ok.error().message;
@@ -140,11 +158,13 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
       return rp;
     },
     [=](exec_atom, uint32_t step, const std::string& command, const std::string& input,
-        uint32_t timeout_ms) {
+        uint32_t timeout_ms) -> caf::result<v1::StepResult> {
+      if (!released(self))
+        return refused("exec");
       auto id = post(self, [step, command, input, timeout_ms, target = self->state.target,
                             credit = self->state.output_credit](
                              std::optional<SshSession>& session, std::atomic<bool>& cancel,
-                             v1::StepResult& result, const ssh_executor_actor& me) -> std::string {
+                             v1::StepResult& result, const ssh_executor_internal& me) -> std::string {
         if (!session)
           return no_session_error();
         ExecOptions options;
@@ -203,6 +223,7 @@ ssh_executor(executor_pointer self, vm_observer_actor observer) {
       self->state.exec_replies.emplace(id, rp);
       return rp;
     },
+    [=](release_atom) { self->state.shell_gate = ssh_executor_state::gate::released; },
     [=](ack_atom, uint64_t bytes) {
       self->state.output_credit->give_back(static_cast<size_t>(bytes));
     },

@@ -8,9 +8,9 @@
 #include <caf/typed_response_promise.hpp>
 
 #include "actors/actors.hpp"
-#include "runtime/byte_credit.hpp"
-#include "runtime/serial_worker.hpp"
-#include "runtime/ssh_session.hpp"
+#include "runtime/base/byte_credit.hpp"
+#include "runtime/base/serial_worker.hpp"
+#include "runtime/ssh/ssh_session.hpp"
 
 namespace solstice {
 
@@ -21,7 +21,10 @@ struct ssh_executor_state {
   static inline const char* name = "ssh_executor";
   // Not an aggregate: CAF would otherwise try to build the state from `self`.
   ssh_executor_state() = default;
-  vm_observer_actor observer;
+  output_observer_actor observer;
+  // Gated until the VM attempt's console hand-off releases it: before that,
+  // every guest-shell request is refused (and never reaches the guest).
+  enum class gate { closed, released } shell_gate = gate::closed;
   // The session lives on the worker thread only; this slot is how tasks share it.
   std::shared_ptr<std::optional<SshSession>> session =
     std::make_shared<std::optional<SshSession>>();
@@ -39,10 +42,18 @@ struct ssh_executor_state {
   ~ssh_executor_state();
 };
 
+// The actor's own interface: the public one plus what its worker thread sends
+// it (an operation finished; a chunk of output read), which nobody else may send.
+using ssh_executor_internal = ssh_executor_actor::extend<
+  // The worker finished operation `id` (error text empty on success).
+  caf::reacts_to<done_atom, uint64_t, std::string, v1::StepResult>,
+  // The worker read a chunk of output.
+  caf::reacts_to<output_atom, v1::OutputChunk>>;
+
 // Owns one SSH session to the guest. Every libssh2 call runs on the executor's
 // own worker thread; results come back as `done` messages and are answered here.
-ssh_executor_actor::behavior_type
-ssh_executor(ssh_executor_actor::stateful_pointer<ssh_executor_state> self,
-             vm_observer_actor observer);
+ssh_executor_internal::behavior_type
+ssh_executor(ssh_executor_internal::stateful_pointer<ssh_executor_state> self,
+             output_observer_actor observer);
 
 }  // namespace solstice

@@ -13,7 +13,7 @@
 #include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
 
-#include "runtime/host/embedding.hpp"
+#include "actors/host/embedding.hpp"
 #include "runtime/job/runner_config.hpp"
 
 namespace {

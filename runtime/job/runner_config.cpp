@@ -121,6 +121,7 @@ v1::RunnerConfig default_runner_config() {
   config.set_state_dir(state_dir.string());
   config.set_qemu_binary("qemu-system-x86_64");
   config.set_accel("auto");
+  config.set_kvm_device("/dev/kvm");
   config.set_default_job_timeout_seconds(3600);
   config.set_boot_timeout_seconds(300);
   config.set_powerdown_timeout_seconds(30);
@@ -148,6 +149,7 @@ Result<v1::RunnerConfig> load_runner_config(const fs::path& path) {
                                      : resolve_against(base_dir, from_file.qemu_binary()).string());
   }
   if (!from_file.accel().empty()) config.set_accel(from_file.accel());
+  if (!from_file.kvm_device().empty()) config.set_kvm_device(resolve_against(base_dir, from_file.kvm_device()).string());
   if (from_file.default_job_timeout_seconds()) config.set_default_job_timeout_seconds(from_file.default_job_timeout_seconds());
   if (from_file.boot_timeout_seconds()) config.set_boot_timeout_seconds(from_file.boot_timeout_seconds());
   if (from_file.powerdown_timeout_seconds()) config.set_powerdown_timeout_seconds(from_file.powerdown_timeout_seconds());

@@ -48,12 +48,13 @@ Result<void> make_private_dir(const fs::path& dir) {
   return {};
 }
 
-std::string resolve_accel(const std::string& configured) {
+std::string resolve_accel(const std::string& configured, const std::string& kvm_device) {
   if (configured == "kvm" || configured == "tcg")
     return configured;
   // "auto": KVM when the device is usable. A KVM that cannot run a guest is
-  // detected at boot by the job supervisor, which retries on TCG.
-  return ::access("/dev/kvm", R_OK | W_OK) == 0 ? "kvm" : "tcg";
+  // detected at boot by the VM attempt; the job supervisor then retries on TCG.
+  const auto& device = kvm_device.empty() ? std::string{"/dev/kvm"} : kvm_device;
+  return ::access(device.c_str(), R_OK | W_OK) == 0 ? "kvm" : "tcg";
 }
 
 namespace {
@@ -199,14 +200,14 @@ Result<void> create_overlay(const std::string& qemu_img, const fs::path& base,
 
 Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& image,
                                 const v1::RunnerConfig& config, const fs::path& work_dir,
-                                const fs::path& job_dir) {
+                                const fs::path& job_dir, uint32_t attempt) {
   v1::VmHandle h;
   h.set_job_id(job.id());
   h.set_work_dir(work_dir.string());
   h.set_job_dir(job_dir.string());
   h.set_qemu_binary(config.qemu_binary().empty() ? "qemu-system-x86_64" : config.qemu_binary());
   h.set_machine(image.machine().empty() ? "pc" : image.machine());
-  h.set_accel(resolve_accel(config.accel()));
+  h.set_accel(resolve_accel(config.accel(), config.kvm_device()));
   h.set_vcpus(image.vcpus() ? image.vcpus() : 1);
   h.set_memory_mib(image.memory_mib() ? image.memory_mib() : 512);
   h.set_boot_mode(image.boot_mode());
@@ -216,7 +217,9 @@ Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& ima
   h.set_user(image.user().empty() ? "runner" : image.user());
   h.set_console_log((job_dir / "console.log").string());
 
-  auto qmp = work_dir / "qmp.sock";
+  // Each boot attempt has a socket name of its own: a client of a retired
+  // attempt's QEMU can never reach the next attempt's.
+  auto qmp = work_dir / ("qmp-" + std::to_string(attempt) + ".sock");
   if (qmp.string().size() >= sizeof(sockaddr_un{}.sun_path))
     return fail("QMP socket path " + qmp.string() + " is too long for a unix socket (" +
                 std::to_string(qmp.string().size()) + " bytes): choose a shorter state_dir");
@@ -303,7 +306,7 @@ Result<void> check_disk_image(const fs::path& disk, const std::string& format,
 }
 
 Result<v1::VmHandle> prepare_vm(const v1::JobSpec& job, const v1::ImageSpec& image,
-                                const v1::RunnerConfig& config) {
+                                const v1::RunnerConfig& config, uint32_t attempt) {
   if (job.id().empty())
     return fail("internal: a job id is needed to prepare a VM");
   if (image.boot_mode() == v1::BOOT_MODE_KERNEL ? image.kernel().empty() : image.disk().empty())
@@ -315,7 +318,7 @@ Result<v1::VmHandle> prepare_vm(const v1::JobSpec& job, const v1::ImageSpec& ima
     return tl::unexpected(ok.error());
   if (auto ok = make_private_dir(work_dir); !ok)
     return tl::unexpected(ok.error());
-  auto handle = prepare_in(job, image, config, work_dir, job_dir);
+  auto handle = prepare_in(job, image, config, work_dir, job_dir, attempt);
   if (!handle) {
     std::error_code ec;
     fs::remove_all(work_dir, ec);

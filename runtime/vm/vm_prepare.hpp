@@ -3,6 +3,7 @@
 // the job's directory (kept: logs, result, artifacts) and the VM's work directory
 // (removed at cleanup: overlay, seed ISO, QMP socket), the ephemeral keys and the
 // seed. Everything it made is removed again when it fails.
+#include <cstdint>
 #include <filesystem>
 #include <string>
 
@@ -21,7 +22,7 @@ std::filesystem::path work_dir_for(const v1::RunnerConfig& config, const std::st
 Result<void> make_private_dir(const std::filesystem::path& dir);
 
 // "kvm" or "tcg" for a configured accel ("auto", "kvm", "tcg").
-std::string resolve_accel(const std::string& configured);
+std::string resolve_accel(const std::string& configured, const std::string& kvm_device = {});
 
 // Asks `qemu-img info` (read only, no lock taken, the whole backing chain opened)
 // whether QEMU can use the disk image at `disk` as `format` ("qcow2" or "raw"), so
@@ -33,9 +34,10 @@ std::string resolve_accel(const std::string& configured);
 Result<void> check_disk_image(const std::filesystem::path& disk, const std::string& format,
                               const std::string& what);
 
-// Prepares everything the VM of `job` needs. The handle keeps vcpus and memory.
+// Prepares everything the VM of `job` needs for boot attempt number `attempt`
+// (1, 2, ...: names that differ per attempt carry it). The handle keeps vcpus and memory.
 Result<v1::VmHandle> prepare_vm(const v1::JobSpec& job, const v1::ImageSpec& image,
-                                const v1::RunnerConfig& config);
+                                const v1::RunnerConfig& config, uint32_t attempt = 1);
 
 // The QEMU description of a prepared VM (vcpus and memory from the handle).
 VmSpec vm_spec_from_handle(const v1::VmHandle& handle);

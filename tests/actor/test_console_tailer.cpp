@@ -82,7 +82,7 @@ struct tailer_fixture {
         },
       };
     });
-    tailer = sys.spawn(console_tailer, caf::actor_cast<vm_observer_actor>(observer), log.string(),
+    tailer = sys.spawn(console_tailer, caf::actor_cast<console_observer_actor>(observer), log.string(),
                        console_wakeup::timer);
     drive();
   }

@@ -56,6 +56,9 @@ namespace {
 using namespace solstice;
 using namespace std::chrono_literals;
 
+// The fake executor's `done` with this id fails its held `ready`.
+constexpr uint64_t fail_ready_op = UINT64_MAX;
+
 // The supervisor's own set-up command in the guest runs as this step index.
 constexpr uint32_t setup_step = UINT32_MAX;
 
@@ -118,13 +121,19 @@ v1::JobSpec two_step_job() {
 
 struct fixture;
 
-qemu_process_actor::behavior_type fake_qemu(qemu_process_actor::pointer self, fixture* fx,
-                                            vm_observer_actor observer);
+// The fakes' own interfaces: the public ones plus what the test uses to poke them.
+using fake_qemu_actor = qemu_process_actor::extend<caf::reacts_to<tick_atom>>;
+using fake_tailer_actor = console_tailer_actor::extend<caf::reacts_to<tick_atom>>;
+using fake_ssh_actor = ssh_executor_actor::extend<
+  caf::reacts_to<done_atom, uint64_t, std::string, v1::StepResult>>;
+
+fake_qemu_actor::behavior_type fake_qemu(fake_qemu_actor::pointer self, fixture* fx,
+                                         qemu_observer_actor observer);
 qmp_session_actor::behavior_type fake_qmp(qmp_session_actor::pointer self, fixture* fx);
-console_tailer_actor::behavior_type fake_tailer(console_tailer_actor::pointer self, fixture* fx,
-                                                vm_observer_actor observer);
-ssh_executor_actor::behavior_type fake_ssh(ssh_executor_actor::pointer self, fixture* fx,
-                                           vm_observer_actor observer);
+fake_tailer_actor::behavior_type fake_tailer(fake_tailer_actor::pointer self, fixture* fx,
+                                             console_observer_actor observer);
+fake_ssh_actor::behavior_type fake_ssh(fake_ssh_actor::pointer self, fixture* fx,
+                                       output_observer_actor observer);
 event_sink_actor::behavior_type recording_sink(event_sink_actor::pointer self, fixture* fx);
 
 struct fixture {
@@ -168,10 +177,12 @@ struct fixture {
   // ---- the actors (declared after `sys`: destroyed before it)
   job_supervisor_actor supervisor;
   event_sink_actor sink;
-  qemu_process_actor qemu;
+  fake_qemu_actor qemu;
   qmp_session_actor qmp;
-  console_tailer_actor tailer;
-  ssh_executor_actor ssh;
+  fake_tailer_actor tailer;
+  fake_ssh_actor ssh;
+  // The VM attempt the supervisor made (the fakes' observer); the last one.
+  caf::actor attempt;
   v1::VmHandle vm;
   bool release_stop_requested = false;
   std::optional<v1::ProcessExit> pending_exit;
@@ -211,17 +222,19 @@ struct fixture {
     return journal.back();
   }
 
-  vm_actor_factory factory() {
-    vm_actor_factory f;
-    f.qemu = [this](caf::actor_system& s, vm_observer_actor observer) {
+  vm_child_factory factory() {
+    vm_child_factory f;
+    f.qemu = [this](caf::actor_system& s, qemu_observer_actor observer) -> qemu_process_actor {
+      attempt = caf::actor_cast<caf::actor>(observer);
       qemu = s.spawn(fake_qemu, this, std::move(observer));
       return qemu;
     };
-    f.qmp = [this](caf::actor_system& s, vm_observer_actor) {
+    f.qmp = [this](caf::actor_system& s, qmp_observer_actor) -> qmp_session_actor {
       qmp = s.spawn(fake_qmp, this);
       return qmp;
     };
-    f.console = [this](caf::actor_system& s, vm_observer_actor observer, std::string) {
+    f.console = [this](caf::actor_system& s, console_observer_actor observer,
+                       std::string) -> console_tailer_actor {
       tailer = s.spawn(fake_tailer, this, std::move(observer));
       caf::actor_cast<caf::abstract_actor*>(tailer)->attach_functor(
         [this](const caf::error& reason) {
@@ -230,7 +243,7 @@ struct fixture {
         });
       return tailer;
     };
-    f.ssh = [this](caf::actor_system& s, vm_observer_actor observer) {
+    f.ssh = [this](caf::actor_system& s, output_observer_actor observer) -> ssh_executor_actor {
       ssh = s.spawn(fake_ssh, this, std::move(observer));
       return ssh;
     };
@@ -253,12 +266,12 @@ struct fixture {
     caf::anon_send(supervisor, start_atom::value);
   }
 
-  // Whether the supervisor's mailbox holds the DOWN message of the tailer.
+  // Whether the VM attempt's mailbox holds the DOWN message of the tailer.
   bool tailer_down_queued() {
-    if (supervisor_exited || !tailer_exit_reason || tailer_down_seen)
+    if (supervisor_exited || !attempt || !tailer_exit_reason || tailer_down_seen)
       return false;
     auto* actor = dynamic_cast<caf::scheduled_actor*>(
-      caf::actor_cast<caf::abstract_actor*>(supervisor));
+      caf::actor_cast<caf::abstract_actor*>(attempt));
     if (actor == nullptr)
       return false;
     auto& mailbox = actor->mailbox();
@@ -284,7 +297,7 @@ struct fixture {
     return std::find(sched.jobs.begin(), sched.jobs.end(), job) != sched.jobs.end();
   }
 
-  // Runs every queued message, one at a time, and notes the moment the supervisor
+  // Runs every queued message, one at a time, and notes the moment the VM attempt
   // takes the tailer's DOWN message from its mailbox.
   void drive() {
     for (size_t n = 0; sched.has_job(); ++n) {
@@ -293,7 +306,7 @@ struct fixture {
       sched.run_once();
       if (down_queued && !tailer_down_queued() && !supervisor_exited) {
         tailer_down_seen = true;
-        note("supervisor", "processed tailer DOWN");
+        note("attempt", "processed tailer DOWN");
       }
     }
   }
@@ -302,6 +315,11 @@ struct fixture {
   void release_stop() {
     release_stop_requested = true;
     caf::anon_send(tailer, tick_atom::value);
+  }
+
+  // The executor fails its held `ready` with an SSH error (from inside the executor).
+  void fail_ready(const std::string& why) {
+    caf::anon_send(ssh, done_atom::value, fail_ready_op, why, v1::StepResult{});
   }
 
   // The executor delivers the held reply of `step` (from inside the executor).
@@ -390,11 +408,11 @@ struct fixture {
 
 // ------------------------------------------------------------------ the fakes
 
-qemu_process_actor::behavior_type fake_qemu(qemu_process_actor::pointer self, fixture* fx,
-                                            vm_observer_actor observer) {
+fake_qemu_actor::behavior_type fake_qemu(fake_qemu_actor::pointer self, fixture* fx,
+                                         qemu_observer_actor observer) {
   return {
     [=](prepare_atom, const v1::JobSpec& job, const v1::ImageSpec& image,
-        const v1::RunnerConfig&) -> v1::VmHandle {
+        const v1::RunnerConfig&, uint32_t) -> v1::VmHandle {
       fx->note("qemu", "prepare", job.id());
       v1::VmHandle handle;
       handle.set_job_id(job.id());
@@ -458,12 +476,11 @@ qmp_session_actor::behavior_type fake_qmp(qmp_session_actor::pointer self, fixtu
       }
       return "{}";
     },
-    [=](tick_atom) {},
   };
 }
 
-console_tailer_actor::behavior_type fake_tailer(console_tailer_actor::pointer self, fixture* fx,
-                                                vm_observer_actor observer) {
+fake_tailer_actor::behavior_type fake_tailer(fake_tailer_actor::pointer self, fixture* fx,
+                                             console_observer_actor observer) {
   auto deliver = [=](caf::typed_response_promise<stopped_atom>& rp) {
     for (const auto& line : std::exchange(fx->drained_console_lines, {}))
       self->send(observer, console_atom::value, line);
@@ -498,12 +515,12 @@ console_tailer_actor::behavior_type fake_tailer(console_tailer_actor::pointer se
 
 // The fake counts the output bytes the supervisor acknowledges (flow control).
 template <class... Handlers>
-ssh_executor_actor::behavior_type ssh_behavior(fixture* fx, Handlers... handlers) {
+fake_ssh_actor::behavior_type ssh_behavior(fixture* fx, Handlers... handlers) {
   return {handlers..., [=](ack_atom, uint64_t bytes) { fx->acked_bytes += bytes; }};
 }
 
-ssh_executor_actor::behavior_type fake_ssh(ssh_executor_actor::pointer self, fixture* fx,
-                                           vm_observer_actor observer) {
+fake_ssh_actor::behavior_type fake_ssh(fake_ssh_actor::pointer self, fixture* fx,
+                                       output_observer_actor observer) {
   auto cancelled = [] { return caf::make_error(runner_errc::cancelled, "cancelled"); };
   return ssh_behavior(
     fx,
@@ -559,8 +576,15 @@ ssh_executor_actor::behavior_type fake_ssh(ssh_executor_actor::pointer self, fix
       if (fx->held_ready)
         std::exchange(fx->held_ready, std::nullopt)->deliver(cancelled());
     },
-    // The test's way to release a held exec reply (uint64_t = step index).
-    [=](done_atom, uint64_t step, const std::string&, const v1::StepResult& result) {
+    // The test's way to release a held exec reply (uint64_t = step index), or
+    // to fail the held `ready` (fail_ready_op).
+    [=](done_atom, uint64_t step, const std::string& why, const v1::StepResult& result) {
+      if (step == fail_ready_op) {
+        if (fx->held_ready)
+          std::exchange(fx->held_ready, std::nullopt)
+            ->deliver(caf::make_error(runner_errc::ssh_failed, why));
+        return;
+      }
       auto i = fx->held_exec.find(static_cast<uint32_t>(step));
       if (i == fx->held_exec.end())
         return;
@@ -569,7 +593,7 @@ ssh_executor_actor::behavior_type fake_ssh(ssh_executor_actor::pointer self, fix
       fx->note("ssh", "exec reply", std::to_string(step));
       rp.deliver(result);
     },
-    [=](output_atom, const v1::OutputChunk&) {});
+    [=](release_atom) { fx->note("ssh", "release"); });
 }
 
 event_sink_actor::behavior_type recording_sink(event_sink_actor::pointer, fixture* fx) {
@@ -603,7 +627,7 @@ TEST_CASE_FIXTURE(fixture, "no exec or upload reaches the SSH executor before th
   CHECK(entries("tailer", "stop")[0].seq > ssh_seen[0].seq);
 
   // Time passes, just short of the stop deadline: still nothing runs.
-  sched.advance_time(timeouts.console_stop - 1ms);
+  sched.advance_time(timeouts.attempt.console_stop - 1ms);
   drive();
   CHECK(entries("ssh").size() == 1);
   CHECK(count("tailer", "terminated") == 0);
@@ -614,11 +638,13 @@ TEST_CASE_FIXTURE(fixture, "no exec or upload reaches the SSH executor before th
   auto stopped = entries("tailer", "stopped");
   REQUIRE(stopped.size() == 1);
   ssh_seen = entries("ssh");
-  REQUIRE(ssh_seen.size() >= 2);
-  // The first message after `ready` is the set-up exec, after the stopped reply.
-  CHECK(ssh_seen[1].what == "exec");
-  CHECK(ssh_seen[1].detail == std::to_string(setup_step));
+  REQUIRE(ssh_seen.size() >= 3);
+  // After `ready`: the attempt releases the executor once the tailer stopped,
+  // and the first request through the guest shell is the set-up exec.
+  CHECK(ssh_seen[1].what == "release");
   CHECK(ssh_seen[1].seq > stopped[0].seq);
+  CHECK(ssh_seen[2].what == "exec");
+  CHECK(ssh_seen[2].detail == std::to_string(setup_step));
   for (const auto& e : ssh_seen)
     if (e.what != "ready")
       CHECK(e.seq > stopped[0].seq);
@@ -635,14 +661,14 @@ TEST_CASE_FIXTURE(fixture, "a tailer that never answers stop is killed, and exec
   REQUIRE(count("tailer", "stop") == 1);
   REQUIRE(count("ssh", "exec") == 0);
 
-  sched.advance_time(timeouts.console_stop + 1ms);
+  sched.advance_time(timeouts.attempt.console_stop + 1ms);
   drive();
 
   REQUIRE(tailer_exit_reason.has_value());
   CHECK(*tailer_exit_reason == caf::exit_reason::kill);
   CHECK(has_notice_containing("console tailer did not stop"));
   auto terminated = entries("tailer", "terminated");
-  auto down = entries("supervisor", "processed tailer DOWN");
+  auto down = entries("attempt", "processed tailer DOWN");
   REQUIRE(terminated.size() == 1);
   REQUIRE(down.size() == 1);
   CHECK(count("tailer", "stopped") == 0);
@@ -929,8 +955,7 @@ TEST_CASE_FIXTURE(fixture, "an SSH failure followed by QEMU's exit report names 
   start(two_step_job());
   drive();
   REQUIRE(held_ready.has_value());
-  std::exchange(held_ready, std::nullopt)
-    ->deliver(caf::make_error(runner_errc::ssh_failed, "transport read (libssh2 error -43)"));
+  fail_ready("transport read (libssh2 error -43)");
   drive();
   CHECK(result_count() == 0);  // held back for a moment
   v1::ProcessExit exit;
@@ -950,16 +975,16 @@ TEST_CASE_FIXTURE(fixture, "an SSH failure with QEMU still running is decided af
   start(two_step_job());
   drive();
   REQUIRE(held_ready.has_value());
-  std::exchange(held_ready, std::nullopt)
-    ->deliver(caf::make_error(runner_errc::ssh_failed, "authentication failed"));
+  fail_ready("authentication failed");
   drive();
   CHECK(result_count() == 0);
-  sched.advance_time(exit_report_grace);
+  sched.advance_time(timeouts.attempt.exit_report_grace);
   sched.trigger_timeouts();
   drive();
   auto r = result();
   CHECK(r.status() == v1::INFRASTRUCTURE_ERROR);
-  CHECK(r.error().find("SSH did not become ready: authentication failed") != std::string::npos);
+  CHECK_MESSAGE(r.error().find("SSH did not become ready: authentication failed") != std::string::npos,
+                r.error());
 }
 
 TEST_CASE_FIXTURE(fixture, "cancel during a step powers the VM down and ends cancelled") {
@@ -1028,7 +1053,7 @@ TEST_CASE_FIXTURE(fixture, "a guest that ignores powerdown is quit, then killed"
   CHECK(commands[2].detail == "quit");
   CHECK(result_count() == 0);
 
-  sched.advance_time(timeouts.quit_wait + 1ms);
+  sched.advance_time(timeouts.attempt.quit_wait + 1ms);
   drive();
   CHECK(count("qemu", "kill") == 1);
   auto r = result();
@@ -1062,12 +1087,8 @@ TEST_CASE_FIXTURE(fixture, "a guest kernel panic during a step is an infrastruct
   v1::QmpEvent panic;
   panic.set_name("GUEST_PANICKED");
   panic.set_data_json(R"({"action":"pause"})");
-  caf::anon_send(supervisor, qmp_event_atom::value, panic);
-  drive();
-  // The decision waits briefly for a QEMU exit report that would explain more.
-  CHECK(result_count() == 0);
-  sched.advance_time(exit_report_grace);
-  sched.trigger_timeouts();
+  // QMP events reach the VM attempt, which reports the lost VM to the supervisor.
+  caf::anon_send(caf::actor_cast<qmp_observer_actor>(attempt), qmp_event_atom::value, panic);
   drive();
   auto r = result();
   CHECK(r.status() == v1::INFRASTRUCTURE_ERROR);
@@ -1100,8 +1121,8 @@ TEST_CASE_FIXTURE(fixture, "cancel while preparing ends cancelled without starti
   CHECK(count("qemu", "prepare") == 1);
   CHECK(count("qemu", "launch") == 0);
   CHECK(r.shutdown_method() == "none");
-  CHECK(states() == std::vector<v1::JobState>{v1::QUEUED, v1::PREPARING, v1::SHUTTING_DOWN,
-                                               v1::CLEANED_UP});
+  // The attempt got `shutdown` before it could say it was preparing.
+  CHECK(states() == std::vector<v1::JobState>{v1::QUEUED, v1::SHUTTING_DOWN, v1::CLEANED_UP});
   CHECK(count("qemu", "cleanup") == 1);
 }
 

@@ -17,9 +17,9 @@
 #include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
 
-#include "actors/coordinator.hpp"
+#include "actors/cluster/coordinator.hpp"
 #include "actors/runner_types.hpp"
-#include "runtime/host/cluster_cli.hpp"
+#include "actors/host/cluster_cli.hpp"
 #include "tests/cluster/cluster_process.hpp"
 
 using namespace solstice;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "runtime/base/error.hpp"
+#include "runtime/job/job_result.hpp"
 #include "solstice.pb.h"
 
 namespace solstice {
@@ -17,14 +18,8 @@ struct LocalRunOptions {
   bool show_console = false;  // print the guest's console lines during boot
 };
 
-// Exit codes of `solstice-runner run` besides the job's own (0, step code, 128+N).
-inline constexpr int exit_invalid_input = 2;
-inline constexpr int exit_timed_out = 124;
-inline constexpr int exit_infrastructure_error = 125;
-inline constexpr int exit_cancelled = 130;
-
-// The process exit code for a job's result (the codes above).
-int exit_code_for(const v1::JobResult& result);
+// Exit codes (the one table of the program) and exit_code_for(result) are in
+// runtime/job/job_result.hpp.
 
 // The runner configuration a command works with: defaults, then `config_file`,
 // then the command line (`state_dir`, `accel`); the built test guest is known as

@@ -1,7 +1,7 @@
 #include <csignal>
 
-#include "runtime/host/cli.hpp"
-#include "runtime/host/embedding.hpp"
+#include "actors/host/cli.hpp"
+#include "actors/host/embedding.hpp"
 
 int main(int argc, char** argv) {
   // A closed terminal pipe or SSH socket must be an error to handle, not a death

@@ -1,4 +1,4 @@
-#include "runtime/host/cli.hpp"
+#include "actors/host/cli.hpp"
 
 #include <cstdio>
 #include <cstdlib>
@@ -8,8 +8,8 @@
 
 #include <CLI/CLI.hpp>
 
-#include "runtime/host/cluster_cli.hpp"
-#include "runtime/host/runner_host.hpp"
+#include "actors/host/cluster_cli.hpp"
+#include "actors/host/runner_host.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/vm/recovery.hpp"
 #include "runtime/job/runner_config.hpp"

@@ -22,7 +22,7 @@ struct launched_job {
 };
 
 // Starts one job whose events go to `events` (and to its record). The host
-// provides it (see runtime/host/embedding.hpp: start_job); errors say why the
+// provides it (see actors/host/embedding.hpp: start_job); errors say why the
 // job cannot run here (invalid for this node's configuration, unknown label, ...).
 using job_launcher =
   std::function<Result<launched_job>(caf::actor_system&, const v1::JobSpec&, event_sink_actor)>;

@@ -1,4 +1,4 @@
-#include "actors/terminal_printer.hpp"
+#include "actors/sinks/terminal_printer.hpp"
 
 #include <unistd.h>
 

@@ -1,4 +1,4 @@
-#include "runtime/host/embedding.hpp"
+#include "actors/host/embedding.hpp"
 
 #include <malloc.h>
 
@@ -8,10 +8,10 @@
 #include <caf/send.hpp>
 #include <caf/spawn_options.hpp>
 
-#include "actors/job_recorder.hpp"
+#include "actors/sinks/job_recorder.hpp"
 #include "actors/job_supervisor.hpp"
 #include "runtime/job/event_log.hpp"
-#include "runtime/host/runner_host.hpp"
+#include "actors/host/runner_host.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/vm/recovery.hpp"
 #include "runtime/job/runner_config.hpp"
@@ -49,7 +49,7 @@ Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
   std::vector<event_sink_actor> sinks{recorder};
   if (events)
     sinks.push_back(events);
-  auto supervisor = sys.spawn(job_supervisor, job, *image, config, sinks, detached_vm_actors(),
+  auto supervisor = sys.spawn(job_supervisor, job, *image, config, sinks, real_vm_children(),
                               supervisor_timeouts{});
   caf::anon_send(supervisor, start_atom::value);
   return StartedJob{job.id(), job_dir.string(), supervisor, recorder};

@@ -1,9 +1,9 @@
-#include "actors/runner_node.hpp"
+#include "actors/cluster/runner_node.hpp"
 
 #include <caf/event_based_actor.hpp>
 #include <caf/system_messages.hpp>
 
-#include "actors/coordinator.hpp"
+#include "actors/cluster/coordinator.hpp"
 #include "actors/runner_types.hpp"
 
 namespace solstice {

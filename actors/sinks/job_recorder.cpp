@@ -1,4 +1,4 @@
-#include "actors/job_recorder.hpp"
+#include "actors/sinks/job_recorder.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>

@@ -1,4 +1,4 @@
-#include "runtime/host/runner_host.hpp"
+#include "actors/host/runner_host.hpp"
 
 #include <pthread.h>
 #include <signal.h>
@@ -25,9 +25,9 @@
 
 #include "actors/job_supervisor.hpp"
 #include "actors/runner_types.hpp"
-#include "actors/terminal_printer.hpp"
+#include "actors/sinks/terminal_printer.hpp"
 #include "runtime/base/clock.hpp"
-#include "runtime/host/embedding.hpp"
+#include "actors/host/embedding.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/runner_config.hpp"
 #include "runtime/vm/vm_prepare.hpp"
@@ -142,16 +142,6 @@ std::string status_text(v1::JobStatus status) {
 }
 
 }  // namespace
-
-int exit_code_for(const v1::JobResult& result) {
-  switch (result.status()) {
-    case v1::SUCCEEDED: return 0;
-    case v1::FAILED: return result.exit_code() != 0 ? result.exit_code() : 1;
-    case v1::TIMED_OUT: return exit_timed_out;
-    case v1::CANCELLED: return exit_cancelled;
-    default: return exit_infrastructure_error;
-  }
-}
 
 Result<v1::RunnerConfig> load_effective_config(const std::string& config_file,
                                                const std::string& state_dir,

@@ -1,4 +1,6 @@
-#include "actors/coordinator.hpp"
+#include "actors/cluster/coordinator.hpp"
+
+#include "runtime/job/job_result.hpp"
 
 #include <algorithm>
 #include <cctype>
@@ -318,13 +320,7 @@ v1::JobEvent cluster_result_event(const std::string& job_id, uint64_t sequence,
   auto* result = event.mutable_result();
   result->set_job_id(job_id);
   result->set_status(status);
-  switch (status) {
-    case v1::SUCCEEDED: result->set_exit_code(0); break;
-    case v1::FAILED: result->set_exit_code(1); break;
-    case v1::TIMED_OUT: result->set_exit_code(124); break;
-    case v1::CANCELLED: result->set_exit_code(130); break;
-    default: result->set_exit_code(125); break;
-  }
+  result->set_exit_code(exit_code_for(status, 0));
   result->set_error(error);
   result->set_summary("job " + job_id + " " + lower_words(v1::JobStatus_Name(status)) + " — " +
                       error.substr(0, error.find('\n')));
