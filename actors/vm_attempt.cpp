@@ -320,14 +320,18 @@ void clean_up(attempt_pointer self) {
       });
 }
 
+// Waits for QEMU's exit at `stage` (its deadline moves to the next stage). A
+// reply that comes after QEMU exited, or after a later stage began, changes nothing.
 void await_exit(attempt_pointer self, shutdown_stage stage, milliseconds wait) {
   auto& st = self->state;
-  st.stage = stage;
+  if (st.stage != stage || st.qemu_state != vm_attempt_state::qemu_status::running)
+    return;
   st.stage_token = st.next_token++;
   self->delayed_send(self, wait, timeout_atom::value, st.stage_token);
 }
 
 void kill_stage(attempt_pointer self) {
+  self->state.stage = shutdown_stage::kill;
   self->send(self->state.qemu, kill_atom::value);
   await_exit(self, shutdown_stage::kill, self->state.timeouts.kill_wait);
 }
@@ -355,7 +359,12 @@ void powerdown_stage(attempt_pointer self) {
   self->request(st.qmp, st.timeouts.qmp_command, command_atom::value,
                 std::string{"system_powerdown"}, std::string{"{}"})
     .then([=](const std::string&) { await_exit(self, shutdown_stage::powerdown, wait); },
-          [=](caf::error&) { quit_stage(self); });
+          [=](caf::error&) {
+            auto& st = self->state;
+            if (st.stage == shutdown_stage::powerdown &&
+                st.qemu_state == vm_attempt_state::qemu_status::running)
+              quit_stage(self);
+          });
 }
 
 void shut_down(attempt_pointer self, bool graceful) {
