@@ -58,6 +58,10 @@ std::string read_file(const fs::path& path) {
 Runner Runner::start(const std::vector<std::string>& args) {
   std::vector<std::string> argv{runner_binary().string()};
   argv.insert(argv.end(), args.begin(), args.end());
+  return start_program(argv);
+}
+
+Runner Runner::start_program(const std::vector<std::string>& argv) {
   auto child = ChildProcess::spawn(argv);
   REQUIRE_MESSAGE(child, (child ? "" : child.error().message));
   return Runner(std::move(*child));

@@ -29,6 +29,8 @@ std::string test_guest_problem();
 class Runner {
  public:
   static Runner start(const std::vector<std::string>& args);
+  // Any program (argv[0] looked up in PATH), watched the same way.
+  static Runner start_program(const std::vector<std::string>& argv);
   Runner(Runner&&) = default;
   Runner& operator=(Runner&&) = default;
 
