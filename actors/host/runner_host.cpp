@@ -178,135 +178,183 @@ int run_job_locally(v1::JobSpec job, const v1::RunnerConfig& config,
   return run_jobs_locally(std::move(jobs), config, options);
 }
 
-int run_jobs_locally(std::vector<v1::JobSpec> jobs, const v1::RunnerConfig& config,
-                     const LocalRunOptions& options) {
-  if (jobs.empty())
-    return exit_invalid_input;
-  const bool several = jobs.size() > 1;
+namespace {
+
+// One `run` of one or more jobs: what its parts share.
+struct LocalRun {
+  LocalRun(std::vector<v1::JobSpec>& jobs, const v1::RunnerConfig& config,
+           const LocalRunOptions& options)
+      : jobs(jobs), config(config), options(options), several(jobs.size() > 1),
+        results(jobs.size()) {}
+
+  std::vector<v1::JobSpec>& jobs;
+  const v1::RunnerConfig& config;
+  const LocalRunOptions& options;
+  const bool several;
   std::map<std::string, size_t> index_of;
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    auto& job = jobs[i];
-    while (job.id().empty() || index_of.count(job.id()))
-      job.set_id(make_job_id());  // two made in one second could meet
-    index_of[job.id()] = i;
-  }
-  const auto labels = job_labels(jobs);
+  std::vector<std::string> labels;
   std::vector<std::string> prefixes;
-  for (const auto& label : labels)
-    prefixes.push_back(several ? "[" + label + "] " : "");
-  if (!options.json)
-    for (size_t i = 0; i < jobs.size(); ++i)
-      std::printf("%sjob %s: %s\n%s  record: %s\n", prefixes[i].c_str(), jobs[i].id().c_str(),
-                  jobs[i].name().empty() ? "(unnamed)" : jobs[i].name().c_str(),
-                  prefixes[i].c_str(), job_dir_for(config, jobs[i].id()).c_str());
-  std::fflush(stdout);
-
-  // Signals go to the watcher thread only: block them before any thread exists.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGHUP);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-
   // Filled by the printer's thread, read once it has gone.
   std::mutex results_mutex;
-  std::vector<std::optional<v1::JobResult>> results(jobs.size());
-  bool started_any = false;
-  {
-    host_config cfg;
-    caf::actor_system sys{cfg};
-    std::vector<printed_job> shown;
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      printed_job view;
-      view.job_id = jobs[i].id();
-      view.prefix = prefixes[i];
-      view.step_count = static_cast<uint32_t>(jobs[i].steps_size());
-      shown.push_back(std::move(view));
-    }
-    auto printer = sys.spawn<caf::detached>(
-      jobs_terminal_printer, options.json, options.show_console, std::move(shown),
-      [&](const v1::JobResult& result) {
-        std::lock_guard<std::mutex> lock{results_mutex};
-        auto found = index_of.find(result.job_id());
-        if (found != index_of.end() && !results[found->second])
-          results[found->second] = result;
-      });
-    std::vector<std::optional<StartedJob>> started(jobs.size());
-    std::vector<caf::actor> supervisors;
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      auto job = start_job(sys, jobs[i], config, printer);
-      if (job) {
-        supervisors.push_back(caf::actor_cast<caf::actor>(job->supervisor));
-        started[i] = std::move(*job);
-        continue;
-      }
-      std::fprintf(stderr, "solstice-runner: %s%s\n", prefixes[i].c_str(),
-                   job.error().message.c_str());
-      // The others run on; this one ends here, and the printer is told so.
-      if (several)
-        caf::anon_send(printer, event_atom::value,
-                       stand_in_result(jobs[i].id(), v1::INFRASTRUCTURE_ERROR,
-                                       exit_infrastructure_error, job.error().message,
-                                       "job " + jobs[i].id() + " could not start"));
-    }
-    started_any = !supervisors.empty();
-    if (!started_any && !several) {
-      caf::anon_send_exit(printer, caf::exit_reason::user_shutdown);
-    } else if (started_any) {
-      bool killed = false;
-      {
-        SignalWatcher watcher{supervisors};
-        caf::scoped_actor self{sys};
-        for (const auto& supervisor : supervisors)
-          self->monitor(supervisor);
-        size_t down = 0;
-        self->receive_while([&] { return down < supervisors.size(); })(
-          [&](caf::down_msg&) { ++down; });
-        killed = watcher.killed();
-      }
-      if (killed) {
-        // A supervisor killed before it could report took its VM actors with it
-        // (they kill QEMU and remove their files as they stop). A job that had
-        // reported already keeps its own result: sinks take only the first.
-        for (size_t i = 0; i < jobs.size(); ++i) {
-          if (!started[i])
-            continue;
-          auto event = stand_in_result(jobs[i].id(), v1::CANCELLED, exit_cancelled,
-                                       "killed by a second interrupt",
-                                       "job " + jobs[i].id() +
-                                         " cancelled: killed by a second interrupt");
-          event.mutable_result()->set_shutdown_method("kill");
-          caf::anon_send(started[i]->recorder, event_atom::value, event);
-          caf::anon_send(printer, event_atom::value, event);
-        }
-      }
-      // The printer quits once every job's result is shown. A job that somehow
-      // ended without one must not keep the runner waiting for ever.
-      caf::scoped_actor self{sys};
-      self->monitor(printer);
-      bool printer_done = false;
-      self->receive([&](caf::down_msg&) { printer_done = true; },
-                    caf::after(printer_grace) >> [] {});
-      if (!printer_done) {
-        std::fprintf(stderr, "solstice-runner: the terminal output did not end within %lld s "
-                             "after the last job; stopping it\n",
-                     static_cast<long long>(printer_grace.count()));
-        caf::anon_send_exit(printer, caf::exit_reason::kill);
-      }
-    }
-  }
-  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
-  if (!started_any && !several)
-    return exit_infrastructure_error;
+  std::vector<std::optional<v1::JobResult>> results;
+};
 
-  std::lock_guard<std::mutex> lock{results_mutex};
-  std::vector<int> codes;
+// Gives every job an id of its own and a label, and says where its record goes.
+void introduce_jobs(LocalRun& run) {
+  auto& jobs = run.jobs;
   for (size_t i = 0; i < jobs.size(); ++i) {
-    if (!results[i])
+    auto& job = jobs[i];
+    while (job.id().empty() || run.index_of.count(job.id()))
+      job.set_id(make_job_id());  // two made in one second could meet
+    run.index_of[job.id()] = i;
+  }
+  run.labels = job_labels(jobs);
+  for (const auto& label : run.labels)
+    run.prefixes.push_back(run.several ? "[" + label + "] " : "");
+  if (!run.options.json)
+    for (size_t i = 0; i < jobs.size(); ++i)
+      std::printf("%sjob %s: %s\n%s  record: %s\n", run.prefixes[i].c_str(), jobs[i].id().c_str(),
+                  jobs[i].name().empty() ? "(unnamed)" : jobs[i].name().c_str(),
+                  run.prefixes[i].c_str(), job_dir_for(run.config, jobs[i].id()).c_str());
+  std::fflush(stdout);
+}
+
+// Waits until every supervisor has ended; meanwhile an interrupt cancels the jobs
+// and a second one kills them. Returns whether they were killed.
+bool wait_for_supervisors(caf::actor_system& sys, const std::vector<caf::actor>& supervisors) {
+  SignalWatcher watcher{supervisors};
+  caf::scoped_actor self{sys};
+  for (const auto& supervisor : supervisors)
+    self->monitor(supervisor);
+  size_t down = 0;
+  self->receive_while([&] { return down < supervisors.size(); })(
+    [&](caf::down_msg&) { ++down; });
+  return watcher.killed();
+}
+
+// A supervisor killed before it could report took its VM actors with it (they
+// kill QEMU and remove their files as they stop). A job that had reported already
+// keeps its own result: sinks take only the first.
+void report_killed_jobs(const LocalRun& run, const std::vector<std::optional<StartedJob>>& started,
+                        const event_sink_actor& printer) {
+  for (size_t i = 0; i < run.jobs.size(); ++i) {
+    if (!started[i])
+      continue;
+    const auto& id = run.jobs[i].id();
+    auto event = stand_in_result(id, v1::CANCELLED, exit_cancelled, "killed by a second interrupt",
+                                 "job " + id + " cancelled: killed by a second interrupt");
+    event.mutable_result()->set_shutdown_method("kill");
+    caf::anon_send(started[i]->recorder, event_atom::value, event);
+    caf::anon_send(printer, event_atom::value, event);
+  }
+}
+
+// The printer quits once every job's result is shown. A job that somehow ended
+// without one must not keep the runner waiting for ever.
+void wait_for_printer(caf::actor_system& sys, const event_sink_actor& printer) {
+  caf::scoped_actor self{sys};
+  self->monitor(printer);
+  bool printer_done = false;
+  self->receive([&](caf::down_msg&) { printer_done = true; },
+                caf::after(printer_grace) >> [] {});
+  if (!printer_done) {
+    std::fprintf(stderr, "solstice-runner: the terminal output did not end within %lld s "
+                         "after the last job; stopping it\n",
+                 static_cast<long long>(printer_grace.count()));
+    caf::anon_send_exit(printer, caf::exit_reason::kill);
+  }
+}
+
+// Runs the jobs in one actor system, all their events going to one terminal
+// printer, which fills run.results. Returns whether any job started.
+bool run_in_actor_system(LocalRun& run) {
+  const auto& jobs = run.jobs;
+  host_config cfg;
+  caf::actor_system sys{cfg};
+  std::vector<printed_job> shown;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    printed_job view;
+    view.job_id = jobs[i].id();
+    view.prefix = run.prefixes[i];
+    view.step_count = static_cast<uint32_t>(jobs[i].steps_size());
+    shown.push_back(std::move(view));
+  }
+  auto printer = sys.spawn<caf::detached>(
+    jobs_terminal_printer, run.options.json, run.options.show_console, std::move(shown),
+    [&run](const v1::JobResult& result) {
+      std::lock_guard<std::mutex> lock{run.results_mutex};
+      auto found = run.index_of.find(result.job_id());
+      if (found != run.index_of.end() && !run.results[found->second])
+        run.results[found->second] = result;
+    });
+  std::vector<std::optional<StartedJob>> started(jobs.size());
+  std::vector<caf::actor> supervisors;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    auto job = start_job(sys, jobs[i], run.config, printer);
+    if (job) {
+      supervisors.push_back(caf::actor_cast<caf::actor>(job->supervisor));
+      started[i] = std::move(*job);
+      continue;
+    }
+    std::fprintf(stderr, "solstice-runner: %s%s\n", run.prefixes[i].c_str(),
+                 job.error().message.c_str());
+    // The others run on; this one ends here, and the printer is told so.
+    if (run.several)
+      caf::anon_send(printer, event_atom::value,
+                     stand_in_result(jobs[i].id(), v1::INFRASTRUCTURE_ERROR,
+                                     exit_infrastructure_error, job.error().message,
+                                     "job " + jobs[i].id() + " could not start"));
+  }
+  const bool started_any = !supervisors.empty();
+  if (!started_any && !run.several) {
+    caf::anon_send_exit(printer, caf::exit_reason::user_shutdown);
+  } else if (started_any) {
+    if (wait_for_supervisors(sys, supervisors))
+      report_killed_jobs(run, started, printer);
+    wait_for_printer(sys, printer);
+  }
+  return started_any;
+}
+
+// One line per job at the very end, where a CI log is read first. With --json it
+// goes to stderr: stdout holds JSON lines only.
+void print_summary(const LocalRun& run, const std::vector<int>& codes, int exit_code,
+                   size_t deciding) {
+  const auto& jobs = run.jobs;
+  size_t failed = 0, width = 0;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    failed += codes[i] != 0;
+    width = std::max(width, run.labels[i].size() + 2);
+  }
+  std::string text = "\n" + std::to_string(jobs.size()) + " jobs: " +
+                     std::to_string(jobs.size() - failed) + " succeeded, " +
+                     std::to_string(failed) + " did not";
+  if (exit_code != 0)
+    text += "; exit code " + std::to_string(exit_code) + " from " + run.labels[deciding];
+  text += "\n";
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    auto label = "[" + run.labels[i] + "]";
+    label.resize(width, ' ');
+    char rest[64];
+    std::snprintf(rest, sizeof rest, " %-21s exit %-4d  ",
+                  run.results[i] ? status_text(run.results[i]->status()).c_str() : "no result",
+                  codes[i]);
+    text += "  " + label + rest + job_dir_for(run.config, jobs[i].id()).string() + "\n";
+  }
+  std::fputs(text.c_str(), run.options.json ? stderr : stdout);
+  std::fflush(run.options.json ? stderr : stdout);
+}
+
+// The run's exit code: that of the first job (in command-line order) that did
+// not succeed, else 0.
+int finish_run(LocalRun& run) {
+  std::lock_guard<std::mutex> lock{run.results_mutex};
+  std::vector<int> codes;
+  for (size_t i = 0; i < run.jobs.size(); ++i) {
+    if (!run.results[i])
       std::fprintf(stderr, "solstice-runner: %sjob %s ended without a result\n",
-                   prefixes[i].c_str(), jobs[i].id().c_str());
-    codes.push_back(results[i] ? exit_code_for(*results[i]) : exit_infrastructure_error);
+                   run.prefixes[i].c_str(), run.jobs[i].id().c_str());
+    codes.push_back(run.results[i] ? exit_code_for(*run.results[i]) : exit_infrastructure_error);
   }
   int exit_code = 0;
   size_t deciding = 0;
@@ -315,33 +363,32 @@ int run_jobs_locally(std::vector<v1::JobSpec> jobs, const v1::RunnerConfig& conf
       exit_code = codes[i];
       deciding = i;
     }
-  if (several) {
-    // One line per job at the very end, where a CI log is read first. With
-    // --json it goes to stderr: stdout holds JSON lines only.
-    size_t failed = 0, width = 0;
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      failed += codes[i] != 0;
-      width = std::max(width, labels[i].size() + 2);
-    }
-    std::string text = "\n" + std::to_string(jobs.size()) + " jobs: " +
-                       std::to_string(jobs.size() - failed) + " succeeded, " +
-                       std::to_string(failed) + " did not";
-    if (exit_code != 0)
-      text += "; exit code " + std::to_string(exit_code) + " from " + labels[deciding];
-    text += "\n";
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      auto label = "[" + labels[i] + "]";
-      label.resize(width, ' ');
-      char rest[64];
-      std::snprintf(rest, sizeof rest, " %-21s exit %-4d  ",
-                    results[i] ? status_text(results[i]->status()).c_str() : "no result",
-                    codes[i]);
-      text += "  " + label + rest + job_dir_for(config, jobs[i].id()).string() + "\n";
-    }
-    std::fputs(text.c_str(), options.json ? stderr : stdout);
-    std::fflush(options.json ? stderr : stdout);
-  }
+  if (run.several)
+    print_summary(run, codes, exit_code, deciding);
   return exit_code;
+}
+
+}  // namespace
+
+int run_jobs_locally(std::vector<v1::JobSpec> jobs, const v1::RunnerConfig& config,
+                     const LocalRunOptions& options) {
+  if (jobs.empty())
+    return exit_invalid_input;
+  LocalRun run{jobs, config, options};
+  introduce_jobs(run);
+
+  // Signals go to the watcher thread only: block them before any thread exists.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const bool started_any = run_in_actor_system(run);
+  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
+  if (!started_any && !run.several)
+    return exit_infrastructure_error;
+  return finish_run(run);
 }
 
 }  // namespace solstice

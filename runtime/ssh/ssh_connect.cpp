@@ -94,6 +94,30 @@ struct AttemptFailure {
   bool timed_out = false;
 };
 
+// Whether the server at `fd` sent anything (its banner) before `until` or `stop()`.
+bool server_spoke(int fd, Clock::time_point until, const std::function<bool()>* stop) {
+  pollfd readable{fd, POLLIN, 0};
+  int ready = 0;
+  while ((ready = ::poll(&readable, 1, 20)) == 0 && Clock::now() < until &&
+         !(stop && *stop && (*stop)())) {
+  }
+  return ready > 0;
+}
+
+// Real images have several host keys; ask for the type of the pinned one (a
+// wire-format blob; empty when none is pinned), or a server would present another
+// type and look like a mismatch.
+void prefer_host_key_type_of(LIBSSH2_SESSION* session, const std::string& pinned) {
+  if (pinned.size() > 4) {
+    uint32_t length = (uint32_t(uint8_t(pinned[0])) << 24) | (uint32_t(uint8_t(pinned[1])) << 16) |
+                      (uint32_t(uint8_t(pinned[2])) << 8) | uint32_t(uint8_t(pinned[3]));
+    if (length > 0 && length < 64 && pinned.size() >= 4 + length) {
+      std::string type = pinned.substr(4, length);
+      libssh2_session_method_pref(session, LIBSSH2_METHOD_HOSTKEY, type.c_str());
+    }
+  }
+}
+
 // One connection attempt into `impl`, bounded by `deadline` and `stop`.
 tl::expected<void, AttemptFailure> connect_once(Connection& connection, const SshTarget& target,
                                                 Clock::time_point deadline,
@@ -113,18 +137,11 @@ tl::expected<void, AttemptFailure> connect_once(Connection& connection, const Ss
   // An SSH server speaks first. A forward that stays silent (QEMU's user network
   // while the guest's network is not up) is dropped soon and tried afresh: a new
   // connection sends a new SYN at once instead of waiting out TCP's backoff.
-  if (banner_wait != Clock::duration::max()) {
-    auto until = std::min(deadline, Clock::now() + banner_wait);
-    pollfd readable{*fd, POLLIN, 0};
-    int ready = 0;
-    while ((ready = ::poll(&readable, 1, 20)) == 0 && Clock::now() < until &&
-           !(stop && *stop && (*stop)())) {
-    }
-    if (ready <= 0) {
-      ::close(*fd);
-      return failure("TCP connected to " + where +
-                     ", but no SSH server spoke yet (no handshake started)");
-    }
+  if (banner_wait != Clock::duration::max() &&
+      !server_spoke(*fd, std::min(deadline, Clock::now() + banner_wait), stop)) {
+    ::close(*fd);
+    return failure("TCP connected to " + where +
+                   ", but no SSH server spoke yet (no handshake started)");
   }
 
   Connection* impl = &connection;
@@ -133,17 +150,7 @@ tl::expected<void, AttemptFailure> connect_once(Connection& connection, const Ss
   impl->session = libssh2_session_init();
   if (!impl->session) return failure("cannot create a libssh2 session for " + where);
   libssh2_session_set_blocking(impl->session, 0);
-  // Real images have several host keys; ask for the type of the pinned one, or a
-  // server would present another type and look like a mismatch.
-  const auto& pinned = target.expected_host_key;
-  if (pinned.size() > 4) {
-    uint32_t length = (uint32_t(uint8_t(pinned[0])) << 24) | (uint32_t(uint8_t(pinned[1])) << 16) |
-                      (uint32_t(uint8_t(pinned[2])) << 8) | uint32_t(uint8_t(pinned[3]));
-    if (length > 0 && length < 64 && pinned.size() >= 4 + length) {
-      std::string type = pinned.substr(4, length);
-      libssh2_session_method_pref(impl->session, LIBSSH2_METHOD_HOSTKEY, type.c_str());
-    }
-  }
+  prefer_host_key_type_of(impl->session, target.expected_host_key);
   auto io = impl->driver(deadline, stop);
 
   int rc = io.run([&] { return libssh2_session_handshake(impl->session, impl->fd); });

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -90,179 +92,230 @@ class RemotePidReader {
   long pid_ = 0;
 };
 
+// One exec() call: its channel, the input still to be written, and the three
+// parts of its life (start the command, move input and output until the output
+// ends, close and read the exit status). A timeout or cancel at any point kills
+// the remote command and ends the call with a stopped outcome.
+class ExecCall {
+ public:
+  ExecCall(Connection& ssh, const std::string& command,
+           const std::function<void(SshStream, std::string_view)>& on_output,
+           const ExecOptions& options)
+      : ssh_(ssh),
+        command_(command),
+        on_output_(on_output),
+        options_(options),
+        deadline_(options.timeout.count() > 0 ? Clock::now() + options.timeout
+                                              : Clock::time_point::max()),
+        cancelled_([this] { return options_.cancel && options_.cancel->load(); }),
+        io_(ssh.driver(deadline_, &cancelled_)),
+        input_(options.input) {}
+  ExecCall(const ExecCall&) = delete;
+  ExecCall& operator=(const ExecCall&) = delete;
+
+  Result<ExecOutcome> run() {
+    if (auto ended = start()) return std::move(*ended);
+    if (auto ended = pump()) return std::move(*ended);
+    return finish();
+  }
+
+ private:
+  // Opens the channel and starts the wrapped command; with no input, its stdin
+  // ends at once. Returns the call's outcome when it ended here.
+  std::optional<Result<ExecOutcome>> start() {
+    int rc = 0;
+    channel_ = io_.open<LIBSSH2_CHANNEL>([&] { return libssh2_channel_open_session(ssh_.session); },
+                                         rc);
+    if (!channel_) {
+      if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(0);
+      return failed(rc, "cannot open an SSH channel");
+    }
+    std::string wrapped = wrap_command(command_);
+    rc = io_.run([&] { return libssh2_channel_exec(channel_, wrapped.c_str()); });
+    if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(0);
+    if (rc != 0) return failed(rc, "cannot start the command");
+    // Without input the command gets an empty stdin rather than one that never ends.
+    if (input_.empty()) {
+      rc = io_.run([&] { return libssh2_channel_send_eof(channel_); });
+      if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(0);
+      if (rc != 0) return failed(rc, "cannot close the command's stdin");
+      input_open_ = false;
+    }
+    return std::nullopt;
+  }
+
+  // Input and output are interleaved: a command may write more than the channel's
+  // window holds before it reads all of its input. Returns when the output has
+  // ended (nullopt) or the call has (its outcome).
+  std::optional<Result<ExecOutcome>> pump() {
+    std::vector<char> buffer(kChunkSize);
+    for (;;) {
+      if (cancelled_() || Clock::now() >= deadline_) return stopped_outcome(pid_reader_.pid());
+      bool progressed = false;
+      if (input_open_) {
+        auto fed = feed_input();
+        if (!fed) {
+          ssh_.close_channel(channel_, Clock::now() + kCloseTimeout);
+          return fail(fed.error().message);
+        }
+        progressed = *fed;
+      }
+      // Nothing else may be sent until a half-sent packet is finished: wait for the
+      // socket to take more (wait_socket below polls for writing then).
+      if (half_sent_) {
+        if (!progressed)
+          wait_socket(ssh_.fd, ssh_.session, std::min(deadline_, Clock::now() + kPollSlice));
+        continue;
+      }
+      for (int stream_id : {0, SSH_EXTENDED_DATA_STDERR}) {
+        ssize_t n = libssh2_channel_read_ex(channel_, stream_id, buffer.data(), buffer.size());
+        if (n == LIBSSH2_ERROR_EAGAIN || n == 0) continue;
+        if (n < 0) return failed(static_cast<int>(n), "reading the command's output");
+        std::string_view bytes(buffer.data(), static_cast<size_t>(n));
+        if (stream_id == 0)
+          deliver(SshStream::out, bytes);
+        else
+          deliver(SshStream::err, pid_reader_.feed(bytes));
+        progressed = true;
+      }
+      if (progressed) continue;
+      if (libssh2_channel_eof(channel_)) break;
+      wait_socket(ssh_.fd, ssh_.session, std::min(deadline_, Clock::now() + kPollSlice));
+    }
+    deliver(SshStream::err, pid_reader_.flush());
+    return std::nullopt;
+  }
+
+  // The exit status arrives with (or just before) the server's close.
+  Result<ExecOutcome> finish() {
+    auto close_deadline = std::min(deadline_, Clock::now() + std::chrono::seconds(30));
+    auto closing = ssh_.driver(close_deadline, &cancelled_);
+    int rc = closing.run([&] { return libssh2_channel_close(channel_); });
+    if (rc == 0) rc = closing.run([&] { return libssh2_channel_wait_closed(channel_); });
+    if (rc == kGivenUp || (rc == kDeadlinePassed && close_deadline == deadline_))
+      return stopped_outcome(pid_reader_.pid());
+    if (rc != 0) return failed(rc, "waiting for the command's channel to close");
+
+    ExecOutcome outcome;
+    outcome.exit_code = libssh2_channel_get_exit_status(channel_);
+    char* signal = nullptr;
+    size_t signal_length = 0;
+    libssh2_channel_get_exit_signal(channel_, &signal, &signal_length, nullptr, nullptr, nullptr,
+                                    nullptr);
+    if (signal) {
+      outcome.exit_signal.assign(signal, signal_length);
+      libssh2_free(ssh_.session, signal);
+    }
+    if (!outcome.exit_signal.empty()) {
+      // libssh2 reports status 0 for a killed command; report it as a shell would.
+      int number = signal_number(outcome.exit_signal);
+      outcome.exit_code = number > 0 ? 128 + number : 255;
+    }
+    ssh_.driver(Clock::now() + kCloseTimeout).run([&] { return libssh2_channel_free(channel_); });
+    return outcome;
+  }
+
+  void deliver(SshStream stream, std::string_view bytes) {
+    if (!bytes.empty() && on_output_) on_output_(stream, bytes);
+  }
+
+  // Writes as much input as the channel's window takes now, then EOF once all is
+  // written. Returns whether anything moved.
+  Result<bool> feed_input() {
+    auto blocked = [&] {
+      half_sent_ =
+          libssh2_session_block_directions(ssh_.session) & LIBSSH2_SESSION_BLOCK_OUTBOUND;
+    };
+    bool moved = false;
+    for (;;) {
+      if (input_.empty()) {
+        int rc = libssh2_channel_send_eof(channel_);
+        if (rc == LIBSSH2_ERROR_EAGAIN) {
+          blocked();
+          return moved;
+        }
+        half_sent_ = false;
+        if (rc != 0 && !libssh2_channel_eof(channel_))
+          return fail(io_.describe(rc, "cannot close the command's stdin on " + ssh_.peer +
+                                           " (command: " + command_ + ")"));
+        input_open_ = false;
+        return true;
+      }
+      ssize_t n = libssh2_channel_write(channel_, input_.data(), input_.size());
+      if (n == LIBSSH2_ERROR_EAGAIN) {
+        blocked();
+        return moved;
+      }
+      half_sent_ = false;
+      if (n == 0) return moved;  // the window is full
+      if (n < 0) {
+        // The command is gone (its channel closed): the rest of its input is moot.
+        if (n == LIBSSH2_ERROR_CHANNEL_CLOSED || n == LIBSSH2_ERROR_CHANNEL_EOF_SENT ||
+            libssh2_channel_eof(channel_)) {
+          input_ = {};
+          input_open_ = false;
+          return true;
+        }
+        return fail(io_.describe(static_cast<int>(n), "writing the command's stdin on " +
+                                                          ssh_.peer + " (command: " + command_ +
+                                                          ")"));
+      }
+      input_.remove_prefix(static_cast<size_t>(n));
+      moved = true;
+    }
+  }
+
+  // Before the channel is closed or another is opened (bounded wait).
+  void finish_half_sent() {
+    ssh_.driver(Clock::now() + kCloseTimeout).run([&]() -> int {
+      if (half_sent_) (void)feed_input();
+      return half_sent_ ? LIBSSH2_ERROR_EAGAIN : 0;
+    });
+  }
+
+  ExecOutcome stopped_outcome(long remote_pid) {
+    ExecOutcome outcome;
+    outcome.exit_code = -1;
+    outcome.cancelled = cancelled_();
+    outcome.timed_out = !outcome.cancelled;
+    finish_half_sent();
+    ssh_.kill_remote(remote_pid);
+    if (channel_) ssh_.close_channel(channel_, Clock::now() + kCloseTimeout);
+    return outcome;
+  }
+
+  Result<ExecOutcome> failed(int rc, const std::string& what) {
+    std::string message =
+        io_.describe(rc, what + " on " + ssh_.peer + " (command: " + command_ + ")");
+    if (channel_) ssh_.close_channel(channel_, Clock::now() + kCloseTimeout);
+    return fail(message);
+  }
+
+  Connection& ssh_;
+  const std::string& command_;
+  const std::function<void(SshStream, std::string_view)>& on_output_;
+  const ExecOptions& options_;
+  const Clock::time_point deadline_;
+  const std::function<bool()> cancelled_;
+  const Driver io_;
+  std::string_view input_;
+  bool input_open_ = true;  // EOF not sent yet
+  // A channel write (or EOF) that returned EAGAIN with the socket full is half
+  // sent: libssh2 (1.10) refuses every other packet, a window adjustment made by a
+  // read included, until the same call has finished it.
+  bool half_sent_ = false;
+  LIBSSH2_CHANNEL* channel_ = nullptr;
+  RemotePidReader pid_reader_;
+};
+
 }  // namespace
 
 Result<ExecOutcome> SshSession::exec(
     const std::string& command, const std::function<void(SshStream, std::string_view)>& on_output,
     const ExecOptions& options) {
   if (!impl_ || !impl_->session) return fail("exec on a closed SSH session: " + command);
-  Impl& ssh = *impl_;
-  auto deadline = options.timeout.count() > 0 ? Clock::now() + options.timeout
-                                              : Clock::time_point::max();
-  std::function<bool()> cancelled = [&] { return options.cancel && options.cancel->load(); };
-  auto io = ssh.driver(deadline, &cancelled);
-
-  std::string_view input = options.input;
-  bool input_open = true;  // EOF not sent yet
-  // A channel write (or EOF) that returned EAGAIN with the socket full is half
-  // sent: libssh2 (1.10) refuses every other packet, a window adjustment made by a
-  // read included, until the same call has finished it.
-  bool half_sent = false;
-  LIBSSH2_CHANNEL* channel = nullptr;
-
-  // Writes as much input as the channel's window takes now, then EOF once all is
-  // written. Returns whether anything moved.
-  auto feed_input = [&]() -> Result<bool> {
-    auto blocked = [&] {
-      half_sent = libssh2_session_block_directions(ssh.session) & LIBSSH2_SESSION_BLOCK_OUTBOUND;
-    };
-    bool moved = false;
-    for (;;) {
-      if (input.empty()) {
-        int rc = libssh2_channel_send_eof(channel);
-        if (rc == LIBSSH2_ERROR_EAGAIN) {
-          blocked();
-          return moved;
-        }
-        half_sent = false;
-        if (rc != 0 && !libssh2_channel_eof(channel))
-          return fail(io.describe(rc, "cannot close the command's stdin on " + ssh.peer +
-                                          " (command: " + command + ")"));
-        input_open = false;
-        return true;
-      }
-      ssize_t n = libssh2_channel_write(channel, input.data(), input.size());
-      if (n == LIBSSH2_ERROR_EAGAIN) {
-        blocked();
-        return moved;
-      }
-      half_sent = false;
-      if (n == 0) return moved;  // the window is full
-      if (n < 0) {
-        // The command is gone (its channel closed): the rest of its input is moot.
-        if (n == LIBSSH2_ERROR_CHANNEL_CLOSED || n == LIBSSH2_ERROR_CHANNEL_EOF_SENT ||
-            libssh2_channel_eof(channel)) {
-          input = {};
-          input_open = false;
-          return true;
-        }
-        return fail(io.describe(static_cast<int>(n), "writing the command's stdin on " +
-                                                         ssh.peer + " (command: " + command + ")"));
-      }
-      input.remove_prefix(static_cast<size_t>(n));
-      moved = true;
-    }
-  };
-  // Before the channel is closed or another is opened (bounded wait).
-  auto finish_half_sent = [&] {
-    ssh.driver(Clock::now() + kCloseTimeout).run([&]() -> int {
-      if (half_sent) (void)feed_input();
-      return half_sent ? LIBSSH2_ERROR_EAGAIN : 0;
-    });
-  };
-
-  auto stopped_outcome = [&](long remote_pid) {
-    ExecOutcome outcome;
-    outcome.exit_code = -1;
-    outcome.cancelled = cancelled();
-    outcome.timed_out = !outcome.cancelled;
-    finish_half_sent();
-    ssh.kill_remote(remote_pid);
-    if (channel) ssh.close_channel(channel, Clock::now() + kCloseTimeout);
-    return outcome;
-  };
-  auto failed = [&](int rc, const std::string& what) {
-    std::string message = io.describe(rc, what + " on " + ssh.peer + " (command: " + command + ")");
-    if (channel) ssh.close_channel(channel, Clock::now() + kCloseTimeout);
-    return fail(message);
-  };
-
-  int rc = 0;
-  channel = io.open<LIBSSH2_CHANNEL>([&] { return libssh2_channel_open_session(ssh.session); }, rc);
-  if (!channel) {
-    if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(0);
-    return failed(rc, "cannot open an SSH channel");
-  }
-  std::string wrapped = wrap_command(command);
-  rc = io.run([&] { return libssh2_channel_exec(channel, wrapped.c_str()); });
-  if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(0);
-  if (rc != 0) return failed(rc, "cannot start the command");
-  // Without input the command gets an empty stdin rather than one that never ends.
-  if (input.empty()) {
-    rc = io.run([&] { return libssh2_channel_send_eof(channel); });
-    if (rc == kDeadlinePassed || rc == kGivenUp) return stopped_outcome(0);
-    if (rc != 0) return failed(rc, "cannot close the command's stdin");
-    input_open = false;
-  }
-
-  RemotePidReader pid_reader;
-  std::vector<char> buffer(kChunkSize);
-  auto deliver = [&](SshStream stream, std::string_view bytes) {
-    if (!bytes.empty() && on_output) on_output(stream, bytes);
-  };
-  // Input and output are interleaved: a command may write more than the channel's
-  // window holds before it reads all of its input.
-  for (;;) {
-    if (cancelled() || Clock::now() >= deadline) return stopped_outcome(pid_reader.pid());
-    bool progressed = false;
-    if (input_open) {
-      auto fed = feed_input();
-      if (!fed) {
-        ssh.close_channel(channel, Clock::now() + kCloseTimeout);
-        return fail(fed.error().message);
-      }
-      progressed = *fed;
-    }
-    // Nothing else may be sent until a half-sent packet is finished: wait for the
-    // socket to take more (wait_socket below polls for writing then).
-    if (half_sent) {
-      if (!progressed)
-        wait_socket(ssh.fd, ssh.session, std::min(deadline, Clock::now() + kPollSlice));
-      continue;
-    }
-    for (int stream_id : {0, SSH_EXTENDED_DATA_STDERR}) {
-      ssize_t n = libssh2_channel_read_ex(channel, stream_id, buffer.data(), buffer.size());
-      if (n == LIBSSH2_ERROR_EAGAIN || n == 0) continue;
-      if (n < 0) return failed(static_cast<int>(n), "reading the command's output");
-      std::string_view bytes(buffer.data(), static_cast<size_t>(n));
-      if (stream_id == 0)
-        deliver(SshStream::out, bytes);
-      else
-        deliver(SshStream::err, pid_reader.feed(bytes));
-      progressed = true;
-    }
-    if (progressed) continue;
-    if (libssh2_channel_eof(channel)) break;
-    wait_socket(ssh.fd, ssh.session, std::min(deadline, Clock::now() + kPollSlice));
-  }
-  deliver(SshStream::err, pid_reader.flush());
-
-  // The exit status arrives with (or just before) the server's close.
-  auto close_deadline = std::min(deadline, Clock::now() + std::chrono::seconds(30));
-  auto closing = ssh.driver(close_deadline, &cancelled);
-  rc = closing.run([&] { return libssh2_channel_close(channel); });
-  if (rc == 0) rc = closing.run([&] { return libssh2_channel_wait_closed(channel); });
-  if (rc == kGivenUp || (rc == kDeadlinePassed && close_deadline == deadline))
-    return stopped_outcome(pid_reader.pid());
-  if (rc != 0) return failed(rc, "waiting for the command's channel to close");
-
-  ExecOutcome outcome;
-  outcome.exit_code = libssh2_channel_get_exit_status(channel);
-  char* signal = nullptr;
-  size_t signal_length = 0;
-  libssh2_channel_get_exit_signal(channel, &signal, &signal_length, nullptr, nullptr, nullptr,
-                                  nullptr);
-  if (signal) {
-    outcome.exit_signal.assign(signal, signal_length);
-    libssh2_free(ssh.session, signal);
-  }
-  if (!outcome.exit_signal.empty()) {
-    // libssh2 reports status 0 for a killed command; report it as a shell would.
-    int number = signal_number(outcome.exit_signal);
-    outcome.exit_code = number > 0 ? 128 + number : 255;
-  }
-  ssh.driver(Clock::now() + kCloseTimeout).run([&] { return libssh2_channel_free(channel); });
-  return outcome;
+  ExecCall call(*impl_, command, on_output, options);
+  return call.run();
 }
 
 }  // namespace solstice

@@ -433,9 +433,10 @@ std::uint32_t sectors_for(std::size_t bytes) {
 
 }  // namespace
 
-Result<std::string> build_iso9660(const std::string& volume_label, const std::vector<IsoFile>& files) {
-  if (auto ok = check_volume_label(volume_label); !ok) return fail(ok.error().message);
+namespace {
 
+// Every file checked (name, no duplicate, size) and given its names in both trees.
+Result<std::vector<PlannedFile>> plan_files(const std::vector<IsoFile>& files) {
   std::vector<PlannedFile> planned;
   std::set<std::string> names;
   for (const auto& file : files) {
@@ -449,6 +450,30 @@ Result<std::string> build_iso9660(const std::string& volume_label, const std::ve
     planned.push_back(PlannedFile{&file, "", "", *joliet_name, 0});
   }
   assign_primary_names(planned);
+  return planned;
+}
+
+// A directory record holds at most 255 bytes, Rock Ridge name included.
+Result<void> check_record_lengths(const std::vector<PlannedFile>& primary_order) {
+  for (const auto& file : primary_order) {
+    auto record = primary_records(Tree{}, 0, {file}).back();
+    if (record.size() > kMaxDirectoryRecord)
+      return fail("ISO file name " + printable(file.source->name) + " is " +
+                  std::to_string(file.source->name.size()) +
+                  " bytes; its directory record with the Rock Ridge name would exceed " +
+                  std::to_string(kMaxDirectoryRecord) + " bytes");
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<std::string> build_iso9660(const std::string& volume_label, const std::vector<IsoFile>& files) {
+  if (auto ok = check_volume_label(volume_label); !ok) return fail(ok.error().message);
+
+  auto planned_files = plan_files(files);
+  if (!planned_files) return fail(planned_files.error().message);
+  const std::vector<PlannedFile>& planned = *planned_files;
 
   // ECMA-119 9.3: records sorted by name then extension (space padded); Joliet by UCS-2.
   std::vector<PlannedFile> primary_order = planned;
@@ -461,15 +486,7 @@ Result<std::string> build_iso9660(const std::string& volume_label, const std::ve
   std::sort(joliet_order.begin(), joliet_order.end(),
             [](const PlannedFile& a, const PlannedFile& b) { return a.joliet_name < b.joliet_name; });
 
-  // A directory record holds at most 255 bytes, Rock Ridge name included.
-  for (const auto& file : primary_order) {
-    auto record = primary_records(Tree{}, 0, {file}).back();
-    if (record.size() > kMaxDirectoryRecord)
-      return fail("ISO file name " + printable(file.source->name) + " is " +
-                  std::to_string(file.source->name.size()) +
-                  " bytes; its directory record with the Rock Ridge name would exceed " +
-                  std::to_string(kMaxDirectoryRecord) + " bytes");
-  }
+  if (auto ok = check_record_lengths(primary_order); !ok) return fail(ok.error().message);
   const std::uint32_t l_path_table = kFirstVolumeDescriptorSector + 3;
   const std::uint32_t m_path_table = l_path_table + 1;
   const std::uint32_t joliet_l_path_table = l_path_table + 2;

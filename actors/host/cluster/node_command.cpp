@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <optional>
 
 #include <caf/after.hpp>
 #include <caf/scoped_actor.hpp>
@@ -13,10 +14,9 @@
 
 #include "actors/cluster/runner_node.hpp"
 #include "actors/host/embedding.hpp"
-#include "actors/runner_types.hpp"
-
 #include "actors/host/cluster/cluster_commands.hpp"
 #include "actors/host/runner_host.hpp"
+#include "actors/runner_types.hpp"
 
 namespace solstice::cluster_cli {
 
@@ -45,6 +45,129 @@ uint32_t default_memory_budget_mib() {
   return static_cast<uint32_t>(total_mib * 3 / 4);
 }
 
+// What the node offers the coordinator: its name, slots, memory budget and the
+// labels of its images (with their memory).
+node_offer offer_for(const NodeOptions& options, const v1::RunnerConfig& config) {
+  node_offer offer;
+  offer.name = options.name.empty() ? default_node_name() : options.name;
+  offer.slots = options.slots ? options.slots : std::max(1u, config.max_concurrent_vms());
+  offer.memory_mib = options.memory_mib ? options.memory_mib : default_memory_budget_mib();
+  for (const auto& image : config.images())
+    offer.labels[image.label()] = image.memory_mib() ? image.memory_mib() : 512;
+  return offer;
+}
+
+// A node at work: joins the coordinator, serves it until it is lost, then joins
+// again with a growing back-off. A termination signal shuts the node down.
+class NodeSession {
+ public:
+  NodeSession(caf::actor_system& sys, BlockedSignals& signals, runner_node_actor node,
+              const node_offer& offer, const Endpoint& join, const NetworkOptions& net)
+      : sys_(sys), signals_(signals), node_(std::move(node)), offer_(offer), join_(join),
+        net_(net), self_(sys) {
+    self_->monitor(node_);
+  }
+
+  int run() {
+    auto backoff = 500ms;
+    const auto max_backoff = std::chrono::milliseconds(30s);
+    for (;;) {
+      auto coordinator_handle = connect_to_coordinator(sys_, join_, net_, request_timeout);
+      std::string problem =
+        coordinator_handle ? join(*coordinator_handle) : coordinator_handle.error().message;
+      if (problem.empty()) {
+        backoff = 500ms;
+        if (auto code = serve(*coordinator_handle))
+          return *code;
+      } else {
+        say("solstice-runner: %s\n", problem + "; retrying in " +
+                                       std::to_string(backoff.count()) + " ms");
+      }
+      // Back off before the next attempt, still answering signals.
+      auto until = std::chrono::steady_clock::now() + backoff;
+      while (std::chrono::steady_clock::now() < until) {
+        if (signals_.next_signal(100ms))
+          return shut_down();
+      }
+      backoff = std::min(backoff * 2, max_backoff);
+    }
+  }
+
+ private:
+  static constexpr auto request_timeout = std::chrono::milliseconds(10s);
+
+  // Asks the coordinator to take this node; "" when it did, else why not.
+  std::string join(const coordinator_actor& coordinator) {
+    std::string problem;
+    self_->request(coordinator, request_timeout, join_atom::value, offer_, node_)
+      .receive([](ok_atom) {},
+               [&](caf::error& err) {
+                 problem = "the coordinator refused to let this node join: " + error_text(err);
+               });
+    return problem;
+  }
+
+  // Serves a coordinator that took this node until it is lost (nullopt: join
+  // again) or the process is to end (its exit code).
+  std::optional<int> serve(const coordinator_actor& coordinator) {
+    std::printf("node %s joined the coordinator at %s: %u slot(s), memory budget %u MiB\n",
+                offer_.name.c_str(), join_.text().c_str(), offer_.slots, offer_.memory_mib);
+    std::fflush(stdout);
+    self_->monitor(coordinator);
+    auto lost = false;
+    while (!lost) {
+      std::string reason;
+      self_->receive(
+        [&](caf::down_msg& msg) {
+          if (msg.source == coordinator.address()) {
+            lost = true;
+            reason = peer_loss_text(msg.reason);
+          } else if (msg.source == node_.address()) {
+            node_down_ = true;
+          }
+        },
+        caf::after(200ms) >> [] {});
+      if (node_down_) {
+        say("solstice-runner: %s\n", "the node actor ended unexpectedly");
+        return exit_infrastructure_error;
+      }
+      if (signals_.next_signal(0ms))
+        return shut_down();
+      if (lost)
+        say("solstice-runner: lost the coordinator (%s); this node's jobs are cancelled, "
+            "reconnecting\n",
+            reason);
+    }
+    return std::nullopt;
+  }
+
+  // Stops the node: its jobs are cancelled (their VMs powered down); a second
+  // signal, or two minutes, and it is killed.
+  int shut_down() {
+    say("solstice-runner: %s\n", "node shutting down: cancelling its jobs");
+    self_->send(node_, stop_atom::value);
+    auto deadline = std::chrono::steady_clock::now() + 2min;
+    while (!node_down_ && std::chrono::steady_clock::now() < deadline) {
+      self_->receive([&](caf::down_msg& msg) { node_down_ |= msg.source == node_.address(); },
+                     caf::after(200ms) >> [] {});
+      if (signals_.next_signal(0ms))
+        break;
+    }
+    if (!node_down_)
+      self_->send_exit(node_, caf::exit_reason::kill);
+    return 0;
+  }
+
+  caf::actor_system& sys_;
+  BlockedSignals& signals_;
+  runner_node_actor node_;
+  const node_offer& offer_;
+  const Endpoint& join_;
+  const NetworkOptions& net_;
+  caf::scoped_actor self_;
+  bool node_down_ = false;
+};
+
 }  // namespace
 
 int node_command(const NodeOptions& options) {
@@ -69,12 +192,7 @@ int node_command(const NodeOptions& options) {
   else
     for (const auto& job : *recovered)
       say("solstice-runner: %s\n", job.description);
-  node_offer offer;
-  offer.name = options.name.empty() ? default_node_name() : options.name;
-  offer.slots = options.slots ? options.slots : std::max(1u, config->max_concurrent_vms());
-  offer.memory_mib = options.memory_mib ? options.memory_mib : default_memory_budget_mib();
-  for (const auto& image : config->images())
-    offer.labels[image.label()] = image.memory_mib() ? image.memory_mib() : 512;
+  const node_offer offer = offer_for(options, *config);
 
   BlockedSignals signals;
   ClusterConfig cfg{options.net};
@@ -90,82 +208,8 @@ int node_command(const NodeOptions& options) {
   // `qemu-img info`) inside the node's handler, which must not hold a thread of
   // the shared scheduler.
   auto node = sys.spawn<caf::detached>(runner_node, offer.name, offer.slots, launcher);
-  caf::scoped_actor self{sys};
-  self->monitor(node);
-  auto node_down = false;
-
-  // Stops the node: its jobs are cancelled (their VMs powered down); a second
-  // signal, or two minutes, and it is killed.
-  auto shut_down = [&] {
-    say("solstice-runner: %s\n", "node shutting down: cancelling its jobs");
-    self->send(node, stop_atom::value);
-    auto deadline = std::chrono::steady_clock::now() + 2min;
-    while (!node_down && std::chrono::steady_clock::now() < deadline) {
-      self->receive([&](caf::down_msg& msg) { node_down |= msg.source == node.address(); },
-                    caf::after(200ms) >> [] {});
-      if (signals.next_signal(0ms))
-        break;
-    }
-    if (!node_down)
-      self->send_exit(node, caf::exit_reason::kill);
-    return 0;
-  };
-
-  auto backoff = 500ms;
-  const auto max_backoff = std::chrono::milliseconds(30s);
-  const auto request_timeout = std::chrono::milliseconds(10s);
-  for (;;) {
-    auto coordinator_handle = connect_to_coordinator(sys, *join, options.net, request_timeout);
-    std::string problem;
-    if (!coordinator_handle) {
-      problem = coordinator_handle.error().message;
-    } else {
-      self->request(*coordinator_handle, request_timeout, join_atom::value, offer, node)
-        .receive([](ok_atom) {},
-                 [&](caf::error& err) { problem = "the coordinator refused to let this node join: " + error_text(err); });
-    }
-    if (problem.empty()) {
-      backoff = 500ms;
-      std::printf("node %s joined the coordinator at %s: %u slot(s), memory budget %u MiB\n",
-                  offer.name.c_str(), join->text().c_str(), offer.slots, offer.memory_mib);
-      std::fflush(stdout);
-      self->monitor(*coordinator_handle);
-      auto lost = false;
-      while (!lost) {
-        std::string reason;
-        self->receive(
-          [&](caf::down_msg& msg) {
-            if (msg.source == coordinator_handle->address()) {
-              lost = true;
-              reason = peer_loss_text(msg.reason);
-            } else if (msg.source == node.address()) {
-              node_down = true;
-            }
-          },
-          caf::after(200ms) >> [] {});
-        if (node_down) {
-          say("solstice-runner: %s\n", "the node actor ended unexpectedly");
-          return exit_infrastructure_error;
-        }
-        if (signals.next_signal(0ms))
-          return shut_down();
-        if (lost)
-          say("solstice-runner: lost the coordinator (%s); this node's jobs are cancelled, "
-              "reconnecting\n",
-              reason);
-      }
-    } else {
-      say("solstice-runner: %s\n", problem + "; retrying in " +
-                                     std::to_string(backoff.count()) + " ms");
-    }
-    // Back off before the next attempt, still answering signals.
-    auto until = std::chrono::steady_clock::now() + backoff;
-    while (std::chrono::steady_clock::now() < until) {
-      if (signals.next_signal(100ms))
-        return shut_down();
-    }
-    backoff = std::min(backoff * 2, max_backoff);
-  }
+  NodeSession session{sys, signals, node, offer, *join, options.net};
+  return session.run();
 }
 
 }  // namespace solstice::cluster_cli

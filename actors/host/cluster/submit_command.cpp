@@ -20,6 +20,51 @@ namespace solstice::cluster_cli {
 
 using namespace std::chrono_literals;
 
+namespace {
+
+// Waits while the job runs and the printer shows its events. Returns nullopt once
+// the printer is done (the job's result has been shown), or the exit code when
+// the wait ends otherwise: the coordinator was lost, or a second interrupt gave up
+// waiting (the first one cancels the job).
+std::optional<int> follow_job(caf::scoped_actor& self, const event_sink_actor& printer,
+                              const coordinator_actor& coordinator, const std::string& job_id,
+                              BlockedSignals& signals) {
+  int interrupts = 0;
+  for (;;) {
+    auto printer_done = false;
+    std::string lost;
+    self->receive(
+      [&](caf::down_msg& msg) {
+        if (msg.source == printer.address())
+          printer_done = true;
+        else if (msg.source == coordinator.address())
+          lost = peer_loss_text(msg.reason);
+      },
+      caf::after(200ms) >> [] {});
+    if (printer_done)
+      return std::nullopt;
+    if (!lost.empty()) {
+      say("solstice-runner: lost the coordinator (%s) before the job ended; its result is "
+          "unknown\n",
+          lost);
+      return exit_infrastructure_error;
+    }
+    if (signals.next_signal(0ms)) {
+      if (++interrupts == 1) {
+        say("\nsolstice-runner: %s\n",
+            "cancelling the job (interrupt again to stop waiting for it)");
+        self->send(coordinator, cancel_atom::value, job_id);
+      } else {
+        say("\nsolstice-runner: %s\n",
+            "no longer waiting; the coordinator cancels the job as this submitter goes away");
+        return exit_cancelled;
+      }
+    }
+  }
+}
+
+}  // namespace
+
 int submit_command(const SubmitOptions& options) {
   auto to = parse_endpoint(options.to, "--to");
   if (!to) {
@@ -79,38 +124,8 @@ int submit_command(const SubmitOptions& options) {
     say("solstice-runner: %s\n", problem);
     return finish(invalid ? exit_invalid_input : exit_infrastructure_error);
   }
-  int interrupts = 0;
-  for (;;) {
-    auto printer_done = false;
-    std::string lost;
-    self->receive(
-      [&](caf::down_msg& msg) {
-        if (msg.source == printer.address())
-          printer_done = true;
-        else if (msg.source == coordinator_handle->address())
-          lost = peer_loss_text(msg.reason);
-      },
-      caf::after(200ms) >> [] {});
-    if (printer_done)
-      break;
-    if (!lost.empty()) {
-      say("solstice-runner: lost the coordinator (%s) before the job ended; its result is "
-          "unknown\n",
-          lost);
-      return finish(exit_infrastructure_error);
-    }
-    if (signals.next_signal(0ms)) {
-      if (++interrupts == 1) {
-        say("\nsolstice-runner: %s\n",
-            "cancelling the job (interrupt again to stop waiting for it)");
-        self->send(*coordinator_handle, cancel_atom::value, job->id());
-      } else {
-        say("\nsolstice-runner: %s\n",
-            "no longer waiting; the coordinator cancels the job as this submitter goes away");
-        return finish(exit_cancelled);
-      }
-    }
-  }
+  if (auto ended = follow_job(self, printer, *coordinator_handle, job->id(), signals))
+    return finish(*ended);
   std::lock_guard<std::mutex> lock{*result_mutex};
   if (!*result) {
     say("solstice-runner: job %s ended without a result\n", job->id());
