@@ -9,7 +9,7 @@
 #include <caf/spawn_options.hpp>
 
 #include "actors/sinks/job_recorder.hpp"
-#include "actors/job_supervisor.hpp"
+#include "actors/vm/job_supervisor.hpp"
 #include "runtime/job/event_log.hpp"
 #include "actors/host/runner_host.hpp"
 #include "runtime/job/job_file.hpp"

@@ -23,7 +23,7 @@
 #include <caf/spawn_options.hpp>
 #include <caf/system_messages.hpp>
 
-#include "actors/job_supervisor.hpp"
+#include "actors/vm/job_supervisor.hpp"
 #include "actors/runner_types.hpp"
 #include "actors/sinks/terminal_printer.hpp"
 #include "runtime/base/clock.hpp"

@@ -28,7 +28,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/actors.hpp"
-#include "actors/job_supervisor.hpp"
+#include "actors/vm/job_supervisor.hpp"
 #include "actors/runner_types.hpp"
 #include "runtime/job/guest_commands.hpp"
 

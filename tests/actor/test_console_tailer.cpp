@@ -20,7 +20,7 @@
 #include <caf/send.hpp>
 
 #include "actors/actors.hpp"
-#include "actors/console_tailer.hpp"
+#include "actors/vm/console_tailer.hpp"
 #include "actors/runner_types.hpp"
 
 namespace {

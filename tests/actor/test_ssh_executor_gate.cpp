@@ -16,7 +16,7 @@
 
 #include "actors/actors.hpp"
 #include "actors/runner_types.hpp"
-#include "actors/ssh_executor.hpp"
+#include "actors/vm/ssh_executor.hpp"
 
 namespace {
 

@@ -1,4 +1,4 @@
-#include "actors/qemu_process.hpp"
+#include "actors/vm/qemu_process.hpp"
 
 #include <signal.h>
 #include <unistd.h>

@@ -1,4 +1,4 @@
-#include "actors/ssh_executor.hpp"
+#include "actors/vm/ssh_executor.hpp"
 
 #include <chrono>
 

@@ -1,4 +1,8 @@
-#include "actors/vm_attempt.hpp"
+// One VM boot attempt (see vm_attempt.hpp). About 600 lines, one file on
+// purpose: an attempt's boot, hand-off and shutdown are one phase machine over
+// the same state, and reading them top to bottom is how its guarantees (one
+// boot answer, silence after a failure, every child ended) can be checked.
+#include "actors/vm/vm_attempt.hpp"
 
 #include <caf/actor_system.hpp>
 #include <caf/exit_reason.hpp>
@@ -8,11 +12,11 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
-#include "actors/console_tailer.hpp"
-#include "actors/qemu_process.hpp"
-#include "actors/qmp_session.hpp"
+#include "actors/vm/console_tailer.hpp"
+#include "actors/vm/qemu_process.hpp"
+#include "actors/vm/qmp_session.hpp"
 #include "actors/runner_types.hpp"
-#include "actors/ssh_executor.hpp"
+#include "actors/vm/ssh_executor.hpp"
 #include "runtime/vm/qmp.hpp"
 
 namespace solstice {

@@ -1,4 +1,4 @@
-#include "actors/console_tailer.hpp"
+#include "actors/vm/console_tailer.hpp"
 
 #include <fcntl.h>
 #include <sys/inotify.h>

@@ -1,4 +1,4 @@
-#include "actors/qmp_session.hpp"
+#include "actors/vm/qmp_session.hpp"
 
 #include <chrono>
 #include <vector>

@@ -11,7 +11,7 @@
 #include <caf/actor_clock.hpp>
 
 #include "actors/actors.hpp"
-#include "actors/vm_attempt.hpp"
+#include "actors/vm/vm_attempt.hpp"
 #include "runtime/job/redactor.hpp"
 #include "runtime/vm/vm_slots.hpp"
 

@@ -1,0 +1,309 @@
+// The job supervisor's work in the guest: the set-up command, uploads, steps one
+// after another, artifacts, and the steps' output with its flow control back to
+// the SSH reader. The lifecycle around it is in job_supervisor.cpp.
+#include <algorithm>
+#include <filesystem>
+#include <map>
+
+#include <caf/send.hpp>
+
+#include "actors/runner_types.hpp"
+#include "actors/vm/job_supervisor.hpp"
+#include "actors/vm/job_supervisor_parts.hpp"
+#include "runtime/base/clock.hpp"
+#include "runtime/job/guest_commands.hpp"
+#include "runtime/job/job_result.hpp"
+#include "runtime/vm/vm_prepare.hpp"
+
+namespace solstice::supervision {
+
+namespace {
+
+namespace fs = std::filesystem;
+using std::chrono::milliseconds;
+using phase = job_phase;
+
+}  // namespace
+
+// ------------------------------------------------------------------ artifacts
+
+static std::string artifact_local_name(const v1::Artifact& artifact) {
+  if (!artifact.destination().empty())
+    return artifact.destination();
+  return fs::path(artifact.path()).filename().string();
+}
+
+static void artifact_missing(supervisor_pointer self, int index, const caf::error& err) {
+  auto& st = self->state;
+  const auto& artifact = st.job.artifacts(index);
+  auto message = "artifact " + artifact.path() + ": " + error_text(err);
+  if (artifact.optional()) {
+    notice(self, message + " (optional, skipped)");
+    return;
+  }
+  error_event(self, redact_text(st, message));
+  if (st.status == v1::SUCCEEDED)
+    st.status = v1::FAILED;
+  if (st.error.empty())
+    st.error = redact_text(st, message);
+}
+
+static void collect_artifact(supervisor_pointer self, int index) {
+  auto& st = self->state;
+  if (index >= st.job.artifacts_size()) {
+    end_phase(self, "artifacts");
+    // Steps decided the status; a missing artifact may have turned it to failed.
+    auto status = *st.status;
+    st.status.reset();
+    return decide(self, status, "");
+  }
+  const auto& artifact = st.job.artifacts(index);
+  auto local = fs::path(st.vm.job_dir()) / "artifacts" / artifact_local_name(artifact);
+  self->request(st.shell, st.timeouts.transfer, download_atom::value, artifact.path(),
+                local.string())
+    .then(
+      [=](ok_atom) {
+        if (self->state.phase != phase::artifacts)
+          return unexpected(self, "artifact downloaded");
+        self->state.result.add_artifacts(local.string());
+        collect_artifact(self, index + 1);
+      },
+      [=](caf::error& err) {
+        if (self->state.phase != phase::artifacts)
+          return unexpected(self, "artifact failed");
+        artifact_missing(self, index, err);
+        collect_artifact(self, index + 1);
+      });
+}
+
+// After the steps (all of them, or up to a failing one): `status` is what they
+// decided; artifacts are collected either way.
+static void collect_artifacts(supervisor_pointer self, v1::JobStatus status) {
+  auto& st = self->state;
+  if (st.job.artifacts_size() == 0)
+    return decide(self, status, "");
+  st.status = status;  // provisional: a missing artifact may turn it to failed
+  st.phase = phase::artifacts;
+  set_state(self, v1::COLLECTING_ARTIFACTS);
+  begin_phase(self, "artifacts");
+  (void)make_private_dir(fs::path(st.vm.job_dir()) / "artifacts");
+  collect_artifact(self, 0);
+}
+
+// ------------------------------------------------------------------ steps
+
+static void flush_step_output(supervisor_pointer self, unsigned index) {
+  auto& st = self->state;
+  auto flush = [&](std::optional<Redactor>& redactor, v1::OutputStream stream,
+                   uint64_t& sequence) {
+    if (!redactor)
+      return;
+    auto rest = redactor->flush();
+    if (rest.empty())
+      return;
+    v1::JobEvent event;
+    auto* chunk = event.mutable_output();
+    chunk->set_step_index(index);
+    chunk->set_stream(stream);
+    chunk->set_sequence(sequence++);
+    chunk->set_data(std::move(rest));
+    emit(self, std::move(event));
+  };
+  flush(st.stdout_redactor, v1::STDOUT, st.stdout_sequence);
+  flush(st.stderr_redactor, v1::STDERR, st.stderr_sequence);
+}
+
+static void run_step(supervisor_pointer self, unsigned index);
+
+// What comes after a step, when the job is still undecided.
+static void after_step(supervisor_pointer self, unsigned index, const v1::StepResult& result) {
+  auto& st = self->state;
+  const auto& step = st.job.steps(static_cast<int>(index));
+  if (result.outcome() == v1::STEP_FAILED) {
+    st.error = redact_text(st, step_failure_reason(step.name(), result));
+    return collect_artifacts(self, v1::FAILED);
+  }
+  if (result.outcome() == v1::STEP_TIMED_OUT && !step.allow_failure())
+    return decide(self, v1::TIMED_OUT,
+                  "step '" + step.name() + "' timed out after " +
+                    std::to_string(step.timeout_seconds()) + " s");
+  if (result.outcome() == v1::STEP_CANCELLED)
+    return;  // whoever cancelled has decided already
+  if (index + 1 < static_cast<unsigned>(st.job.steps_size()))
+    return run_step(self, index + 1);
+  collect_artifacts(self, v1::SUCCEEDED);
+}
+
+void step_finished(supervisor_pointer self, unsigned index, v1::StepResult result) {
+  auto& st = self->state;
+  const auto& step = st.job.steps(static_cast<int>(index));
+  flush_step_output(self, index);
+  st.running_step.reset();
+  end_phase(self, "step:" + step.name());
+  result.set_step_index(index);
+  result.set_name(step.name());
+  if (result.outcome() == v1::STEP_FAILED && step.allow_failure())
+    result.set_outcome(v1::STEP_ALLOWED_FAILURE);
+  *st.result.add_steps() = result;
+  v1::JobEvent event;
+  *event.mutable_step_finished() = result;
+  emit(self, std::move(event));
+  if (st.phase == phase::steps)
+    after_step(self, index, result);
+}
+
+static void run_step(supervisor_pointer self, unsigned index) {
+  auto& st = self->state;
+  const auto& step = st.job.steps(static_cast<int>(index));
+  st.running_step = index;
+  st.stdout_redactor.emplace(st.secrets);
+  st.stderr_redactor.emplace(st.secrets);
+  st.stdout_sequence = st.stderr_sequence = 0;
+  v1::JobEvent event;
+  event.mutable_step_started()->set_step_index(index);
+  event.mutable_step_started()->set_name(step.name());
+  emit(self, std::move(event));
+  begin_phase(self, "step:" + step.name());
+  auto step_timeout = milliseconds(uint64_t{step.timeout_seconds()} * 1000);
+  // The reply deadline is the job's; the step timeout is enforced by the executor
+  // so it can report timed_out with the output so far.
+  auto reply_deadline = milliseconds(uint64_t{st.job.timeout_seconds()} * 1000 + 60000);
+  // One round trip: the command writes the script from its stdin, then runs it.
+  self->request(st.shell, reply_deadline, exec_atom::value, index, step_command(index),
+                make_step_script(step.script()), static_cast<uint32_t>(step_timeout.count()))
+    .then([=](v1::StepResult& result) { step_finished(self, index, std::move(result)); },
+          [=](caf::error& err) {
+            auto& st = self->state;
+            if (st.phase != phase::steps) {  // the VM is going: the step was interrupted
+              v1::StepResult result;
+              result.set_outcome(v1::STEP_CANCELLED);
+              return step_finished(self, index, std::move(result));
+            }
+            shell_failure(self, "step '" + st.job.steps(static_cast<int>(index)).name() +
+                                  "' could not run: " + error_text(err));
+          });
+}
+
+static void start_steps(supervisor_pointer self) {
+  auto& st = self->state;
+  st.phase = phase::steps;
+  if (st.job.steps_size() == 0)
+    return collect_artifacts(self, v1::SUCCEEDED);
+  run_step(self, 0);
+}
+
+static void upload_file(supervisor_pointer self, int index) {
+  auto& st = self->state;
+  if (index >= st.job.uploads_size())
+    return start_steps(self);
+  const auto& upload = st.job.uploads(index);
+  self->request(st.shell, st.timeouts.transfer, put_file_atom::value, upload.source(),
+                upload.destination(), upload.mode() ? upload.mode() : 0644u)
+    .then(
+      [=](ok_atom) {
+        if (self->state.phase != phase::uploads)
+          return unexpected(self, "upload done");
+        upload_file(self, index + 1);
+      },
+      [=](caf::error& err) {
+        const auto& upload = self->state.job.uploads(index);
+        decide(self, v1::FAILED,
+               "upload " + upload.source() + " -> " + upload.destination() + ": " +
+                 error_text(err));
+      });
+}
+
+// The first use of the guest shell: directories for the job's files and for
+// every upload destination, and the environment file, written from the
+// command's stdin (secrets never appear in a command line). One round trip.
+void set_up_guest(supervisor_pointer self) {
+  auto& st = self->state;
+  st.phase = phase::setup;
+  end_phase(self, "console_handoff");
+  set_state(self, v1::RUNNING);
+  std::vector<std::string> dirs;
+  for (const auto& upload : st.job.uploads())
+    dirs.push_back(fs::path(upload.destination()).parent_path().string());
+  std::map<std::string, std::string> env(st.job.env().begin(), st.job.env().end());
+  env["SOLSTICE_JOB_ID"] = st.job.id();
+  std::map<std::string, std::string> secrets(st.job.secrets().begin(), st.job.secrets().end());
+  self->request(st.shell, st.timeouts.transfer, exec_atom::value, runner_setup_step,
+                setup_command(dirs), make_env_file(env, secrets), uint32_t{60000})
+    .then(
+      [=](v1::StepResult& result) {
+        auto& st = self->state;
+        if (st.phase != phase::setup)
+          return unexpected(self, "set-up done");
+        if (result.exit_code() != 0)
+          return infrastructure_error(
+            self, with_console_tail(st, "cannot create the job's directories and " +
+                                          env_file_path() + " in the guest (exit code " +
+                                          std::to_string(result.exit_code()) + ")"));
+        st.phase = phase::uploads;
+        upload_file(self, 0);
+      },
+      [=](caf::error& err) {
+        if (self->state.phase != phase::setup)
+          return unexpected(self, "set-up failed");
+        shell_failure(self, "cannot prepare the guest: " + error_text(err));
+      });
+}
+
+// ------------------------------------------------------------------ output and flow control
+
+// Sink `index` has handled `bytes` more of the executor's output: credit the
+// executor with what every sink has now handled (its worker waits when too much
+// is in flight, so the slowest sink paces the step).
+static void output_handled(supervisor_pointer self, size_t index, uint64_t bytes) {
+  auto& st = self->state;
+  st.sink_handled_bytes[index] += bytes;
+  auto all_handled = *std::min_element(st.sink_handled_bytes.begin(), st.sink_handled_bytes.end());
+  if (all_handled > st.output_credited_bytes && st.shell)
+    self->send(st.shell, ack_atom::value, all_handled - st.output_credited_bytes);
+  st.output_credited_bytes = std::max(st.output_credited_bytes, all_handled);
+}
+
+// Output events go to the sinks as requests: the (empty) reply of a sink's
+// handler is its acknowledgement. A sink that is gone answers with an error,
+// which counts as handled: nothing is queued for it any more.
+static void emit_output(supervisor_pointer self, v1::JobEvent event, uint64_t chunk_bytes) {
+  auto& st = self->state;
+  event.set_job_id(st.job.id());
+  event.set_sequence(st.event_sequence++);
+  event.set_timestamp_us(unix_now_us());
+  for (size_t i = 0; i < st.sinks.size(); ++i)
+    self->request(st.sinks[i], caf::infinite, event_atom::value, event)
+      .then([=]() { output_handled(self, i, chunk_bytes); },
+            [=](caf::error&) { output_handled(self, i, chunk_bytes); });
+}
+
+void on_output(supervisor_pointer self, const v1::OutputChunk& chunk) {
+  auto& st = self->state;
+  const uint64_t chunk_bytes = chunk.data().size();
+  if (st.sink_handled_bytes.size() != st.sinks.size())
+    st.sink_handled_bytes.assign(st.sinks.size(), st.output_credited_bytes);
+  auto not_queued = [&] {
+    for (auto& handled : st.sink_handled_bytes)
+      handled += chunk_bytes;
+    if (st.shell)
+      self->send(st.shell, ack_atom::value, chunk_bytes);
+    st.output_credited_bytes += chunk_bytes;
+  };
+  // Only the running step's output is shown (the set-up command's is not).
+  if (!st.running_step || chunk.step_index() != *st.running_step)
+    return not_queued();
+  bool is_out = chunk.stream() == v1::STDOUT;
+  auto& redactor = is_out ? st.stdout_redactor : st.stderr_redactor;
+  auto data = redactor ? redactor->feed(chunk.data()) : chunk.data();
+  if (data.empty() || st.sinks.empty())
+    return not_queued();
+  v1::JobEvent event;
+  auto* out = event.mutable_output();
+  out->set_step_index(chunk.step_index());
+  out->set_stream(chunk.stream());
+  out->set_sequence(is_out ? st.stdout_sequence++ : st.stderr_sequence++);
+  out->set_data(std::move(data));
+  emit_output(self, std::move(event), chunk_bytes);
+}
+
+}  // namespace solstice::supervision

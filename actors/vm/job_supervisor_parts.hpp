@@ -1,0 +1,43 @@
+#pragma once
+// What the two halves of the job supervisor share (job_supervisor.cpp: the
+// lifecycle; job_steps.cpp: the work in the guest). Included by those two only.
+#include <string>
+
+#include "actors/vm/job_supervisor.hpp"
+
+namespace solstice::supervision {
+
+using supervisor_pointer = job_supervisor_internal::stateful_pointer<job_supervisor_state>;
+
+// ---- job_supervisor.cpp
+
+// A message or reply that makes no sense in the current phase: logged, ignored.
+void unexpected(supervisor_pointer self, const std::string& what);
+// Phases in which the job's outcome is still open.
+bool undecided(job_phase phase);
+// Events to every sink, numbered and timestamped (secrets redacted where text).
+void emit(supervisor_pointer self, v1::JobEvent event);
+std::string redact_text(const job_supervisor_state& st, const std::string& text);
+void set_state(supervisor_pointer self, v1::JobState state, const std::string& detail = {});
+void notice(supervisor_pointer self, const std::string& message);
+void error_event(supervisor_pointer self, const std::string& message);
+// Phase timings for the result.
+void begin_phase(supervisor_pointer self, const std::string& name);
+void end_phase(supervisor_pointer self, const std::string& name);
+std::string with_console_tail(const job_supervisor_state& st, const std::string& message);
+// Decides the job's outcome (the first decision wins) and moves to shutdown.
+void decide(supervisor_pointer self, v1::JobStatus status, const std::string& message);
+void infrastructure_error(supervisor_pointer self, const std::string& message);
+// An SSH operation failed: waits briefly for the attempt's report of a lost VM.
+void shell_failure(supervisor_pointer self, const std::string& message);
+
+// ---- job_steps.cpp
+
+// The console is handed off: set-up, uploads, steps, artifacts, then decide.
+void set_up_guest(supervisor_pointer self);
+// Records a finished (or interrupted) step; in the steps phase, goes on.
+void step_finished(supervisor_pointer self, unsigned index, v1::StepResult result);
+// A chunk of the running step's output, from the SSH executor.
+void on_output(supervisor_pointer self, const v1::OutputChunk& chunk);
+
+}  // namespace solstice::supervision
