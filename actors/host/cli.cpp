@@ -11,8 +11,8 @@
 #include "actors/host/cluster_cli.hpp"
 #include "actors/host/runner_host.hpp"
 #include "runtime/job/job_file.hpp"
-#include "runtime/vm/recovery.hpp"
 #include "runtime/job/runner_config.hpp"
+#include "runtime/vm/recovery.hpp"
 
 namespace solstice {
 

@@ -8,13 +8,13 @@
 #include <caf/send.hpp>
 #include <caf/spawn_options.hpp>
 
+#include "actors/host/runner_host.hpp"
 #include "actors/sinks/job_recorder.hpp"
 #include "actors/vm/job_supervisor.hpp"
 #include "runtime/job/event_log.hpp"
-#include "actors/host/runner_host.hpp"
 #include "runtime/job/job_file.hpp"
-#include "runtime/vm/recovery.hpp"
 #include "runtime/job/runner_config.hpp"
+#include "runtime/vm/recovery.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice {

@@ -23,11 +23,11 @@
 #include <caf/spawn_options.hpp>
 #include <caf/system_messages.hpp>
 
-#include "actors/vm/job_supervisor.hpp"
+#include "actors/host/embedding.hpp"
 #include "actors/runner_types.hpp"
 #include "actors/sinks/terminal_printer.hpp"
+#include "actors/vm/job_supervisor.hpp"
 #include "runtime/base/clock.hpp"
-#include "actors/host/embedding.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/runner_config.hpp"
 #include "runtime/vm/vm_prepare.hpp"

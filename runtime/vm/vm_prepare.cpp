@@ -17,8 +17,8 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/base/child_process.hpp"
-#include "runtime/vm/cloud_init.hpp"
 #include "runtime/ssh/ssh_keys.hpp"
+#include "runtime/vm/cloud_init.hpp"
 
 namespace solstice {
 

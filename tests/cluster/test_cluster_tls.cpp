@@ -18,8 +18,8 @@
 #include <caf/send.hpp>
 
 #include "actors/cluster/coordinator.hpp"
-#include "actors/runner_types.hpp"
 #include "actors/host/cluster_cli.hpp"
+#include "actors/runner_types.hpp"
 #include "tests/cluster/cluster_process.hpp"
 
 using namespace solstice;

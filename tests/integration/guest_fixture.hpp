@@ -11,10 +11,10 @@
 
 #include "runtime/base/child_process.hpp"
 #include "runtime/base/error.hpp"
-#include "runtime/vm/qemu_argv.hpp"
-#include "runtime/vm/qmp.hpp"
 #include "runtime/ssh/ssh_keys.hpp"
 #include "runtime/ssh/ssh_session.hpp"
+#include "runtime/vm/qemu_argv.hpp"
+#include "runtime/vm/qmp.hpp"
 
 namespace solstice::testing {
 

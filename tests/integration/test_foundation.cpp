@@ -8,9 +8,9 @@
 #include <chrono>
 
 #include "runtime/base/child_process.hpp"
+#include "runtime/ssh/ssh_session.hpp"
 #include "runtime/vm/qemu_argv.hpp"
 #include "runtime/vm/qmp.hpp"
-#include "runtime/ssh/ssh_session.hpp"
 #include "tests/integration/guest_fixture.hpp"
 
 using namespace solstice;

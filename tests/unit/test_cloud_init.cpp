@@ -4,8 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "runtime/vm/cloud_init.hpp"
 #include "runtime/ssh/ssh_keys.hpp"
+#include "runtime/vm/cloud_init.hpp"
 #include "tests/unit/seed_test_support.hpp"
 
 namespace solstice {

@@ -13,8 +13,8 @@
 #include <caf/system_messages.hpp>
 
 #include "actors/cluster/runner_node.hpp"
-#include "actors/host/embedding.hpp"
 #include "actors/host/cluster/cluster_commands.hpp"
+#include "actors/host/embedding.hpp"
 #include "actors/host/runner_host.hpp"
 #include "actors/runner_types.hpp"
 
