@@ -14,7 +14,7 @@ packages=(
   cpio gzip dosfstools mtools syslinux syslinux-common dropbear-bin busybox-static
   # tests: ISO inspection, cloud-config schema check, OpenSSH as a reference client
   xorriso genisoimage cloud-init openssh-client
-  # benchmarks (bench/run.sh)
+  # benchmarks (bench/run.sh); stand-in QEMUs of the reliability tests (QMP clients)
   python3
 )
 
