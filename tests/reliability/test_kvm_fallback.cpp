@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
+#include <optional>
 
 #include "tests/reliability/harness.hpp"
 #include "tests/reliability/qemu_wrappers.hpp"
@@ -134,7 +135,10 @@ TEST_CASE("KVM explicit: QEMU aborts at once on KVM; the job fails at once, exit
   REQUIRE_MESSAGE(test_guest_problem().empty(), test_guest_problem());
   Sandbox sandbox;
   const std::string id = "kvm-explicit";
-  auto wrapper = write_kvm_failure_wrapper(sandbox, KvmFailure::abort_at_once);
+  KvmFailure failure = KvmFailure::abort_at_once;
+  SUBCASE("its QMP socket listens until the abort") {}
+  SUBCASE("before its QMP socket exists") { failure = KvmFailure::abort_before_socket; }
+  auto wrapper = write_kvm_failure_wrapper(sandbox, failure);
   auto job = sandbox.write_json("job.json", guest_job(id, {"echo step-ran"}));
   auto started = steady::now();
   auto runner = run_to_end(
@@ -148,9 +152,18 @@ TEST_CASE("KVM explicit: QEMU aborts at once on KVM; the job fails at once, exit
   CHECK(log.accels == std::vector<std::string>{"kvm"});
   CHECK(runner.wait(0ms)->code == 125);
   // Decided when QEMU died, not at the boot timeout (240 s).
-  CHECK(took < 30.0);
+  CHECK(took < 15.0);
   auto result = sandbox.result(id);
   REQUIRE(result);
+  REQUIRE(log.fault_at);
+  std::optional<int64_t> result_us;
+  for (const auto& event : sandbox.events(id))
+    if (event.has_result())
+      result_us = event.timestamp_us();
+  REQUIRE(result_us);
+  double decided_after = static_cast<double>(*result_us) / 1e6 - *log.fault_at;
+  INFO("result " << decided_after << " s after the abort");
+  CHECK(decided_after < 5.0);
   INFO("error: " << result->error());
   CHECK(result->status() == v1::INFRASTRUCTURE_ERROR);
   CHECK(contains(result->error(), "KVM"));
