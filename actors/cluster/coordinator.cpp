@@ -327,6 +327,87 @@ v1::JobEvent cluster_result_event(const std::string& job_id, uint64_t sequence,
   return event;
 }
 
+namespace {
+
+// `submit`: queues the job (its id made or checked) and dispatches what can run.
+caf::result<std::string> take_job(coordinator_pointer self, v1::JobSpec& spec,
+                                  event_sink_actor submitter) {
+  auto& st = self->state;
+  if (!submitter)
+    return caf::make_error(runner_errc::invalid_input, "a job needs an event sink");
+  if (spec.steps_size() == 0)
+    return caf::make_error(runner_errc::invalid_input, "the job has no steps");
+  if (spec.id().empty()) {
+    do
+      spec.set_id(make_job_id());
+    while (st.jobs.count(spec.id()));
+  } else if (st.jobs.count(spec.id())) {
+    return caf::make_error(runner_errc::invalid_input,
+                           "job id " + spec.id() + " is already queued or running");
+  }
+  auto job_id = spec.id();
+  auto& job = st.jobs[job_id];
+  job.spec = std::move(spec);
+  job.submitter = std::move(submitter);
+  job.since_us = unix_now_us();
+  job.queued_at = std::chrono::steady_clock::now();
+  self->monitor(job.submitter);
+  st.queue.push_back(job_id);
+  spdlog::info("job {} queued ({}), position {}", job_id,
+               job.spec.name().empty() ? "unnamed" : job.spec.name(), st.queue.size());
+  v1::JobEvent queued;
+  queued.mutable_state()->set_state(v1::QUEUED);
+  std::string detail = "position " + std::to_string(st.queue.size()) + " in the cluster queue";
+  bool capable = std::any_of(st.nodes.begin(), st.nodes.end(), [&](const auto& entry) {
+    return node_can_ever_run(job, entry.second);
+  });
+  if (!capable)
+    detail += job.spec.runs_on().empty()
+                ? "; no node has joined yet"
+                : "; no node offers runs_on '" + job.spec.runs_on() + "' yet";
+  queued.mutable_state()->set_detail(detail);
+  emit(self, job, std::move(queued));
+  dispatch_queued(self);
+  return job_id;
+}
+
+// `join`: adds the node (replacing an older entry of the same name) and dispatches.
+caf::result<ok_atom> take_node(coordinator_pointer self, node_offer& offer,
+                               runner_node_actor handle) {
+  auto& st = self->state;
+  if (!handle)
+    return caf::make_error(runner_errc::invalid_input, "a node needs a handle");
+  if (offer.name.empty())
+    return caf::make_error(runner_errc::invalid_input, "a node needs a name");
+  if (offer.slots == 0)
+    return caf::make_error(runner_errc::invalid_input,
+                           "node " + offer.name + " offers no slots");
+  // The same node joining again over a new connection replaces its old entry.
+  for (auto i = st.nodes.begin(); i != st.nodes.end(); ++i)
+    if (i->second.offer.name == offer.name && i->first != handle.address()) {
+      node_lost(self, i->first, "it joined again");
+      break;
+    }
+  auto& node = st.nodes[handle.address()];
+  bool rejoin = static_cast<bool>(node.handle);
+  node.handle = handle;
+  node.offer = std::move(offer);
+  if (!rejoin)
+    self->monitor(handle);
+  std::string labels;
+  for (const auto& [label, memory] : node.offer.labels)
+    labels += (labels.empty() ? "" : ", ") + label;
+  spdlog::info("node {} joined: {} slot(s), memory budget {}, labels: {}", node.offer.name,
+               node.offer.slots,
+               node.offer.memory_mib ? std::to_string(node.offer.memory_mib) + " MiB"
+                                     : std::string{"unlimited"},
+               labels.empty() ? "none" : labels);
+  dispatch_queued(self);
+  return ok_atom::value;
+}
+
+}  // namespace
+
 coordinator_actor::behavior_type coordinator(coordinator_pointer self,
                                              coordinator_options options) {
   self->state.options = options;
@@ -342,77 +423,11 @@ coordinator_actor::behavior_type coordinator(coordinator_pointer self,
   });
   self->delayed_send(self, options.tick_interval, tick_atom::value);
   return {
-    [self](submit_atom, v1::JobSpec& spec,
-           event_sink_actor submitter) -> caf::result<std::string> {
-      auto& st = self->state;
-      if (!submitter)
-        return caf::make_error(runner_errc::invalid_input, "a job needs an event sink");
-      if (spec.steps_size() == 0)
-        return caf::make_error(runner_errc::invalid_input, "the job has no steps");
-      if (spec.id().empty()) {
-        do
-          spec.set_id(make_job_id());
-        while (st.jobs.count(spec.id()));
-      } else if (st.jobs.count(spec.id())) {
-        return caf::make_error(runner_errc::invalid_input,
-                               "job id " + spec.id() + " is already queued or running");
-      }
-      auto job_id = spec.id();
-      auto& job = st.jobs[job_id];
-      job.spec = std::move(spec);
-      job.submitter = std::move(submitter);
-      job.since_us = unix_now_us();
-      job.queued_at = std::chrono::steady_clock::now();
-      self->monitor(job.submitter);
-      st.queue.push_back(job_id);
-      spdlog::info("job {} queued ({}), position {}", job_id,
-                   job.spec.name().empty() ? "unnamed" : job.spec.name(), st.queue.size());
-      v1::JobEvent queued;
-      queued.mutable_state()->set_state(v1::QUEUED);
-      std::string detail = "position " + std::to_string(st.queue.size()) + " in the cluster queue";
-      bool capable = std::any_of(st.nodes.begin(), st.nodes.end(), [&](const auto& entry) {
-        return node_can_ever_run(job, entry.second);
-      });
-      if (!capable)
-        detail += job.spec.runs_on().empty()
-                    ? "; no node has joined yet"
-                    : "; no node offers runs_on '" + job.spec.runs_on() + "' yet";
-      queued.mutable_state()->set_detail(detail);
-      emit(self, job, std::move(queued));
-      dispatch_queued(self);
-      return job_id;
+    [self](submit_atom, v1::JobSpec& spec, event_sink_actor submitter) {
+      return take_job(self, spec, std::move(submitter));
     },
-    [self](join_atom, node_offer& offer, runner_node_actor handle) -> caf::result<ok_atom> {
-      auto& st = self->state;
-      if (!handle)
-        return caf::make_error(runner_errc::invalid_input, "a node needs a handle");
-      if (offer.name.empty())
-        return caf::make_error(runner_errc::invalid_input, "a node needs a name");
-      if (offer.slots == 0)
-        return caf::make_error(runner_errc::invalid_input,
-                               "node " + offer.name + " offers no slots");
-      // The same node joining again over a new connection replaces its old entry.
-      for (auto i = st.nodes.begin(); i != st.nodes.end(); ++i)
-        if (i->second.offer.name == offer.name && i->first != handle.address()) {
-          node_lost(self, i->first, "it joined again");
-          break;
-        }
-      auto& node = st.nodes[handle.address()];
-      bool rejoin = static_cast<bool>(node.handle);
-      node.handle = handle;
-      node.offer = std::move(offer);
-      if (!rejoin)
-        self->monitor(handle);
-      std::string labels;
-      for (const auto& [label, memory] : node.offer.labels)
-        labels += (labels.empty() ? "" : ", ") + label;
-      spdlog::info("node {} joined: {} slot(s), memory budget {}, labels: {}", node.offer.name,
-                   node.offer.slots,
-                   node.offer.memory_mib ? std::to_string(node.offer.memory_mib) + " MiB"
-                                         : std::string{"unlimited"},
-                   labels.empty() ? "none" : labels);
-      dispatch_queued(self);
-      return ok_atom::value;
+    [self](join_atom, node_offer& offer, runner_node_actor handle) {
+      return take_node(self, offer, std::move(handle));
     },
     [self](cancel_atom, const std::string& job_id) {
       auto& st = self->state;
