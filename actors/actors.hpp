@@ -66,8 +66,9 @@ using qemu_process_actor = caf::typed_actor<
 
 /// Owns the QMP socket of one VM.
 using qmp_session_actor = caf::typed_actor<
-  // Waits (up to the timeout, in ms) for the socket, greeting and capabilities.
-  caf::replies_to<connect_atom, std::string, uint32_t>::with<ok_atom>,
+  // Waits (up to the timeout, in ms) for the socket, greeting and capabilities;
+  // gives up at once when QEMU (this PID) is gone.
+  caf::replies_to<connect_atom, std::string, uint32_t, int32_t>::with<ok_atom>,
   // Runs a QMP command (name, arguments as JSON text); replies "return" as JSON text.
   caf::replies_to<command_atom, std::string, std::string>::with<std::string>>;
 
@@ -144,8 +145,8 @@ using job_supervisor_actor = caf::typed_actor<
 }  // namespace solstice
 
 // ============================================================================
-// Cluster: a coordinator and its runner nodes (actors/coordinator.hpp,
-// actors/runner_node.hpp). These interfaces cross the network through
+// Cluster: a coordinator and its runner nodes (actors/cluster/coordinator.hpp,
+// actors/cluster/runner_node.hpp). These interfaces cross the network through
 // caf::io / caf::openssl: every payload and handle below is registered in
 // add_runner_types, and every request made over them has a finite timeout.
 // ============================================================================

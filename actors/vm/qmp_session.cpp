@@ -6,6 +6,7 @@
 #include <caf/send.hpp>
 
 #include "actors/runner_types.hpp"
+#include "runtime/base/child_process.hpp"
 
 namespace solstice {
 
@@ -31,8 +32,12 @@ qmp_session(qmp_session_internal::stateful_pointer<qmp_session_state> self,
             qmp_observer_actor observer) {
   self->state.observer = std::move(observer);
   return {
-    [=](connect_atom, const std::string& socket, uint32_t timeout_ms) -> caf::result<ok_atom> {
-      auto client = QmpClient::connect(socket, std::chrono::milliseconds(timeout_ms));
+    [=](connect_atom, const std::string& socket, uint32_t timeout_ms,
+        int32_t qemu_pid) -> caf::result<ok_atom> {
+      // This detached actor cannot see its mailbox while it waits: the wait ends
+      // as soon as QEMU is gone, so a dead VM's session never lingers.
+      auto qemu_gone = [qemu_pid] { return qemu_pid > 0 && !process_running(qemu_pid); };
+      auto client = QmpClient::connect(socket, std::chrono::milliseconds(timeout_ms), qemu_gone);
       if (!client)
         return caf::make_error(runner_errc::qmp_failed, client.error().message);
       auto& st = self->state;

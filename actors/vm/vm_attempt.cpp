@@ -175,7 +175,8 @@ void connect_qmp(attempt_pointer self) {
   st.phase = phase::connecting_qmp;
   st.qmp = adopt(self, st.factory.qmp(self->system(), qmp_observer_actor{self}));
   self->request(st.qmp, st.timeouts.qmp_connect + std::chrono::seconds(5), connect_atom::value,
-                st.vm.qmp_socket(), static_cast<uint32_t>(st.timeouts.qmp_connect.count()))
+                st.vm.qmp_socket(), static_cast<uint32_t>(st.timeouts.qmp_connect.count()),
+                static_cast<int32_t>(st.vm.qemu_pid()))
     .then(
       [=](ok_atom) {
         auto& st = self->state;

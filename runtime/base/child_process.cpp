@@ -413,6 +413,17 @@ void ChildProcess::kill(int signal) {
   ::kill(pid_, signal);
 }
 
+bool process_running(pid_t pid) {
+  if (pid <= 0) return false;
+  std::ifstream stat_file("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(stat_file)), std::istreambuf_iterator<char>());
+  // comm may contain spaces and ')': the state letter follows the last ')'.
+  auto comm_end = stat.rfind(')');
+  if (comm_end == std::string::npos || comm_end + 2 >= stat.size()) return false;
+  char state = stat[comm_end + 2];
+  return state != 'Z' && state != 'X';
+}
+
 std::optional<unsigned long long> process_start_time(pid_t pid) {
   if (pid <= 0) return std::nullopt;
   std::ifstream stat_file("/proc/" + std::to_string(pid) + "/stat");

@@ -69,6 +69,9 @@ class ChildProcess {
   void close_fds();
 };
 
+// Whether `pid` is a process that runs (exists and is neither a zombie nor dead).
+bool process_running(pid_t pid);
+
 // Start time of a process in clock ticks since boot (/proc/PID/stat field 22), to
 // recognise a process by more than its PID. nullopt if there is no such process.
 std::optional<unsigned long long> process_start_time(pid_t pid);

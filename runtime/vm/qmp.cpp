@@ -149,7 +149,8 @@ QmpClient::~QmpClient() {
 }
 
 Result<QmpClient> QmpClient::connect(const std::filesystem::path& socket_path,
-                                     std::chrono::milliseconds timeout) {
+                                     std::chrono::milliseconds timeout,
+                                     const std::function<bool()>& give_up) {
   const std::string path = socket_path.string();
   sockaddr_un address{};
   address.sun_family = AF_UNIX;
@@ -173,6 +174,8 @@ Result<QmpClient> QmpClient::connect(const std::filesystem::path& socket_path,
     // Not there yet (ENOENT), not listening yet (ECONNREFUSED), backlog full (EAGAIN).
     if (last_error != ENOENT && last_error != ECONNREFUSED && last_error != EAGAIN)
       return fail(errno_message("cannot connect to QMP socket " + path, last_error));
+    if (give_up && give_up())
+      return fail("QMP socket " + path + ": QEMU is gone, gave up waiting for it");
     if (Clock::now() >= deadline) {
       if (last_error == ENOENT)
         return fail("QMP socket " + path + " did not appear within " +

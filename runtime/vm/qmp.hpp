@@ -2,6 +2,7 @@
 // QMP: a pure codec (bytes in, messages out) and a small blocking client built on
 // it. The qmp_session actor runs the codec on its own I/O thread.
 #include <chrono>
+#include <functional>
 #include <cstdint>
 #include <deque>
 #include <filesystem>
@@ -47,8 +48,11 @@ class QmpClient {
 
   // Waits up to `timeout` for the socket to appear and accept, reads the greeting,
   // negotiates qmp_capabilities. A socket that never appears is an error naming it.
+  // `give_up`, when set, is asked while waiting for the socket: true ends the wait
+  // at once (e.g. QEMU is gone, so the socket never will appear).
   static Result<QmpClient> connect(const std::filesystem::path& socket,
-                                   std::chrono::milliseconds timeout);
+                                   std::chrono::milliseconds timeout,
+                                   const std::function<bool()>& give_up = {});
 
   // Sends a command and waits for its reply; events read meanwhile are queued.
   Result<nlohmann::json> execute(const std::string& command,

@@ -33,28 +33,9 @@ namespace {
 
 // ------------------------------------------------------------ processes
 
-// The state letter of /proc/PID/stat (R, S, D, Z, ...), nullopt if there is no such
-// process.
-std::optional<char> process_state(pid_t pid) {
-  if (pid <= 0)
-    return std::nullopt;
-  std::ifstream file("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  // comm may contain spaces and ')': the state follows the last ')'.
-  auto comm_end = stat.rfind(')');
-  if (comm_end == std::string::npos || comm_end + 2 >= stat.size())
-    return std::nullopt;
-  return stat[comm_end + 2];
-}
-
-bool running(pid_t pid) {
-  auto state = process_state(pid);
-  return state && *state != 'Z' && *state != 'X';
-}
-
 // The same process that was recorded: running, with the recorded start time.
 bool same_process_running(pid_t pid, unsigned long long start_time) {
-  return running(pid) && process_start_time(pid) == start_time;
+  return process_running(pid) && process_start_time(pid) == start_time;
 }
 
 std::vector<std::string> process_arguments(pid_t pid) {
@@ -132,7 +113,7 @@ KillOutcome kill_surviving_qemu(pid_t pid, unsigned long long start_time,
       pollfd exit_poll{pidfd, POLLIN, 0};
       gone = ::poll(&exit_poll, 1, 20) > 0;
     } else {
-      gone = !running(pid);
+      gone = !process_running(pid);
       if (!gone)
         std::this_thread::sleep_for(20ms);
     }

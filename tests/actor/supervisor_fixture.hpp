@@ -498,7 +498,7 @@ fake_qemu_actor::behavior_type fake_qemu(fake_qemu_actor::pointer self, fixture*
 
 qmp_session_actor::behavior_type fake_qmp(qmp_session_actor::pointer self, fixture* fx) {
   return {
-    [=](connect_atom, const std::string& socket, uint32_t) -> caf::result<ok_atom> {
+    [=](connect_atom, const std::string& socket, uint32_t, int32_t) -> caf::result<ok_atom> {
       fx->note("qmp", "connect", socket);
       if (fx->qmp_broken)
         return caf::make_error(runner_errc::qmp_failed, "QMP socket " + socket + " never appeared");
