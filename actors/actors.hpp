@@ -39,7 +39,10 @@ using qemu_observer_actor = caf::typed_actor<
 /// Hears from qmp_session (the VM attempt).
 using qmp_observer_actor = caf::typed_actor<
   // An asynchronous QMP event (SHUTDOWN, POWERDOWN, RESET, GUEST_PANICKED, STOP, ...).
-  caf::reacts_to<qmp_event_atom, v1::QmpEvent>>;
+  caf::reacts_to<qmp_event_atom, v1::QmpEvent>,
+  // QEMU closed the QMP connection (why); sent once. The VM can no longer be
+  // controlled: QEMU exited, or something cut the socket.
+  caf::reacts_to<qmp_closed_atom, std::string>>;
 
 /// Hears from console_tailer (the VM attempt).
 using console_observer_actor = caf::typed_actor<

@@ -28,6 +28,7 @@ using output_atom = caf::atom_constant<caf::atom("output")>;
 using phase_atom = caf::atom_constant<caf::atom("phase")>;
 using prepare_atom = caf::atom_constant<caf::atom("prepare")>;
 using put_file_atom = caf::atom_constant<caf::atom("put_file")>;
+using qmp_closed_atom = caf::atom_constant<caf::atom("qmp_closed")>;
 using qmp_event_atom = caf::atom_constant<caf::atom("qmp_event")>;
 using ready_atom = caf::atom_constant<caf::atom("ready")>;
 using relay_atom = caf::atom_constant<caf::atom("relay")>;

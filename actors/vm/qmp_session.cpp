@@ -25,6 +25,16 @@ void forward_events(qmp_session_internal::stateful_pointer<qmp_session_state> se
   }
 }
 
+// Tells the observer, once, that QEMU closed the connection.
+void report_if_closed(qmp_session_internal::stateful_pointer<qmp_session_state> self) {
+  auto& st = self->state;
+  if (!st.client || !st.client->peer_closed() || st.closed_reported)
+    return;
+  st.closed_reported = true;
+  self->send(st.observer, qmp_closed_atom::value,
+             std::string{"QEMU closed its QMP connection while the VM was running"});
+}
+
 }  // namespace
 
 qmp_session_internal::behavior_type
@@ -63,6 +73,7 @@ qmp_session(qmp_session_internal::stateful_pointer<qmp_session_state> self,
                                "QMP arguments for " + command + " are not JSON: " + arguments);
       auto reply = st.client->execute(command, args, std::chrono::seconds(10));
       forward_events(self);
+      report_if_closed(self);
       if (!reply)
         return caf::make_error(runner_errc::qmp_failed, reply.error().message);
       return reply->dump();
@@ -75,6 +86,7 @@ qmp_session(qmp_session_internal::stateful_pointer<qmp_session_state> self,
       // A closed socket stays readable: QEMU is gone, nothing more will come.
       if (!st.client->peer_closed())
         st.waiter->rearm();
+      report_if_closed(self);
     },
   };
 }

@@ -14,6 +14,7 @@ struct qmp_session_state {
   qmp_session_state() = default;
   qmp_observer_actor observer;
   std::optional<QmpClient> client;
+  bool closed_reported = false;
   // Wakes the actor when the QMP socket has something to read.
   std::unique_ptr<FdWaiter> waiter;
   ~qmp_session_state() { waiter.reset(); }  // before the client closes its socket

@@ -113,6 +113,7 @@ void boot_problem(attempt_pointer self, const std::string& message) {
 // The booted VM went away: told once to the supervisor.
 void vm_lost(attempt_pointer self, const std::string& message) {
   auto& st = self->state;
+  st.held_failure.reset();
   if (st.handoff_reply) {
     st.handoff_reply->deliver(caf::make_error(runner_errc::qemu_failed, message));
     st.handoff_reply.reset();
@@ -472,6 +473,23 @@ void qmp_event(attempt_pointer self, const v1::QmpEvent& event) {
   }
 }
 
+// QEMU closed QMP. While booting it is a boot problem; once booted the VM can no
+// longer be controlled, so it is lost — unless QEMU's exit, usually right behind,
+// names the cause first.
+void qmp_closed(attempt_pointer self, const std::string& why) {
+  auto& st = self->state;
+  st.qmp_connected = false;
+  if (booting(st.phase))
+    return boot_problem(self, why);
+  if (!vm_in_use(st.phase) || st.held_failure)
+    return;
+  if (st.qemu_state != vm_attempt_state::qemu_status::running)
+    return vm_lost(self, why);
+  st.held_failure = why;
+  st.held_token = st.next_token++;
+  self->delayed_send(self, st.timeouts.exit_report_grace, timeout_atom::value, st.held_token);
+}
+
 void child_down(attempt_pointer self, const caf::down_msg& down) {
   auto& st = self->state;
   if (down.source == st.tailer.address()) {
@@ -581,6 +599,7 @@ vm_attempt(attempt_pointer self, vm_attempt_spec spec, vm_child_factory factory,
     },
     [=](exited_atom, const v1::ProcessExit& exit) { qemu_exited(self, exit); },
     [=](qmp_event_atom, const v1::QmpEvent& event) { qmp_event(self, event); },
+    [=](qmp_closed_atom, const std::string& why) { qmp_closed(self, why); },
     [=](console_atom, std::string& line) {
       auto& st = self->state;
       if (st.phase == phase::failed || st.phase == phase::ended)
@@ -594,6 +613,8 @@ vm_attempt(attempt_pointer self, vm_attempt_spec spec, vm_child_factory factory,
       auto& st = self->state;
       if (token == st.held_token && st.held_failure && booting(st.phase))
         return fail_boot(self, *st.held_failure, false);
+      if (token == st.held_token && st.held_failure && vm_in_use(st.phase))
+        return vm_lost(self, *st.held_failure);
       stage_timeout(self, token);
     },
   };

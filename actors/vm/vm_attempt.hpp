@@ -110,8 +110,8 @@ struct vm_attempt_state {
   bool ssh_was_ready = false; // a guest that never got to SSH gets a short powerdown
   std::deque<std::string> console_tail;
 
-  // A boot failure held for `exit_report_grace`: QEMU's exit, if it comes, names
-  // the real cause.
+  // A boot failure (or, once booted, a lost QMP connection) held for
+  // `exit_report_grace`: QEMU's exit, if it comes, names the real cause.
   std::optional<std::string> held_failure;
   uint64_t held_token = 0;
 

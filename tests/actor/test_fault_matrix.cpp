@@ -104,12 +104,9 @@ v1::JobStatus expected_status(fault f, const point& p, const std::string& accel)
         return v1::SUCCEEDED;
       return v1::INFRASTRUCTURE_ERROR;
     case fault::qmp_breaks:
-      // Needed until the SSH port is known; later only the shutdown uses it
-      // (and falls back to quit, then kill).
-      return p.where == stage::before_qemu || p.label == "launching (before QMP connects)" ||
-                 p.label == "QMP connecting" || p.label == "reading the SSH port"
-               ? v1::INFRASTRUCTURE_ERROR
-               : v1::SUCCEEDED;
+      // The VM can no longer be controlled: it is lost (after a short wait for
+      // QEMU's exit report, so the last artifact's reply comes first).
+      return p.label == "collecting artifacts" ? v1::SUCCEEDED : v1::INFRASTRUCTURE_ERROR;
     case fault::tailer_dies: return v1::SUCCEEDED;
     case fault::ssh_breaks:
       // A missing artifact fails the job; anything else SSH does is infrastructure.
@@ -150,7 +147,11 @@ struct matrix_run : fixture {
         stop.set_data_json("{}");
         caf::anon_send(caf::actor_cast<qmp_observer_actor>(attempt), qmp_event_atom::value, stop);
         return;
-      case fault::qmp_breaks: qmp_broken = true; return;
+      case fault::qmp_breaks:
+        qmp_broken = true;
+        caf::anon_send(caf::actor_cast<qmp_observer_actor>(attempt), qmp_closed_atom::value,
+                       std::string{"QEMU closed its QMP connection"});
+        return;
       case fault::tailer_dies: caf::anon_send_exit(tailer, caf::exit_reason::kill); return;
       case fault::ssh_breaks: ssh_broken = true; return;
       case fault::second_cancel: caf::anon_send(supervisor, cancel_atom::value); [[fallthrough]];
