@@ -1,15 +1,21 @@
 #include "actors/host/cli.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 
 #include "actors/host/cluster_cli.hpp"
+#include "actors/host/jobs_cli.hpp"
 #include "actors/host/runner_host.hpp"
+#include "runtime/base/clock.hpp"
+#include "runtime/base/version.hpp"
+#include "runtime/job/event_log.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/runner_config.hpp"
 #include "runtime/vm/recovery.hpp"
@@ -111,10 +117,27 @@ Result<v1::JobSpec> checked_job(const RunOptions& run, const std::string& job_fi
   return job;
 }
 
+// Invalid input, said on stderr; with --json also as an error event on stdout,
+// so a consumer of the JSON stream learns why no job ran.
+void print_json_error(const std::string& message, const std::string& job_id = {}) {
+  v1::JobEvent event;
+  event.set_job_id(job_id);
+  event.set_timestamp_us(unix_now_us());
+  event.mutable_error()->set_message("invalid input: " + message);
+  std::printf("%s\n", event_to_json_line(event).c_str());
+  std::fflush(stdout);
+}
+
+void report_invalid(bool json, const std::string& message, const std::string& job_id = {}) {
+  std::fprintf(stderr, "solstice-runner: %s\n", message.c_str());
+  if (json)
+    print_json_error(message, job_id);
+}
+
 int run_command(const CommonOptions& common, const RunOptions& run) {
   auto config = load_config(common);
   if (!config) {
-    std::fprintf(stderr, "solstice-runner: %s\n", config.error().message.c_str());
+    report_invalid(run.json, config.error().message);
     return exit_invalid_input;
   }
   // Every job is checked before any starts: one bad file runs nothing.
@@ -127,7 +150,7 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
   for (const auto& file : files) {
     auto job = checked_job(run, file, *config, several);
     if (!job) {
-      std::fprintf(stderr, "solstice-runner: %s\n", job.error().message.c_str());
+      report_invalid(run.json, job.error().message);
       all_valid = false;
       continue;
     }
@@ -139,10 +162,12 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
   for (size_t i = 0; i < jobs.size(); ++i)
     for (size_t k = 0; k < i; ++k)
       if (!jobs[i].id().empty() && jobs[i].id() == jobs[k].id()) {
-        std::fprintf(stderr,
-                     "solstice-runner: %s and %s both have the job id \"%s\"; the jobs of one "
-                     "run need different ids (or none: one is made for each)\n",
-                     files[k].c_str(), files[i].c_str(), jobs[i].id().c_str());
+        report_invalid(run.json,
+                       files[k] + " and " + files[i] + " both have the job id \"" +
+                         jobs[i].id() +
+                         "\"; the jobs of one run need different ids (or none: one is made "
+                         "for each)",
+                       jobs[i].id());
         return exit_invalid_input;
       }
   // Whatever a runner that died left in this state directory is cleaned first.
@@ -158,11 +183,44 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
   return run_jobs_locally(std::move(jobs), *config, options);
 }
 
+// CLI11 answers a missing or unknown command with "A subcommand is required";
+// this says which word is wrong and what the commands are. nullopt: argv is fine.
+std::optional<int> check_command(CLI::App& app, int argc, char** argv) {
+  std::string commands;
+  bool known = false;
+  for (const auto* command : app.get_subcommands({})) {
+    auto name = command->get_name();
+    auto description = command->get_description();
+    name.resize(std::max<size_t>(name.size(), 12), ' ');
+    commands += "\n  " + name + description.substr(0, description.find(" ("));
+    known |= argc > 1 && command->get_name() == argv[1];
+  }
+  if (known || (argc > 1 && argv[1][0] == '-'))
+    return std::nullopt;  // a command, or an option such as --help and --version
+  if (argc > 1)
+    std::fprintf(stderr, "solstice-runner: unknown command \"%s\"; the commands are:%s\n",
+                 argv[1], commands.c_str());
+  else
+    std::fprintf(stderr, "solstice-runner: a command is required:%s\n", commands.c_str());
+  std::fprintf(stderr, "(solstice-runner COMMAND --help for one command's options)\n");
+  return exit_invalid_input;
+}
+
+// Whether argv asks for JSON output (the flag is --json wherever it is given).
+bool wants_json(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--json")
+      return true;
+  return false;
+}
+
 }  // namespace
 
 int run_cli(int argc, char** argv) {
   CLI::App app{"Solstice Runner: runs CI jobs, each in a fresh throw-away QEMU VM"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", runner_version_text(),
+                       "print the version and the git commit it was built from");
   app.footer(
     "Exit codes of `run`: 0 success; a failing step's own exit code (128+N when it died by "
     "signal N); 124 timed out; 130 cancelled; 125 infrastructure error; 2 invalid input. "
@@ -195,15 +253,23 @@ int run_cli(int argc, char** argv) {
 
   std::optional<int> cluster_exit;
   add_cluster_commands(app, cluster_exit);
+  std::optional<int> jobs_exit;
+  add_jobs_commands(app, jobs_exit);
 
+  if (auto wrong = check_command(app, argc, argv))
+    return *wrong;
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     auto code = app.exit(e);
+    if (code != 0 && wants_json(argc, argv))
+      print_json_error(e.what());  // app.exit() has said it on stderr
     return code == 0 ? 0 : exit_invalid_input;
   }
   if (cluster_exit)
     return *cluster_exit;
+  if (jobs_exit)
+    return *jobs_exit;
   if (run_app->parsed())
     return run_command(common, run);
   return exit_invalid_input;

@@ -8,11 +8,13 @@
 #include <caf/send.hpp>
 #include <caf/spawn_options.hpp>
 
+#include "actors/host/job_control.hpp"
 #include "actors/host/runner_host.hpp"
 #include "actors/sinks/job_recorder.hpp"
 #include "actors/vm/job_supervisor.hpp"
 #include "runtime/job/event_log.hpp"
 #include "runtime/job/job_file.hpp"
+#include "runtime/job/job_records.hpp"
 #include "runtime/job/runner_config.hpp"
 #include "runtime/vm/recovery.hpp"
 #include "runtime/vm/vm_prepare.hpp"
@@ -44,6 +46,9 @@ Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
   auto log = EventLog::open(job_dir / "events.jsonl");
   if (!log)
     return tl::unexpected(log.error());
+  // Which process runs the job: `jobs list` tells running from abandoned by it.
+  if (auto owned = write_job_owner(job_dir, job.id()); !owned)
+    return tl::unexpected(owned.error());
   auto recorder = sys.spawn<caf::detached>(
     job_recorder, std::make_shared<EventLog>(std::move(*log)), job_dir.string());
   std::vector<event_sink_actor> sinks{recorder};
@@ -52,6 +57,7 @@ Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
   auto supervisor = sys.spawn(job_supervisor, job, *image, config, sinks, real_vm_children(),
                               supervisor_timeouts{});
   caf::anon_send(supervisor, start_atom::value);
+  watch_cancel_requests(sys, supervisor, job_dir);  // `solstice-runner jobs cancel`
   return StartedJob{job.id(), job_dir.string(), supervisor, recorder};
 }
 

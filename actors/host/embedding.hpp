@@ -61,8 +61,11 @@ void limit_malloc_arenas();
 // Validates `job` against `config` (clear errors, before any VM starts), gives it
 // an id if it has none, makes its record directory and starts it: a job
 // supervisor (with the runner's own VM actors) whose events go to `events` and to
-// the job's record in the state directory. Validation asks `qemu-img info` about
-// the job's disk image, so the call takes a few milliseconds (at most 10 s).
+// the job's record in the state directory. The record names this process as the
+// job's runner (owner.json), and a `solstice-runner jobs cancel` from another
+// process cancels the job (see actors/host/job_control.hpp). Validation asks
+// `qemu-img info` about the job's disk image, so the call takes a few
+// milliseconds (at most 10 s).
 Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
                              const v1::RunnerConfig& config, event_sink_actor events);
 

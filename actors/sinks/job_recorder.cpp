@@ -5,8 +5,6 @@
 
 #include <cstdio>
 
-#include <google/protobuf/util/json_util.h>
-
 namespace solstice {
 
 namespace {
@@ -38,12 +36,8 @@ job_recorder(event_sink_actor::stateful_pointer<job_recorder_state> self,
                      ok.error().message.c_str());
       }
       if (event.has_result()) {
-        std::string json;
-        google::protobuf::util::JsonPrintOptions options;
-        options.add_whitespace = true;
-        options.preserve_proto_field_names = true;
-        (void)google::protobuf::util::MessageToJsonString(event.result(), &json, options);
-        if (!write_file(st.job_dir + "/result.json", json))
+        // The events' style: zero values printed (a succeeded job's exit_code 0).
+        if (!write_file(st.job_dir + "/result.json", message_to_json(event.result(), true)))
           std::fprintf(stderr, "solstice-runner: cannot write %s/result.json\n",
                        st.job_dir.c_str());
         self->quit();

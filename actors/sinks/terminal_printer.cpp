@@ -173,12 +173,9 @@ void print_human(printer_pointer self, printed_job& job, const v1::JobEvent& eve
     case v1::JobEvent::kOutput:
       print_output(job, event.output());
       break;
-    case v1::JobEvent::kStepFinished: {
-      const auto& r = event.step_finished();
-      line(job, at + " <== step '" + r.name() + "' " + outcome_text(r.outcome()) + " (exit " +
-                  exit_text(r) + ") in " + seconds_text(r.duration_ms()));
+    case v1::JobEvent::kStepFinished:
+      line(job, at + " " + step_finished_text(event.step_finished()));
       break;
-    }
     case v1::JobEvent::kError:
       line(job, at + " error: " + event.error().message());
       break;
@@ -226,6 +223,11 @@ event_sink_actor::behavior_type printer_behavior(printer_pointer self) {
 }
 
 }  // namespace
+
+std::string step_finished_text(const v1::StepResult& r) {
+  return "<== step '" + r.name() + "' " + outcome_text(r.outcome()) + " (exit " + exit_text(r) +
+         ") in " + seconds_text(r.duration_ms());
+}
 
 std::string format_summary(const v1::JobResult& result) {
   std::string out;

@@ -62,6 +62,10 @@ jobs_terminal_printer(event_sink_actor::stateful_pointer<terminal_printer_state>
                       bool show_console, std::vector<printed_job> jobs,
                       std::function<void(const v1::JobResult&)> on_result);
 
+// "<== step 'build' succeeded (exit 0) in 1.20s": a finished step, as shown live
+// and by `jobs logs`.
+std::string step_finished_text(const v1::StepResult& step);
+
 // The summary table printed at the end of a run.
 std::string format_summary(const v1::JobResult& result);
 

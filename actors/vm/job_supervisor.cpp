@@ -21,8 +21,10 @@
 
 #include "actors/runner_types.hpp"
 #include "runtime/base/clock.hpp"
+#include "runtime/job/event_log.hpp"
 #include "runtime/job/guest_commands.hpp"
 #include "runtime/job/job_result.hpp"
+#include "runtime/job/job_started.hpp"
 #include "runtime/ssh/ssh_keys.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
@@ -72,6 +74,7 @@ bool undecided(phase p) { return p < phase::debug_hold; }
 
 void emit(supervisor_pointer self, v1::JobEvent event) {
   auto& st = self->state;
+  event.set_v(event_format_version);
   event.set_job_id(st.job.id());
   event.set_sequence(st.event_sequence++);
   event.set_timestamp_us(unix_now_us());
@@ -435,6 +438,11 @@ void on_start(supervisor_pointer self) {
   self->delayed_send(self,
                      std::min<caf::actor_clock::duration_type>(seconds(timeout), deadline_check),
                      timeout_atom::value, job_deadline_token);
+  // The first event says what runs where, for integrators reading the stream.
+  st.result.set_started_at_us(unix_now_us());
+  v1::JobEvent started;
+  *started.mutable_job_started() = job_started_for(st.job, st.image);
+  emit(self, std::move(started));
   st.phase = phase::queued;
   set_state(self, v1::QUEUED);
   acquire_slot(self);

@@ -116,26 +116,43 @@ std::string status_text(const google::protobuf::util::Status& status) {
   return text.empty() ? status.ToString() : text;
 }
 
+google::protobuf::util::JsonPrintOptions print_options(bool pretty) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = pretty;
+  options.preserve_proto_field_names = true;
+  // Integrators must not have to know proto3's defaults: exit_code 0 is printed.
+  options.always_print_primitive_fields = true;
+  return options;
+}
+
 }  // namespace
 
-std::string event_to_json_line(const v1::JobEvent& event) {
-  google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = false;
-  options.preserve_proto_field_names = true;
+std::string message_to_json(const google::protobuf::Message& message, bool pretty) {
+  std::string json;
+  (void)google::protobuf::util::MessageToJsonString(message, &json, print_options(pretty));
+  return json;
+}
 
+std::string event_to_json_line(const v1::JobEvent& event) {
+  const auto options = print_options(false);
   // JSON strings cannot carry invalid UTF-8 (protobuf would drop the bytes and
-  // complain on stderr); such text is repaired on a copy.
+  // complain on stderr); such text is repaired on a copy, as is an event that
+  // does not carry the format version yet.
   const v1::JobEvent* printable = &event;
-  v1::JobEvent repaired;
-  if (has_invalid_strings(event)) {
-    repaired = event;
-    repair_strings(repaired);
-    printable = &repaired;
+  v1::JobEvent copy;
+  const bool invalid = has_invalid_strings(event);
+  if (invalid || event.v() != event_format_version) {
+    copy = event;
+    if (invalid)
+      repair_strings(copy);
+    copy.set_v(event_format_version);
+    printable = &copy;
   }
   std::string line;
   const auto status = google::protobuf::util::MessageToJsonString(*printable, &line, options);
   if (!status.ok()) {
     v1::JobEvent replacement;
+    replacement.set_v(event_format_version);
     replacement.set_job_id(replace_invalid_utf8(event.job_id()));
     replacement.set_sequence(event.sequence());
     replacement.set_timestamp_us(event.timestamp_us());
@@ -153,6 +170,9 @@ Result<v1::JobEvent> event_from_json_line(std::string_view line) {
   const auto status = google::protobuf::util::JsonStringToMessage(
       google::protobuf::StringPiece(line.data(), line.size()), &event, options);
   if (!status.ok()) return fail("not a job event: " + status_text(status));
+  if (event.v() > event_format_version)
+    return fail("event format version " + std::to_string(event.v()) + " is newer than this runner reads (" +
+                std::to_string(event_format_version) + ")");
   return event;
 }
 

@@ -1,6 +1,7 @@
 #pragma once
 // Job events as JSON lines (protobuf JSON mapping, snake_case field names; bytes
 // fields are base64, so console and output bytes round-trip exactly).
+#include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <mutex>
@@ -13,10 +14,22 @@
 
 namespace solstice {
 
-// One event as one line of JSON, without the trailing newline. Invalid UTF-8 in
-// string fields (which JSON cannot carry) is replaced by U+FFFD.
+// The version of the event format, written as "v" first in every event line.
+inline constexpr uint32_t event_format_version = 1;
+
+// One event as one line of JSON, without the trailing newline: "v" set to
+// event_format_version, and every field of the event's kind printed, zero values
+// too (a succeeded result has "exit_code": 0; 64-bit numbers are strings, as the
+// protobuf JSON mapping has them). Invalid UTF-8 in string fields (which JSON
+// cannot carry) is replaced by U+FFFD.
 std::string event_to_json_line(const v1::JobEvent& event);
+// Parses one event line; a line of a newer format version is refused. Lines
+// written before "v" existed (no "v") are read as well.
 Result<v1::JobEvent> event_from_json_line(std::string_view line);
+
+// Any message as one line of JSON in the event format's style (field names as
+// in the schema, zero values printed): result.json, the `jobs` commands.
+std::string message_to_json(const google::protobuf::Message& message, bool pretty = false);
 
 // Append-only event file: opened O_APPEND|O_CLOEXEC, mode 0600; every append is
 // written through at once (no user-space buffering). Safe to share between threads.

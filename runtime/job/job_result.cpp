@@ -2,6 +2,8 @@
 
 #include <cctype>
 
+#include "runtime/base/clock.hpp"
+
 namespace solstice {
 
 int exit_code_for(v1::JobStatus status, int failing_step_code) {
@@ -84,6 +86,7 @@ void complete_result(const v1::JobSpec& job, v1::JobStatus status, const std::st
   for (const auto& line : console_tail)
     result.add_console_tail(line);
   result.set_summary(summary_of(job, result));
+  result.set_ended_at_us(unix_now_us());
 }
 
 void rename_retired_kvm_phases(v1::JobResult& result) {

@@ -37,7 +37,8 @@ std::string summary_of(const v1::JobSpec& job, const v1::JobResult& result);
 
 // Everything the result says at the end, from what the job decided: status,
 // error, how the VM ended and the console's last lines. Fills in the skipped
-// steps, the exit code and signal and the summary.
+// steps, the exit code and signal, the summary and the end time (started_at_us
+// is the supervisor's, set when the job starts).
 void complete_result(const v1::JobSpec& job, v1::JobStatus status, const std::string& error,
                      const std::string& shutdown_method,
                      const std::deque<std::string>& console_tail, v1::JobResult& result);

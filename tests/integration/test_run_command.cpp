@@ -211,8 +211,16 @@ void check_event_log_shape(const JobRecord& record) {
   CHECK_MESSAGE(google::protobuf::util::MessageDifferencer::Equals(last.result(), record.result),
                 "the last event's result differs from result.json");
   CHECK(record.dir.filename().string() == record.result.job_id());
-  CHECK(record.events.front().has_state());
-  CHECK(record.events.front().state().state() == v1::QUEUED);
+  // Format v1: every line says so; the job_started event comes first.
+  std::istringstream lines(record.events_text);
+  for (std::string line; std::getline(lines, line);)
+    CHECK_MESSAGE(contains(line, "\"v\":1,"), line);
+  CHECK(record.events.front().has_job_started());
+  REQUIRE(record.events.size() > 1);
+  CHECK(record.events[1].has_state());
+  CHECK(record.events[1].state().state() == v1::QUEUED);
+  CHECK(record.result.started_at_us() > 0);
+  CHECK(record.result.ended_at_us() >= record.result.started_at_us());
   int cleaned_up = 0;
   for (const auto& event : record.events)
     cleaned_up += event.has_state() && event.state().state() == v1::CLEANED_UP;
@@ -375,6 +383,11 @@ TEST_CASE("a multi-step job: env, secrets redacted, upload, allowed failure, exa
   const auto& result = record.result;
   CHECK(result.status() == v1::SUCCEEDED);
   CHECK(result.exit_code() == 0);
+  // Zero values are written, not left for the reader to know proto3's defaults.
+  CHECK(contains(record.result_text, "\"exit_code\": 0"));
+  auto last_line = record.events_text.substr(
+    record.events_text.rfind('\n', record.events_text.size() - 2) + 1);
+  CHECK(contains(last_line, "\"status\":\"SUCCEEDED\",\"exit_code\":0,"));
   CHECK(result.shutdown_method() == "powerdown");
   REQUIRE(result.steps_size() == 4);
   CHECK(result.steps(0).outcome() == v1::STEP_SUCCEEDED);

@@ -37,6 +37,7 @@ std::vector<v1::JobEvent> one_of_each_kind() {
   std::vector<v1::JobEvent> events;
   auto next = [&]() -> v1::JobEvent& {
     auto& event = events.emplace_back();
+    event.set_v(solstice::event_format_version);  // what every written line carries
     event.set_job_id("job-1");
     event.set_sequence(events.size() - 1);
     event.set_timestamp_us(1'700'000'000'000'000 + static_cast<int64_t>(events.size()));
@@ -246,4 +247,29 @@ TEST_CASE("appends from several threads never interleave within a line") {
     CHECK(event.sequence() == next_sequence[static_cast<std::size_t>(t)]++);
     CHECK(event.output().data() == std::string(3000, static_cast<char>('a' + t)));
   }
+}
+
+TEST_CASE("format v1: \"v\": 1 on every line, zero values printed, newer versions refused") {
+  v1::JobEvent event;  // v not set: the writer adds it
+  event.set_job_id("job-1");
+  auto& finished = *event.mutable_step_finished();
+  finished.set_step_index(0);
+  finished.set_outcome(v1::STEP_SUCCEEDED);
+  finished.set_exit_code(0);
+  const auto line = solstice::event_to_json_line(event);
+  const auto parsed = nlohmann::json::parse(line);
+  CHECK(parsed["v"] == 1);
+  CHECK(parsed["sequence"] == "0");  // 64-bit numbers are strings in protobuf's JSON
+  CHECK(parsed["step_finished"]["step_index"] == 0);
+  CHECK(parsed["step_finished"]["exit_code"] == 0);
+  CHECK(parsed["step_finished"]["exit_signal"] == "");
+  CHECK_FALSE(parsed.contains("result"));  // only the event's own kind
+
+  // A line from before "v" existed is read; one from a newer format is not.
+  auto old = solstice::event_from_json_line(R"({"job_id":"j","state":{"state":"QUEUED"}})");
+  REQUIRE(old.has_value());
+  CHECK(old->v() == 0);
+  auto newer = solstice::event_from_json_line(R"({"v":2,"job_id":"j"})");
+  REQUIRE_FALSE(newer.has_value());
+  CHECK(newer.error().message.find("version 2") != std::string::npos);
 }
