@@ -17,7 +17,10 @@
 #include "actors/vm/qmp_session.hpp"
 #include "actors/runner_types.hpp"
 #include "actors/vm/ssh_executor.hpp"
+#include "runtime/job/job_file.hpp"
+#include "runtime/base/child_process.hpp"
 #include "runtime/vm/qmp.hpp"
+#include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice {
 
@@ -142,6 +145,9 @@ void wait_for_ssh(attempt_pointer self) {
         auto& st = self->state;
         if (st.phase != phase::waiting_for_ssh)
           return unexpected(self, "SSH ready");
+        // A problem seen meanwhile (held for QEMU's exit report) still fails the boot.
+        if (st.held_failure)
+          return fail_boot(self, *st.held_failure, false);
         st.phase = phase::booted;
         st.ssh_was_ready = true;
         st.boot_reply->deliver(st.vm);
@@ -473,21 +479,31 @@ void qmp_event(attempt_pointer self, const v1::QmpEvent& event) {
   }
 }
 
-// QEMU closed QMP. While booting it is a boot problem; once booted the VM can no
-// longer be controlled, so it is lost — unless QEMU's exit, usually right behind,
-// names the cause first.
+// QEMU closed QMP: the VM can no longer be controlled. When QEMU is gone (a
+// zombie not yet reaped), its exit report is on its way and names the cause, so
+// the failure waits for it briefly; when QEMU still runs, something cut the
+// socket, and the boot fails or the VM is lost at once.
 void qmp_closed(attempt_pointer self, const std::string& why) {
   auto& st = self->state;
   st.qmp_connected = false;
-  if (booting(st.phase))
-    return boot_problem(self, why);
-  if (!vm_in_use(st.phase) || st.held_failure)
+  if (!booting(st.phase) && !vm_in_use(st.phase))
     return;
-  if (st.qemu_state != vm_attempt_state::qemu_status::running)
-    return vm_lost(self, why);
-  st.held_failure = why;
-  st.held_token = st.next_token++;
-  self->delayed_send(self, st.timeouts.exit_report_grace, timeout_atom::value, st.held_token);
+  bool qemu_alive = st.qemu_state == vm_attempt_state::qemu_status::running &&
+                    process_running(static_cast<pid_t>(st.vm.qemu_pid()));
+  if (!qemu_alive && booting(st.phase))
+    return boot_problem(self, why);
+  if (!qemu_alive) {
+    if (st.held_failure)
+      return;
+    st.held_failure = why;
+    st.held_token = st.next_token++;
+    self->delayed_send(self, st.timeouts.exit_report_grace, timeout_atom::value, st.held_token);
+    return;
+  }
+  auto text = why + " (QEMU still runs; the runner can no longer control the VM)";
+  if (booting(st.phase))
+    return fail_boot(self, text, false);
+  vm_lost(self, text);
 }
 
 void child_down(attempt_pointer self, const caf::down_msg& down) {

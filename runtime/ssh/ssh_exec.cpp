@@ -20,6 +20,15 @@ using namespace ssh_internal;
 
 namespace {
 
+// A command as error messages show it: its first line, cut short. The runner's
+// own wrappers (a step's script is written from stdin, then run) are long and
+// say nothing to the user beyond which step failed.
+std::string shown(const std::string& command) {
+  constexpr size_t limit = 60;
+  auto line = command.substr(0, command.find('\n'));
+  return line.size() > limit || line.size() < command.size() ? line.substr(0, limit) + "…" : line;
+}
+
 // Output read buffer: bounds memory however large the stream is.
 constexpr size_t kChunkSize = 64 * 1024;
 
@@ -237,7 +246,7 @@ class ExecCall {
         half_sent_ = false;
         if (rc != 0 && !libssh2_channel_eof(channel_))
           return fail(io_.describe(rc, "cannot close the command's stdin on " + ssh_.peer +
-                                           " (command: " + command_ + ")"));
+                                           " (command: " + shown(command_) + ")"));
         input_open_ = false;
         return true;
       }
@@ -257,7 +266,7 @@ class ExecCall {
           return true;
         }
         return fail(io_.describe(static_cast<int>(n), "writing the command's stdin on " +
-                                                          ssh_.peer + " (command: " + command_ +
+                                                          ssh_.peer + " (command: " + shown(command_) +
                                                           ")"));
       }
       input_.remove_prefix(static_cast<size_t>(n));
@@ -286,7 +295,7 @@ class ExecCall {
 
   Result<ExecOutcome> failed(int rc, const std::string& what) {
     std::string message =
-        io_.describe(rc, what + " on " + ssh_.peer + " (command: " + command_ + ")");
+        io_.describe(rc, what + " on " + ssh_.peer + " (command: " + shown(command_) + ")");
     if (channel_) ssh_.close_channel(channel_, Clock::now() + kCloseTimeout);
     return fail(message);
   }

@@ -7,6 +7,8 @@
 // console tailer has stopped or is gone).
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -469,7 +471,8 @@ fake_qemu_actor::behavior_type fake_qemu(fake_qemu_actor::pointer self, fixture*
     [=](launch_atom) -> v1::VmHandle {
       fx->note("qemu", "launch");
       auto handle = fx->vm;
-      handle.set_qemu_pid(4242);
+      // A process that runs (this test's own): the VM attempt checks QEMU is alive.
+      handle.set_qemu_pid(static_cast<int32_t>(::getpid()));
       return handle;
     },
     [=](kill_atom) {
