@@ -58,6 +58,7 @@ struct RunOptions {
   bool debug_on_failure = false;
   bool json = false;
   bool console = false;
+  bool replace = false;
 };
 
 // The job of `job_file` (or, when it is empty, of the quick form), with the
@@ -180,6 +181,7 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
   LocalRunOptions options;
   options.json = run.json;
   options.show_console = run.console;
+  options.replace = run.replace;
   return run_jobs_locally(std::move(jobs), *config, options);
 }
 
@@ -250,6 +252,9 @@ int run_cli(int argc, char** argv) {
                     "keep a failed VM up for a while and print how to get in");
   run_app->add_flag("--json", run.json, "print every job event as one JSON line");
   run_app->add_flag("--console", run.console, "show the guest's serial console while it boots");
+  run_app->add_flag("--replace", run.replace,
+                    "run a job whose id has a record already, removing that record first (a "
+                    "job id in use by a running job is refused all the same)");
 
   std::optional<int> cluster_exit;
   add_cluster_commands(app, cluster_exit);

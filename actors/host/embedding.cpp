@@ -33,22 +33,37 @@ Result<std::vector<RecoveredJob>> recover_abandoned_jobs_at_start(const v1::Runn
 
 Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
                              const v1::RunnerConfig& config, event_sink_actor events) {
-  if (auto ok = validate_job(job, config); !ok)
-    return fail("the job is not valid:\n" + ok.error().message);
-  auto image = resolve_image(job, config);
-  if (!image)
-    return tl::unexpected(image.error());
   if (job.id().empty())
     job.set_id(make_job_id());
-  auto job_dir = job_dir_for(config, job.id());
-  if (auto ok = make_private_dir(job_dir); !ok)
-    return tl::unexpected(ok.error());
+  auto claim = JobClaim::take(config, job.id(), false);
+  if (!claim)
+    return fail(claim.error().message);
+  return start_job(sys, std::move(job), config, std::move(events), std::move(*claim));
+}
+
+Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
+                             const v1::RunnerConfig& config, event_sink_actor events,
+                             std::shared_ptr<JobClaim> claim) {
+  if (!claim || claim->job_dir() != job_dir_for(config, job.id()))
+    return fail("internal: job " + job.id() + " is started without the claim of its id");
+  // Nothing but the claimed, empty record exists yet: a job that cannot start
+  // leaves nothing behind.
+  auto refuse = [&](const Error& error) {
+    claim->remove_record();
+    return tl::unexpected(error);
+  };
+  if (auto ok = validate_job(job, config); !ok)
+    return refuse(Error{"the job is not valid:\n" + ok.error().message});
+  auto image = resolve_image(job, config);
+  if (!image)
+    return refuse(image.error());
+  auto job_dir = claim->job_dir();
   auto log = EventLog::open(job_dir / "events.jsonl");
   if (!log)
-    return tl::unexpected(log.error());
+    return refuse(log.error());
   // Which process runs the job: `jobs list` tells running from abandoned by it.
   if (auto owned = write_job_owner(job_dir, job.id()); !owned)
-    return tl::unexpected(owned.error());
+    return refuse(owned.error());
   auto recorder = sys.spawn<caf::detached>(
     job_recorder, std::make_shared<EventLog>(std::move(*log)), job_dir.string());
   std::vector<event_sink_actor> sinks{recorder};
@@ -56,6 +71,10 @@ Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
     sinks.push_back(events);
   auto supervisor = sys.spawn(job_supervisor, job, *image, config, sinks, real_vm_children(),
                               supervisor_timeouts{});
+  // The id stays claimed until the VM is gone (the supervisor ends after its
+  // clean-up) and the record is complete (the recorder ends after the result).
+  for (auto holder : {caf::actor_cast<caf::actor>(supervisor), caf::actor_cast<caf::actor>(recorder)})
+    caf::actor_cast<caf::abstract_actor*>(holder)->attach_functor([claim](const caf::error&) {});
   caf::anon_send(supervisor, start_atom::value);
   watch_cancel_requests(sys, supervisor, job_dir);  // `solstice-runner jobs cancel`
   return StartedJob{job.id(), job_dir.string(), supervisor, recorder};

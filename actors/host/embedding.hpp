@@ -28,11 +28,13 @@
 // runs many jobs should call limit_malloc_arenas() once at its start, as the
 // `solstice-runner` process does (RSS then stays flat, +0.5 % over 12 jobs). It
 // is process-wide, so it is the host's call, not start_job's.
+#include <memory>
 #include <vector>
 
 #include "actors/actors.hpp"
 #include "actors/runner_types.hpp"
 #include "runtime/base/error.hpp"
+#include "runtime/vm/job_claim.hpp"
 #include "runtime/vm/recovery.hpp"
 
 namespace solstice {
@@ -66,7 +68,18 @@ void limit_malloc_arenas();
 // process cancels the job (see actors/host/job_control.hpp). Validation asks
 // `qemu-img info` about the job's disk image, so the call takes a few
 // milliseconds (at most 10 s).
+//
+// The job's id is claimed first (runtime/vm/job_claim.hpp): an id in use by a
+// running job, or with a record already, is refused and nothing is touched.
 Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
                              const v1::RunnerConfig& config, event_sink_actor events);
+
+// The same with the job's id claimed already (JobClaim::take, e.g. with `replace`),
+// as the `run` command does so that it can refuse before any job starts. The claim
+// is held until the job's supervisor and recorder are gone; when the job cannot
+// start, its record is removed again.
+Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
+                             const v1::RunnerConfig& config, event_sink_actor events,
+                             std::shared_ptr<JobClaim> claim);
 
 }  // namespace solstice

@@ -30,6 +30,7 @@
 #include "runtime/base/clock.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/runner_config.hpp"
+#include "runtime/vm/job_claim.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice {
@@ -192,6 +193,8 @@ struct LocalRun {
   const LocalRunOptions& options;
   const bool several;
   std::map<std::string, size_t> index_of;
+  // Each job's claim of its id (held by its actors once it starts).
+  std::vector<std::shared_ptr<JobClaim>> claims;
   std::vector<std::string> labels;
   std::vector<std::string> prefixes;
   // Filled by the printer's thread, read once it has gone.
@@ -199,7 +202,7 @@ struct LocalRun {
   std::vector<std::optional<v1::JobResult>> results;
 };
 
-// Gives every job an id of its own and a label, and says where its record goes.
+// Gives every job an id of its own and a label.
 void introduce_jobs(LocalRun& run) {
   auto& jobs = run.jobs;
   for (size_t i = 0; i < jobs.size(); ++i) {
@@ -211,6 +214,33 @@ void introduce_jobs(LocalRun& run) {
   run.labels = job_labels(jobs);
   for (const auto& label : run.labels)
     run.prefixes.push_back(run.several ? "[" + label + "] " : "");
+}
+
+// Claims every job's id before any job starts (see runtime/vm/job_claim.hpp).
+// Returns 0, or the exit code when one is refused: then no job runs and the claims
+// made so far are given back with their (still empty) records.
+int claim_records(LocalRun& run) {
+  int code = 0;
+  for (size_t i = 0; i < run.jobs.size() && code == 0; ++i) {
+    auto claim = JobClaim::take(run.config, run.jobs[i].id(), run.options.replace);
+    if (claim) {
+      run.claims.push_back(std::move(*claim));
+      continue;
+    }
+    std::fprintf(stderr, "solstice-runner: %s%s\n", run.prefixes[i].c_str(),
+                 claim.error().message.c_str());
+    code = claim.error().kind == ClaimRefusal::Kind::failed ? exit_infrastructure_error
+                                                            : exit_invalid_input;
+  }
+  if (code != 0)
+    for (auto& claim : run.claims)
+      claim->remove_record();
+  return code;
+}
+
+// Says where each job's record goes.
+void announce_jobs(const LocalRun& run) {
+  const auto& jobs = run.jobs;
   if (!run.options.json)
     for (size_t i = 0; i < jobs.size(); ++i)
       std::printf("%sjob %s: %s\n%s  record: %s\n", run.prefixes[i].c_str(), jobs[i].id().c_str(),
@@ -290,7 +320,7 @@ bool run_in_actor_system(LocalRun& run) {
   std::vector<std::optional<StartedJob>> started(jobs.size());
   std::vector<caf::actor> supervisors;
   for (size_t i = 0; i < jobs.size(); ++i) {
-    auto job = start_job(sys, jobs[i], run.config, printer);
+    auto job = start_job(sys, jobs[i], run.config, printer, std::move(run.claims[i]));
     if (job) {
       supervisors.push_back(caf::actor_cast<caf::actor>(job->supervisor));
       started[i] = std::move(*job);
@@ -376,6 +406,9 @@ int run_jobs_locally(std::vector<v1::JobSpec> jobs, const v1::RunnerConfig& conf
     return exit_invalid_input;
   LocalRun run{jobs, config, options};
   introduce_jobs(run);
+  if (int refused = claim_records(run); refused != 0)
+    return refused;
+  announce_jobs(run);
 
   // Signals go to the watcher thread only: block them before any thread exists.
   sigset_t signals;

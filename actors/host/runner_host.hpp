@@ -16,6 +16,9 @@ namespace solstice {
 struct LocalRunOptions {
   bool json = false;          // every event as one JSON line instead of the human view
   bool show_console = false;  // print the guest's console lines during boot
+  // A job whose id has a finished record replaces it (the old record is removed
+  // first); without it such a job is refused. A running job's id is always refused.
+  bool replace = false;
 };
 
 // Exit codes (the one table of the program) and exit_code_for(result) are in

@@ -7,6 +7,7 @@
 #include <chrono>
 
 #include <caf/send.hpp>
+#include <spdlog/spdlog.h>
 
 namespace solstice {
 
@@ -25,6 +26,17 @@ void emit_line(tailer_pointer self, std::string line) {
   self->send(self->state.observer, console_atom::value, std::move(line));
 }
 
+// Copies raw console bytes into the redacted record; a write error is logged
+// once and ends the record (the job goes on).
+void copy_to_record(console_tailer_state& st, std::string_view bytes) {
+  if (!st.record)
+    return;
+  if (auto ok = st.record->append(bytes); !ok) {
+    spdlog::warn("console record: {}", ok.error().message);
+    st.record.reset();
+  }
+}
+
 // Reads everything available now and emits the complete lines.
 void read_available(tailer_pointer self) {
   auto& st = self->state;
@@ -36,6 +48,7 @@ void read_available(tailer_pointer self) {
   char buf[16384];
   ssize_t n;
   while ((n = ::read(st.fd, buf, sizeof buf)) > 0) {
+    copy_to_record(st, std::string_view(buf, static_cast<size_t>(n)));
     st.partial.append(buf, static_cast<size_t>(n));
     size_t start = 0;
     for (size_t nl; (nl = st.partial.find('\n', start)) != std::string::npos; start = nl + 1)
@@ -74,11 +87,16 @@ void drain_notifications(int inotify_fd) {
   }
 }
 
-void close_all(console_tailer_state& st) {
+// No more wake-ups; the capture itself stays open for the record.
+void stop_following(console_tailer_state& st) {
   st.waiter.reset();  // first: it polls the inotify fd
   if (st.inotify_fd >= 0)
     ::close(st.inotify_fd);
   st.inotify_fd = -1;
+}
+
+void close_all(console_tailer_state& st) {
+  stop_following(st);
   if (st.fd >= 0)
     ::close(st.fd);
   st.fd = -1;
@@ -86,14 +104,37 @@ void close_all(console_tailer_state& st) {
 
 }  // namespace
 
-console_tailer_state::~console_tailer_state() { close_all(*this); }
+console_tailer_state::~console_tailer_state() {
+  // The attempt ends its children after QEMU is gone: the rest of the capture
+  // (written after the hand-off) completes the record. The capture may have been
+  // removed with the VM's work directory already; the open descriptor still reads it.
+  if (record && fd < 0)
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (record && fd >= 0) {
+    char buf[16384];
+    ssize_t n;
+    while (record && (n = ::read(fd, buf, sizeof buf)) > 0)
+      copy_to_record(*this, std::string_view(buf, static_cast<size_t>(n)));
+  }
+  if (record)
+    if (auto ok = record->finish(); !ok)
+      spdlog::warn("console record: {}", ok.error().message);
+  close_all(*this);
+}
 
 console_tailer_internal::behavior_type
-console_tailer(tailer_pointer self, console_observer_actor observer, std::string console_log_path,
+console_tailer(tailer_pointer self, console_observer_actor observer, console_capture capture,
                console_wakeup wakeup) {
   self->state.observer = std::move(observer);
   self->state.use_inotify = wakeup == console_wakeup::inotify;
-  self->state.path = std::move(console_log_path);
+  self->state.path = std::move(capture.raw_path);
+  if (!capture.record_path.empty()) {
+    auto opened = RedactedFile::open(capture.record_path, std::move(capture.secrets));
+    if (opened)
+      self->state.record.emplace(std::move(*opened));
+    else
+      spdlog::warn("console record: {}", opened.error().message);
+  }
   self->send(self, tick_atom::value);
   return {
     [=](stop_atom) {
@@ -104,7 +145,10 @@ console_tailer(tailer_pointer self, console_observer_actor observer, std::string
         if (!st.partial.empty())
           emit_line(self, std::move(st.partial));
         st.partial.clear();
-        close_all(st);
+        if (st.record)
+          stop_following(st);
+        else
+          close_all(st);
       }
       return stopped_atom::value;
     },

@@ -1,11 +1,30 @@
 #pragma once
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "actors/actors.hpp"
 #include "runtime/base/fd_waiter.hpp"
+#include "runtime/job/redacted_file.hpp"
 
 namespace solstice {
+
+// The serial console of one VM. QEMU writes its raw capture into the VM's work
+// directory (removed with the VM); the job's console.log, the file the user reads,
+// is written by the tailer from that capture with the job's secrets replaced.
+// Why the tailer: it is the one reader of the capture, so the record is every byte
+// in QEMU's order (kernel messages, /dev/console writes of steps) with no second
+// path through the events. Lines are emitted only until `stop` (the hand-off, so
+// no console line follows step output); the record goes on: the tailer keeps the
+// capture open and copies what came after the hand-off when it ends with its VM
+// attempt, after QEMU has exited. Not following it live during the steps saves a
+// wake-up per console write; the live view is the events and the terminal.
+struct console_capture {
+  std::string raw_path;     // what QEMU writes
+  std::string record_path;  // the job's console.log; empty: no record
+  std::vector<std::string> secrets;
+};
 
 struct console_tailer_state {
   static inline const char* name = "console_tailer";
@@ -21,6 +40,8 @@ struct console_tailer_state {
   // Bytes of a line whose end has not arrived yet.
   std::string partial;
   bool stopped = false;
+  // The job's console.log (see console_capture).
+  std::optional<RedactedFile> record;
   ~console_tailer_state();
 };
 
@@ -34,14 +55,14 @@ inline constexpr size_t console_line_limit = 64 * 1024;
 enum class console_wakeup { inotify, timer };
 
 // Follows the serial console log QEMU writes and emits its lines to the observer
-// until `stop`. Spawn it detached (it reads a file whenever it grows).
+// until `stop`, and keeps the redacted record (see console_capture) until it ends.
+// Spawn it detached (it reads a file whenever it grows).
 // The actor's own interface: the public one plus its wake-up (the log grew, or
 // the poll timer), which only the actor itself sends.
 using console_tailer_internal = console_tailer_actor::extend<caf::reacts_to<tick_atom>>;
 
 console_tailer_internal::behavior_type
 console_tailer(console_tailer_internal::stateful_pointer<console_tailer_state> self,
-               console_observer_actor observer, std::string console_log_path,
-               console_wakeup wakeup);
+               console_observer_actor observer, console_capture capture, console_wakeup wakeup);
 
 }  // namespace solstice

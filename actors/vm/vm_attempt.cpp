@@ -201,8 +201,11 @@ void launch(attempt_pointer self) {
   tell_phase(self, v1::BOOTING,
              st.vm.accel() + ", " + std::to_string(st.vm.vcpus()) + " vcpus, " +
                std::to_string(st.vm.memory_mib()) + " MiB");
+  // The tailer also writes the job's console.log, redacted (see console_tailer.hpp).
+  console_capture capture{st.vm.console_log(), console_record_path(st.vm).string(),
+                          job_secret_values(st.spec.job)};
   st.tailer = adopt(self, st.factory.console(self->system(), console_observer_actor{self},
-                                             st.vm.console_log()));
+                                             std::move(capture)));
   self->request(st.qemu, st.timeouts.launch, launch_atom::value)
     .then(
       [=](v1::VmHandle& handle) {
@@ -559,8 +562,8 @@ vm_child_factory real_vm_children() {
     return sys.spawn<caf::detached>(qmp_session, std::move(observer));
   };
   f.console = [](caf::actor_system& sys, console_observer_actor observer,
-                 std::string path) -> console_tailer_actor {
-    return sys.spawn<caf::detached>(console_tailer, std::move(observer), std::move(path),
+                 console_capture capture) -> console_tailer_actor {
+    return sys.spawn<caf::detached>(console_tailer, std::move(observer), std::move(capture),
                                     console_wakeup::inotify);
   };
   f.ssh = [](caf::actor_system& sys, output_observer_actor observer) -> ssh_executor_actor {

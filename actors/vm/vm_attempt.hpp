@@ -14,6 +14,7 @@
 #include <caf/typed_response_promise.hpp>
 
 #include "actors/actors.hpp"
+#include "actors/vm/console_tailer.hpp"  // console_capture
 
 namespace solstice {
 
@@ -22,7 +23,7 @@ namespace solstice {
 struct vm_child_factory {
   std::function<qemu_process_actor(caf::actor_system&, qemu_observer_actor)> qemu;
   std::function<qmp_session_actor(caf::actor_system&, qmp_observer_actor)> qmp;
-  std::function<console_tailer_actor(caf::actor_system&, console_observer_actor, std::string)>
+  std::function<console_tailer_actor(caf::actor_system&, console_observer_actor, console_capture)>
     console;
   std::function<ssh_executor_actor(caf::actor_system&, output_observer_actor)> ssh;
 };

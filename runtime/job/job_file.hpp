@@ -3,6 +3,7 @@
 // snake_case), or solstice-ci's `jobrequest.v1` JSON. Loading turns a file into a
 // JobSpec with every relative path resolved; validation checks it against the
 // runner's configuration before any VM starts.
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <string_view>
@@ -30,6 +31,12 @@ Result<v1::JobSpec> parse_job_json(std::string_view text, const std::string& sou
 // the format it will be given: `qemu-img info` is asked (see check_disk_image), so
 // a corrupt qcow2 is refused here, not when its VM is prepared.
 Result<void> validate_job(const v1::JobSpec& spec, const v1::RunnerConfig& config);
+
+// Upper bounds validate_job enforces (README, "Job files"): far beyond any real
+// job, low enough that no timer overflows and a typo is caught.
+inline constexpr uint32_t max_timeout_seconds = 7 * 24 * 3600;  // job and step timeouts
+inline constexpr uint32_t max_keep_seconds = 24 * 3600;         // debug_on_failure.keep_seconds
+inline constexpr uint32_t max_retries = 10;                     // retries
 
 // A new job id: UTC time plus random hex, e.g. 20261127-211503-9f3a1c.
 std::string make_job_id();

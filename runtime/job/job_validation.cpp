@@ -14,6 +14,7 @@
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/json_input.hpp"
 #include "runtime/job/runner_config.hpp"
+#include "runtime/vm/cloud_init.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice {
@@ -221,6 +222,28 @@ void check_environment(const v1::JobSpec& spec, Problems& problems) {
   }
 }
 
+// Numbers with an upper bound (job_file.hpp): seconds, counts.
+void check_limits(const v1::JobSpec& spec, Problems& problems) {
+  const auto check = [&](const std::string& field, uint32_t value, uint32_t cap, const char* unit) {
+    if (value > cap) {
+      problems.push_back(field + " " + std::to_string(value) + ": at most " + std::to_string(cap) + unit);
+    }
+  };
+  check("timeout_seconds", spec.timeout_seconds(), max_timeout_seconds, " (7 days)");
+  for (int i = 0; i < spec.steps_size(); ++i) {
+    check("steps[" + std::to_string(i) + "] (" + shown(step_display_name(spec, i)) + ") timeout_seconds",
+          spec.steps(i).timeout_seconds(), max_timeout_seconds, " (7 days)");
+  }
+  check("debug_on_failure.keep_seconds", spec.debug_on_failure().keep_seconds(), max_keep_seconds, " (1 day)");
+  check("retries", spec.retries(), max_retries, "");
+}
+
+// Extra user-data for cloud-init: what the seed can carry (runtime/vm/cloud_init.hpp).
+void check_user_data(const v1::JobSpec& spec, Problems& problems) {
+  if (spec.user_data().empty()) return;
+  if (auto type = user_data_type(spec.user_data()); !type) problems.push_back(type.error().message);
+}
+
 }  // namespace
 
 Result<void> validate_job(const v1::JobSpec& spec, const v1::RunnerConfig& config) {
@@ -232,6 +255,8 @@ Result<void> validate_job(const v1::JobSpec& spec, const v1::RunnerConfig& confi
   check_uploads(spec, problems);
   check_artifacts(spec, problems);
   check_environment(spec, problems);
+  check_limits(spec, problems);
+  check_user_data(spec, problems);
   if (problems.empty()) return {};
   std::string message;
   for (const auto& text : problems) message += (message.empty() ? "" : "\n") + text;

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -54,6 +55,29 @@ void apply_image_defaults(v1::ImageSpec& image) {
   if (image.boot_mode() == v1::BOOT_MODE_UNSPECIFIED) image.set_boot_mode(v1::BOOT_MODE_DISK);
 }
 
+// A raw image the firmware boots from starts with a partition table: an MBR boot
+// signature (0x55 0xAA at byte 510, which a GPT's protective MBR has too) or a GPT
+// header ("EFI PART" at byte 512). Anything else (a text file, a bare file system)
+// would boot nothing and be seen only at the boot timeout.
+Result<void> check_boot_sector(const std::string& path, const std::string& what) {
+  const std::string shown = what + " " + quoted(path);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return fail(errno_message(shown + ": cannot open", errno));
+  unsigned char head[520] = {};
+  ssize_t got;
+  do {
+    got = ::pread(fd, head, sizeof head, 0);
+  } while (got < 0 && errno == EINTR);
+  const int err = errno;
+  ::close(fd);
+  if (got < 0) return fail(errno_message(shown + ": cannot read", err));
+  const bool mbr = got >= 512 && head[510] == 0x55 && head[511] == 0xAA;
+  const bool gpt = got >= 520 && std::memcmp(head + 512, "EFI PART", 8) == 0;
+  if (mbr || gpt) return {};
+  return fail(shown + ": not a bootable raw disk image: it has no partition table (no MBR boot "
+              "signature 0x55AA at byte 510, no GPT header); give a disk image (raw or qcow2)");
+}
+
 // Checks that the files an image names exist, and settles its disk format.
 // `name_of` turns a field ("disk") into the words a message uses for it.
 using FieldNamer = std::function<std::string(const std::string& field)>;
@@ -68,6 +92,9 @@ Result<void> check_image_files(v1::ImageSpec& image, const FieldNamer& name_of) 
       return fail(name_of("disk") + " " + quoted(image.disk()) + " is a qcow2 image, but " + name_of("disk_format") + " says \"raw\"");
     } else if (image.disk_format() == "qcow2" && *detected != "qcow2") {
       return fail(name_of("disk") + " " + quoted(image.disk()) + " has no qcow2 header, but " + name_of("disk_format") + " says \"qcow2\"");
+    }
+    if (image.disk_format() == "raw" && image.boot_mode() != v1::BOOT_MODE_KERNEL) {
+      if (auto bootable = check_boot_sector(image.disk(), name_of("disk")); !bootable) return bootable;
     }
   } else if (image.boot_mode() != v1::BOOT_MODE_KERNEL) {
     return fail(name_of("disk") + " is empty: a disk-booted image needs a disk");
@@ -177,6 +204,16 @@ Result<void> validate_runner_config(const v1::RunnerConfig& config) {
   for (int i = 0; i < config.images_size(); ++i) {
     const auto& image = config.images(i);
     const std::string where = "images[" + std::to_string(i) + "]";
+  // Caps (README, "Runner configuration"): beyond them a value is a typo, and no timer may overflow.
+  for (const auto& [field, value, cap, unit] :
+       {std::tuple{"default_job_timeout_seconds", config.default_job_timeout_seconds(), max_timeout_seconds, " (7 days)"},
+        std::tuple{"boot_timeout_seconds", config.boot_timeout_seconds(), uint32_t{24 * 3600}, " (1 day)"},
+        std::tuple{"powerdown_timeout_seconds", config.powerdown_timeout_seconds(), uint32_t{3600}, " (1 hour)"},
+        std::tuple{"max_concurrent_vms", config.max_concurrent_vms(), uint32_t{1024}, ""}}) {
+    if (value > cap) {
+      problems.push_back(std::string(field) + " " + std::to_string(value) + ": at most " + std::to_string(cap) + unit);
+    }
+  }
     if (image.label().empty()) {
       problems.push_back(where + ".label is empty: jobs choose an image by its label (runs_on)");
     } else if (auto [existing, inserted] = image_by_label.emplace(image.label(), i); !inserted) {

@@ -191,13 +191,6 @@ std::string our_cloud_config(const SeedSpec& spec) {
   return out;
 }
 
-Result<std::string> user_part_type(const std::string& user_data) {
-  if (user_data.rfind(kCloudConfigHeader, 0) == 0) return std::string("text/cloud-config");
-  if (user_data.rfind("#!", 0) == 0) return std::string("text/x-shellscript");
-  return fail("seed extra_user_data starting with " + shown(user_data.substr(0, 20)) +
-              " is neither a cloud-config (\"#cloud-config\") nor a script (\"#!\")");
-}
-
 // multipart/mixed with our cloud-config first, the user's part second.
 std::string multipart(const std::string& ours, const std::string& theirs, const std::string& their_type) {
   std::string boundary = "==solstice-seed-boundary==";
@@ -240,7 +233,7 @@ Result<std::string> make_user_data(const SeedSpec& spec) {
   if (auto ok = check_spec(spec); !ok) return fail(ok.error().message);
   std::string ours = our_cloud_config(spec);
   if (spec.extra_user_data.empty()) return ours;
-  auto their_type = user_part_type(spec.extra_user_data);
+  auto their_type = user_data_type(spec.extra_user_data);
   if (!their_type) return fail(their_type.error().message);
   return multipart(ours, spec.extra_user_data, *their_type);
 }
@@ -251,6 +244,13 @@ Result<void> write_seed_iso(const SeedSpec& spec, const std::filesystem::path& i
   auto user_data = make_user_data(spec);
   if (!user_data) return fail(user_data.error().message);
   return write_iso9660(iso_path, "cidata", {{"meta-data", *meta_data}, {"user-data", *user_data}});
+}
+
+Result<std::string> user_data_type(const std::string& user_data) {
+  if (user_data.rfind(kCloudConfigHeader, 0) == 0) return std::string("text/cloud-config");
+  if (user_data.rfind("#!", 0) == 0) return std::string("text/x-shellscript");
+  return fail("user_data starting with " + shown(user_data.substr(0, 20)) +
+              " is neither a cloud-config (first line \"#cloud-config\") nor a script (\"#!\")");
 }
 
 }  // namespace solstice

@@ -26,6 +26,10 @@ Result<std::string> make_meta_data(const SeedSpec& spec);
 // "#cloud-config", text/x-shellscript if it starts with "#!", an error otherwise).
 // The user's cloud-config is merged so that it adds to ours but never replaces it.
 Result<std::string> make_user_data(const SeedSpec& spec);
+// The MIME type the seed gives a job's user_data: "text/cloud-config" when it starts
+// with "#cloud-config", "text/x-shellscript" with "#!"; anything else is an error
+// naming the field and how the value starts (job validation uses it too).
+Result<std::string> user_data_type(const std::string& user_data);
 // Writes the seed ISO (volume label "cidata", files meta-data and user-data),
 // created exclusively with mode 0600.
 Result<void> write_seed_iso(const SeedSpec& spec, const std::filesystem::path& iso_path);

@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <chrono>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -30,6 +31,10 @@ fs::path job_dir_for(const v1::RunnerConfig& config, const std::string& job_id) 
 
 fs::path work_dir_for(const v1::RunnerConfig& config, const std::string& job_id) {
   return fs::path(config.state_dir()) / "run" / job_id;
+}
+
+fs::path console_record_path(const v1::VmHandle& handle) {
+  return handle.job_dir().empty() ? fs::path() : fs::path(handle.job_dir()) / "console.log";
 }
 
 Result<void> make_private_dir(const fs::path& dir) {
@@ -215,7 +220,9 @@ Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& ima
   h.set_initrd(image.initrd());
   h.set_kernel_append(image.kernel_append());
   h.set_user(image.user().empty() ? "runner" : image.user());
-  h.set_console_log((job_dir / "console.log").string());
+  // QEMU's raw capture holds secrets in clear: it lives and dies with the VM. The
+  // record's console.log is written from it, redacted, by the console tailer.
+  h.set_console_log((work_dir / "console.raw").string());
 
   // Each boot attempt has a socket name of its own: a client of a retired
   // attempt's QEMU can never reach the next attempt's.
@@ -225,11 +232,16 @@ Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& ima
                 std::to_string(qmp.string().size()) + " bytes): choose a shorter state_dir");
   h.set_qmp_socket(qmp.string());
 
-  // QEMU appends to a console log we create private (it keeps the mode).
-  int console_fd = ::open(h.console_log().c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (console_fd < 0)
-    return fail(errno_message("cannot create " + h.console_log(), errno));
-  ::close(console_fd);
+  // QEMU appends to a console capture we create private (it keeps the mode); the
+  // record exists from the start (a later boot attempt appends to it).
+  for (const auto& [path, truncate] : {std::pair{h.console_log(), true},
+                                       std::pair{console_record_path(h).string(), false}}) {
+    int console_fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW |
+                                            (truncate ? O_TRUNC : 0), 0600);
+    if (console_fd < 0)
+      return fail(errno_message("cannot create " + path, errno));
+    ::close(console_fd);
+  }
 
   auto user_key = generate_ed25519("solstice-job");
   if (!user_key)

@@ -18,6 +18,11 @@ std::filesystem::path job_dir_for(const v1::RunnerConfig& config, const std::str
 // state_dir/run/<job id>
 std::filesystem::path work_dir_for(const v1::RunnerConfig& config, const std::string& job_id);
 
+// The job's console.log in its record (job_dir/console.log), written redacted by the
+// console tailer from QEMU's raw capture (handle.console_log(), in the work directory).
+// Empty when the handle has no job directory.
+std::filesystem::path console_record_path(const v1::VmHandle& handle);
+
 // Creates `dir` and missing parents with mode 0700.
 Result<void> make_private_dir(const std::filesystem::path& dir);
 

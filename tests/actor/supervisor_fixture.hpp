@@ -258,7 +258,7 @@ struct fixture {
       return counted(qmp);
     };
     f.console = [this](caf::actor_system& s, console_observer_actor observer,
-                       std::string) -> console_tailer_actor {
+                       console_capture) -> console_tailer_actor {
       tailer = s.spawn(fake_tailer, this, std::move(observer));
       caf::actor_cast<caf::abstract_actor*>(tailer)->attach_functor(
         [this](const caf::error& reason) {

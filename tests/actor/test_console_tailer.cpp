@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,9 @@ struct tailer_fixture {
   caf::scheduler::test_coordinator& sched;
   fs::path dir;
   fs::path log;
+  // The redacted record the tailer writes (none when empty), and the secrets it hides.
+  fs::path record;
+  std::vector<std::string> secrets;
 
   // What the observer saw, in order: console lines, and "<stopped>" when the
   // stop reply arrived.
@@ -82,8 +86,8 @@ struct tailer_fixture {
         },
       };
     });
-    tailer = sys.spawn(console_tailer, caf::actor_cast<console_observer_actor>(observer), log.string(),
-                       console_wakeup::timer);
+    tailer = sys.spawn(console_tailer, caf::actor_cast<console_observer_actor>(observer),
+                       console_capture{log.string(), record.string(), secrets}, console_wakeup::timer);
     drive();
   }
 
@@ -182,4 +186,32 @@ TEST_CASE_FIXTURE(tailer_fixture, "a console log written before the tailer start
   CHECK(seen == std::vector<std::string>{"early line"});
   stop();
   CHECK(seen == std::vector<std::string>{"early line", "no newline yet", "<stopped>"});
+}
+
+TEST_CASE_FIXTURE(tailer_fixture, "the console record is the whole capture with secrets hidden, "
+                                  "including what came after the hand-off") {
+  record = dir / "record.log";
+  secrets = {"hunter2-secret"};
+  spawn_tailer();
+  append("boot hunter2-secret\nsplit hunt");
+  tick();
+  append("er2-secret end\n");
+  tick();
+  stop();
+  // The lines emitted are raw (the supervisor redacts them as it makes events).
+  CHECK(seen == std::vector<std::string>{"boot hunter2-secret", "split hunter2-secret end",
+                                         "<stopped>"});
+  // A step writes to the console after the hand-off: no line is emitted, and
+  // the record gets it when the tailer ends (its attempt ends after QEMU).
+  append("late hunter2-secret line\nno newline hunter2-sec");
+  tick();
+  CHECK(seen.size() == 3);
+  caf::anon_send_exit(tailer, caf::exit_reason::user_shutdown);
+  drive();
+  std::ifstream in(record, std::ios::binary);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(text == "boot ***\nsplit *** end\nlate *** line\nno newline hunter2-sec");
+  CHECK(seen.size() == 3);
+  CHECK((fs::status(record).permissions() & fs::perms::all) ==
+        (fs::perms::owner_read | fs::perms::owner_write));
 }

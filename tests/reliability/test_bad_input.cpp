@@ -176,6 +176,34 @@ TEST_CASE("bad job files are refused before any VM starts") {
     INFO(refusal.err);
     CHECK(mentions(refusal, "no-such-job.json"));
   }
+  SUBCASE("user_data that is not cloud-config") {
+    auto job = sandbox.write_json("job.json", job_with({{"user_data", "packages: [curl]\n"}}));
+    auto refusal = run_refused(sandbox, job);
+    INFO(refusal.err);
+    CHECK(mentions(refusal, "user_data starting with"));
+    CHECK(mentions(refusal, "#cloud-config"));
+  }
+  SUBCASE("timeouts, keep_seconds and retries of 4294967295") {
+    auto job = sandbox.write_json(
+      "job.json", job_with({{"timeout_seconds", 4294967295u},
+                            {"retries", 4294967295u},
+                            {"debug_on_failure", {{"enabled", true}, {"keep_seconds", 4294967295u}}},
+                            {"steps", {{{"script", "true"}, {"timeout_seconds", 4294967295u}}}}}));
+    auto refusal = run_refused(sandbox, job);
+    INFO(refusal.err);
+    CHECK(mentions(refusal, "timeout_seconds 4294967295: at most 604800"));
+    CHECK(mentions(refusal, "steps[0] (\"step 1\") timeout_seconds 4294967295"));
+    CHECK(mentions(refusal, "keep_seconds 4294967295: at most 86400"));
+    CHECK(mentions(refusal, "retries 4294967295: at most 10"));
+  }
+  SUBCASE("a text file as a raw disk image") {
+    auto text = sandbox.write("passwd", "root:x:0:0:root:/root:/bin/sh\n" + std::string(2048, '#'));
+    auto job = sandbox.write_json("job.json", {{"image", text.string()},
+                                               {"steps", {{{"script", "true"}}}}});
+    auto refusal = run_refused(sandbox, job);
+    INFO(refusal.err);
+    CHECK(mentions(refusal, "image \"" + text.string() + "\": not a bootable raw disk image"));
+  }
 }
 
 TEST_CASE("0 vcpus means the image's default and is accepted") {

@@ -280,8 +280,10 @@ TEST_CASE("SIGTERM mid-step: VM powered down, job cancelled, exit 130; the forwa
 TEST_CASE("a guest that never brings SSH up fails at the boot timeout, saying so") {
   Sandbox sandbox;
   const std::string id = "no-ssh";
-  // A disk of zeros: the firmware finds nothing to boot and waits for ever.
-  auto disk = sandbox.write("zeros.raw", std::string(1 << 20, '\0'));
+  // A boot sector that loops for ever (jmp $; the boot signature, without which
+  // the image is refused as not bootable): the guest boots into nothing.
+  std::string sector = "\xeb\xfe" + std::string(508, '\0') + "\x55\xaa";
+  auto disk = sandbox.write("hang.raw", sector + std::string((1 << 20) - 512, '\0'));
   auto job = sandbox.write_json("job.json", {{"id", id},
                                              {"image", disk.string()},
                                              {"steps", {{{"script", "true"}}}}});

@@ -24,7 +24,8 @@ struct TempDir : solstice::test::TempDir {
 };
 
 const std::string qcow2_bytes = std::string("QFI\xfb\0\0\0\3", 8) + std::string(504, '\0');
-const std::string raw_bytes = std::string(512, '\x55');
+// One sector with an MBR boot signature: a raw disk the firmware can boot from.
+const std::string raw_bytes = std::string(510, '\x55') + "\x55\xaa";
 
 v1::JobSpec job_on(const std::string& label) {
   v1::JobSpec job;

@@ -86,8 +86,10 @@ std::string connect_error_text(const caf::actor_system& sys, const caf::error& e
                         "its certificate is not signed by --ca " + net.ca +
                           ", or it does not use TLS (--insecure)"
                       : "it probably requires TLS (give --cert, --key and --ca)");
+  // CAF's own text (system_error(...), with its internals) says nothing a user can act on.
   if (err == caf::sec::cannot_connect_to_node)
-    return "cannot connect to " + where + ": " + sys.render(err);
+    return "cannot connect to " + where + ": nothing accepts connections there (connection "
+           "refused or host unreachable); is a coordinator running with --listen " + where + "?";
   return "cannot reach the coordinator at " + where + ": " + sys.render(err);
 }
 
