@@ -79,6 +79,7 @@ printf 'instance-id: baseline-%s\nlocal-hostname: baseline\n' "$$" > "$vm/seed/m
 } > "$vm/seed/user-data"
 xorriso -as mkisofs -quiet -V cidata -J -R -o "$vm/seed.iso" "$vm/seed" 2>/dev/null
 argv=(qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot
+  -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny
   -machine "$machine" -accel tcg -cpu max -smp "$vcpus" -m "$memory")
 if [[ -n "$disk" ]]; then
   qemu-img create -q -f qcow2 -F "$disk_format" -b "$(readlink -f "$disk")" "$vm/overlay.qcow2"
@@ -86,7 +87,7 @@ if [[ -n "$disk" ]]; then
 fi
 argv+=(-drive "file=$vm/seed.iso,if=ide,media=cdrom,readonly=on,format=raw"
   -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22" -device "virtio-net-pci,netdev=net0"
-  -chardev "file,id=console0,path=$work/console.log" -serial chardev:console0
+  -add-fd fd=3,set=1,opaque=console -chardev "file,id=console0,path=/dev/fdset/1" -serial chardev:console0
   -chardev "socket,id=qmp0,path=$vm/qmp.sock,server=on,wait=off" -mon "chardev=qmp0,mode=control")
 if [[ -n "$kernel" ]]; then
   argv+=(-kernel "$kernel")
@@ -106,7 +107,7 @@ watcher_pid=$!
 # a session is also a scheduler autogroup, and on a busy host the group QEMU sits in
 # changes guest speed several-fold, so both must place QEMU the same way. (setsid
 # does not fork here: a non-interactive shell's background child leads no group.)
-setsid "${argv[@]}" 2> "$work/qemu.stderr" &
+setsid "${argv[@]}" 2> "$work/qemu.stderr" 3>> "$work/console.log" &
 qemu_pid=$!
 echo "qemu_pid=$qemu_pid" >> "$work/times.env"
 stamp qemu_started

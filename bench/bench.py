@@ -205,6 +205,8 @@ class Bench:
         with open(os.path.join(self.guest_dir, "guest.json")) as f:
             self.guest = json.load(f)
         self.work = tempfile.mkdtemp(prefix="solstice-bench-")
+        # Searchable: a root runner's QEMU runs as qemu_user and must reach the state dir.
+        os.chmod(self.work, 0o711)
         self.state_dir = os.path.join(self.work, "state")
         os.mkdir(self.state_dir, 0o700)
         self.job_counter = 0

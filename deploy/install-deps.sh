@@ -27,3 +27,14 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# The unprivileged user QEMU runs as when the runner is root (config key qemu_user,
+# README "QEMU's user"); in group kvm, where there is one, for /dev/kvm.
+qemu_user=solstice-qemu
+if ! getent passwd "$qemu_user" >/dev/null; then
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "Solstice Runner QEMU" "$qemu_user"
+fi
+if getent group kvm >/dev/null && ! id -nG "$qemu_user" | grep -qw kvm; then
+  usermod --append --groups kvm "$qemu_user"
+fi

@@ -1,5 +1,6 @@
 #include "actors/vm/qemu_process.hpp"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -44,6 +45,46 @@ std::vector<int> watched_fds(const qemu_process_state& st) {
   return fds;
 }
 
+VmFiles vm_files_of(const v1::VmHandle& handle, const v1::RunnerConfig& config,
+                    const v1::ImageSpec& image) {
+  VmFiles files;
+  files.state_dir = config.state_dir();
+  files.work_dir = handle.work_dir();
+  if (!handle.snapshot())
+    files.writable_disk = handle.disk();  // the overlay; its backing file is image.disk()
+  files.seed_iso = handle.seed_iso();
+  files.read_only = {image.disk(), image.kernel(), image.initrd()};
+  return files;
+}
+
+// QEMU sandboxed, as its own user when there is one, writing the console capture
+// through a descriptor the runner opened.
+Result<ChildProcess> spawn_qemu(qemu_process_state& st) {
+  auto spec = vm_spec_from_handle(st.handle);
+  SpawnOptions options;
+  options.capture_stdout = false;
+  if (st.qemu_user) {
+    if (auto shared = share_vm_files(*st.qemu_user, st.vm_files); !shared)
+      return tl::unexpected(shared.error());
+    options.run_as = st.qemu_user->credentials;
+  }
+  int console_fd = -1;
+  if (!spec.console_log.empty()) {
+    console_fd = ::open(spec.console_log.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (console_fd < 0)
+      return fail(errno_message("cannot open the console capture " + spec.console_log.string(), errno));
+    options.pass_fds = {console_fd};
+    spec.console_fd = 3;  // the first passed descriptor
+  }
+  auto child = ChildProcess::spawn(build_qemu_argv(spec), options);
+  if (console_fd >= 0)
+    ::close(console_fd);  // QEMU has its own copy
+  if (!child)
+    return fail("cannot start QEMU" + (st.qemu_user ? " as user " + st.qemu_user->name : "") +
+                ": " + child.error().message);
+  return child;
+}
+
 v1::ProcessExit to_process_exit(const ExitStatus& status, const std::string& stderr_tail) {
   v1::ProcessExit exit;
   exit.set_signaled(status.signaled);
@@ -71,11 +112,17 @@ qemu_process(qemu_process_internal::stateful_pointer<qemu_process_state> self,
   return {
     [=](prepare_atom, const v1::JobSpec& job, const v1::ImageSpec& image,
         const v1::RunnerConfig& config, uint32_t attempt) -> caf::result<v1::VmHandle> {
+      // Before anything is made: a missing user fails the job with nothing to clean.
+      auto qemu_user = resolve_qemu_user(configured_qemu_user(config));
+      if (!qemu_user)
+        return caf::make_error(runner_errc::prepare_failed, qemu_user.error().message);
       auto handle = prepare_vm(job, image, config, attempt);
       if (!handle)
         return caf::make_error(runner_errc::prepare_failed, handle.error().message);
       self->state.handle = *handle;
       self->state.prepared = true;
+      self->state.qemu_user = std::move(*qemu_user);
+      self->state.vm_files = vm_files_of(*handle, config, image);
       // Claim the work directory at once, so a later runner knows whose it is.
       if (auto owned = write_owner_record(handle->work_dir(), owner_record_for(*handle)); !owned)
         return caf::make_error(runner_errc::prepare_failed, owned.error().message);
@@ -85,13 +132,9 @@ qemu_process(qemu_process_internal::stateful_pointer<qemu_process_state> self,
       auto& st = self->state;
       if (!st.prepared)
         return caf::make_error(runner_errc::qemu_failed, "launch before prepare");
-      auto argv = build_qemu_argv(vm_spec_from_handle(st.handle));
-      SpawnOptions options;
-      options.capture_stdout = false;
-      auto child = ChildProcess::spawn(argv, options);
+      auto child = spawn_qemu(st);
       if (!child)
-        return caf::make_error(runner_errc::qemu_failed,
-                               "cannot start QEMU: " + child.error().message);
+        return caf::make_error(runner_errc::qemu_failed, child.error().message);
       st.child = std::move(*child);
       st.handle.set_qemu_pid(st.child->pid());
       st.handle.set_qemu_start_time(process_start_time(st.child->pid()).value_or(0));

@@ -6,6 +6,7 @@
 #include "actors/actors.hpp"
 #include "runtime/base/child_process.hpp"
 #include "runtime/base/fd_waiter.hpp"
+#include "runtime/vm/qemu_user.hpp"
 
 namespace solstice {
 
@@ -16,6 +17,10 @@ struct qemu_process_state {
   qemu_observer_actor observer;
   v1::VmHandle handle;
   bool prepared = false;
+  // The unprivileged user QEMU runs as (nullopt: the runner's own user), and what
+  // of the VM's files it is given (filled at prepare).
+  std::optional<QemuUser> qemu_user;
+  VmFiles vm_files;
   std::optional<ChildProcess> child;
   // The last bytes QEMU wrote to stderr, for error reports.
   std::string stderr_tail;

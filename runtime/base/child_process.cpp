@@ -1,6 +1,7 @@
 #include "runtime/base/child_process.hpp"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -97,6 +98,8 @@ Result<std::string> resolve_executable(const std::string& name) {
   return fail("cannot spawn " + name + ": program not found in PATH (" + search + ")");
 }
 
+constexpr size_t max_pass_fds = 8;
+
 // Everything the forked child needs, prepared in the parent so that the child only
 // makes async-signal-safe system calls.
 struct ChildSetup {
@@ -106,13 +109,28 @@ struct ChildSetup {
   int stdin_fd = -1;
   int stdout_fd = -1;
   int stderr_fd = -1;
-  int error_pipe = -1;  // close-on-exec; carries errno if anything fails before exec
+  int error_pipe = -1;  // close-on-exec; carries a ChildFailure if anything fails before exec
   bool die_with_parent = true;
   pid_t parent_pid = -1;
+  bool set_credentials = false;
+  uid_t uid = 0;
+  gid_t gid = 0;
+  const gid_t* groups = nullptr;
+  size_t group_count = 0;
+  int pass_fds[max_pass_fds] = {};
+  size_t pass_fd_count = 0;
 };
 
-[[noreturn]] void child_fail(int error_pipe, int err) {
-  ssize_t ignored = ::write(error_pipe, &err, sizeof err);
+// What the child reports through the status pipe when it cannot reach exec.
+struct ChildFailure {
+  int step = 0;  // ChildStep
+  int error = 0;
+};
+enum ChildStep { step_setup = 0, step_credentials = 1, step_exec = 2 };
+
+[[noreturn]] void child_fail(int error_pipe, int err, int step = step_setup) {
+  ChildFailure failure{step, err};
+  ssize_t ignored = ::write(error_pipe, &failure, sizeof failure);
   (void)ignored;
   ::_exit(127);
 }
@@ -127,10 +145,16 @@ int move_to(int fd, int target) {
 }
 
 // Runs in the child between fork and exec: async-signal-safe calls only.
-[[noreturn]] void run_child(const ChildSetup& setup) {
+[[noreturn]] void run_child(ChildSetup setup) {
   // Own session and process group: a Ctrl-C at the runner's terminal must not reach
   // the child; the runner decides how to stop it.
   if (::setsid() < 0) child_fail(setup.error_pipe, errno);
+  // Groups and gid while still root, uid last. Before PR_SET_PDEATHSIG: a change of
+  // the effective uid clears the parent-death signal.
+  if (setup.set_credentials &&
+      (::setgroups(setup.group_count, setup.groups) != 0 || ::setgid(setup.gid) != 0 ||
+       ::setuid(setup.uid) != 0))
+    child_fail(setup.error_pipe, errno, step_credentials);
   if (setup.die_with_parent) {
     if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) child_fail(setup.error_pipe, errno);
     // The parent may have died before prctl took effect.
@@ -145,6 +169,18 @@ int move_to(int fd, int target) {
   sigemptyset(&empty);
   ::sigprocmask(SIG_SETMASK, &empty, nullptr);
 
+  // Passed descriptors and the status pipe first go above every target (0-2 and
+  // 3..3+n-1), so that no dup2 below overwrites one still to be moved.
+  const int above_targets = 3 + static_cast<int>(setup.pass_fd_count);
+  if (setup.error_pipe < above_targets) {
+    int moved = ::fcntl(setup.error_pipe, F_DUPFD_CLOEXEC, above_targets);
+    if (moved < 0) child_fail(setup.error_pipe, errno);
+    setup.error_pipe = moved;
+  }
+  for (size_t i = 0; i < setup.pass_fd_count; ++i) {
+    setup.pass_fds[i] = ::fcntl(setup.pass_fds[i], F_DUPFD_CLOEXEC, above_targets);
+    if (setup.pass_fds[i] < 0) child_fail(setup.error_pipe, errno);
+  }
   if (move_to(setup.stdin_fd, STDIN_FILENO) != 0 || move_to(setup.stdout_fd, STDOUT_FILENO) != 0 ||
       move_to(setup.stderr_fd, STDERR_FILENO) != 0)
     child_fail(setup.error_pipe, errno);
@@ -157,8 +193,11 @@ int move_to(int fd, int target) {
       if (fd != setup.error_pipe) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
     }
   }
+  for (size_t i = 0; i < setup.pass_fd_count; ++i) {  // dup2 leaves the copy open across exec
+    if (::dup2(setup.pass_fds[i], 3 + static_cast<int>(i)) < 0) child_fail(setup.error_pipe, errno);
+  }
   ::execve(setup.executable, setup.argv, setup.envp);
-  child_fail(setup.error_pipe, errno);
+  child_fail(setup.error_pipe, errno, step_exec);
 }
 
 // One thread, alive for the life of the process, does every fork. PR_SET_PDEATHSIG
@@ -259,6 +298,9 @@ Result<void> make_capture_pipe(bool capture, const std::string& stream, FdGuard&
 Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
                                          const SpawnOptions& options) {
   if (argv.empty()) return fail("cannot spawn a process: empty command line");
+  if (options.pass_fds.size() > max_pass_fds)
+    return fail("cannot spawn " + argv[0] + ": " + std::to_string(options.pass_fds.size()) +
+                " descriptors to pass, at most " + std::to_string(max_pass_fds));
   auto executable = resolve_executable(argv[0]);
   if (!executable) return tl::unexpected(executable.error());
 
@@ -288,6 +330,14 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
   setup.error_pipe = error_write.fd;
   setup.die_with_parent = options.die_with_parent;
   setup.parent_pid = ::getpid();
+  if (options.run_as) {
+    setup.set_credentials = true;
+    setup.uid = options.run_as->uid;
+    setup.gid = options.run_as->gid;
+    setup.groups = options.run_as->groups.data();
+    setup.group_count = options.run_as->groups.size();
+  }
+  for (int fd : options.pass_fds) setup.pass_fds[setup.pass_fd_count++] = fd;
 
   pid_t pid;
   try {
@@ -308,7 +358,7 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
   close_fd(stderr_write.fd);
   close_fd(stdin_null.fd);
 
-  int child_errno = 0;
+  ChildFailure failure;
   size_t received = 0;
   for (;;) {
     pollfd waiting{error_read.fd, POLLIN, 0};
@@ -316,15 +366,22 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
     int ready = ::poll(&waiting, 1, 10000);
     if (ready < 0 && errno == EINTR) continue;
     if (ready <= 0) return fail("cannot spawn " + argv[0] + ": the child did not reach exec within 10 s");
-    ssize_t n = ::read(error_read.fd, reinterpret_cast<char*>(&child_errno) + received,
-                       sizeof child_errno - received);
+    ssize_t n = ::read(error_read.fd, reinterpret_cast<char*>(&failure) + received,
+                       sizeof failure - received);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     received += static_cast<size_t>(n);
-    if (received == sizeof child_errno) break;
+    if (received == sizeof failure) break;
   }
-  if (received == sizeof child_errno) {
-    return fail(errno_message("cannot execute " + *executable, child_errno));
+  if (received == sizeof failure) {
+    const std::string as_user = options.run_as ? " as uid " + std::to_string(options.run_as->uid) +
+                                                   ", gid " + std::to_string(options.run_as->gid)
+                                               : "";
+    if (failure.step == step_credentials)
+      return fail(errno_message("cannot switch to uid/gid to run " + *executable + as_user, failure.error));
+    if (failure.step == step_exec)
+      return fail(errno_message("cannot execute " + *executable + as_user, failure.error));
+    return fail(errno_message("cannot spawn " + argv[0] + ": setting up the child failed", failure.error));
   }
   if (received != 0) return fail("cannot spawn " + argv[0] + ": garbled exec status from the child");
   return child;

@@ -23,12 +23,23 @@ struct ExitStatus {
 // "KILL" for SIGKILL; "SIG<n>" when unknown.
 std::string signal_name(int signal);
 
+// Who a child runs as; set in the child after fork, before exec (needs root).
+struct ProcessCredentials {
+  uid_t uid = 0;
+  gid_t gid = 0;
+  std::vector<gid_t> groups;  // supplementary groups (e.g. kvm for /dev/kvm)
+};
+
 struct SpawnOptions {
   bool capture_stdout = true;   // else /dev/null
   bool capture_stderr = true;   // else /dev/null
   // Kill the child when the runner process dies (works no matter which thread
   // spawned it).
   bool die_with_parent = true;
+  // Run as another user: groups, gid, then uid are set in the child before exec.
+  std::optional<ProcessCredentials> run_as;
+  // Descriptors the child inherits, as 3, 4, ... in this order (at most 8).
+  std::vector<int> pass_fds;
 };
 
 class ChildProcess {

@@ -153,6 +153,8 @@ v1::RunnerConfig default_runner_config() {
   config.set_boot_timeout_seconds(300);
   config.set_powerdown_timeout_seconds(30);
   config.set_max_concurrent_vms(2);
+  // A root runner never runs QEMU (strangers' guests) as root.
+  if (::geteuid() == 0) config.set_qemu_user("solstice-qemu");
   return config;
 }
 
@@ -181,6 +183,8 @@ Result<v1::RunnerConfig> load_runner_config(const fs::path& path) {
   if (from_file.boot_timeout_seconds()) config.set_boot_timeout_seconds(from_file.boot_timeout_seconds());
   if (from_file.powerdown_timeout_seconds()) config.set_powerdown_timeout_seconds(from_file.powerdown_timeout_seconds());
   if (from_file.max_concurrent_vms()) config.set_max_concurrent_vms(from_file.max_concurrent_vms());
+  // Present even when "": that asks for QEMU to run as the runner's user.
+  if (from_file.has_qemu_user()) config.set_qemu_user(from_file.qemu_user());
   for (const auto& image : from_file.images()) {
     auto* resolved = config.add_images();
     *resolved = image;

@@ -14,7 +14,8 @@ inline constexpr const char* test_guest_label = "solstice-test-guest";
 
 // state_dir: /var/lib/solstice-runner as root, else $XDG_STATE_HOME/solstice-runner
 // or ~/.local/state/solstice-runner; qemu-system-x86_64, accel "auto", job timeout
-// 3600 s, boot timeout 300 s, powerdown timeout 30 s, 2 concurrent VMs, no images.
+// 3600 s, boot timeout 300 s, powerdown timeout 30 s, 2 concurrent VMs, no images;
+// qemu_user "solstice-qemu" as root, else unset (QEMU runs as the runner's user).
 v1::RunnerConfig default_runner_config();
 
 // Reads a config file; fields it leaves out keep default_runner_config()'s values;

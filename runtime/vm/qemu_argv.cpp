@@ -28,6 +28,8 @@ std::vector<std::string> build_qemu_argv(const VmSpec& spec) {
   // VM, not boot again silently. With -no-reboot QEMU exits on reset and the runner
   // sees the exit (and a SHUTDOWN event with reason "guest-reset").
   argv.push_back("-no-reboot");
+  // A guest that escapes into QEMU meets the seccomp filter first.
+  add(argv, "-sandbox", qemu_sandbox_option);
 
   add(argv, "-machine", spec.machine);
   const bool kvm = spec.accel == Accel::kvm;
@@ -54,7 +56,12 @@ std::vector<std::string> build_qemu_argv(const VmSpec& spec) {
       "user,id=net0,hostfwd=tcp:127.0.0.1:0-:" + std::to_string(spec.guest_ssh_port));
   add(argv, "-device", "virtio-net-pci,netdev=net0");
 
-  if (!spec.console_log.empty()) {
+  if (spec.console_fd >= 0) {
+    // The runner's descriptor as fd set 1: QEMU needs no access to the job's record.
+    add(argv, "-add-fd", "fd=" + std::to_string(spec.console_fd) + ",set=1,opaque=console");
+    add(argv, "-chardev", "file,id=console0,path=/dev/fdset/1");
+    add(argv, "-serial", "chardev:console0");
+  } else if (!spec.console_log.empty()) {
     add(argv, "-chardev", "file,id=console0,path=" + escape_option_value(spec.console_log.string()));
     add(argv, "-serial", "chardev:console0");
   }

@@ -25,10 +25,18 @@ struct VmSpec {
   std::string kernel_append;
   std::filesystem::path qmp_socket;   // QMP server socket (unix)
   std::filesystem::path console_log;  // serial console written to this file
+  // When >= 0: the descriptor number, in QEMU, of console_log opened for writing by
+  // the runner; QEMU then writes through it and never opens the path (see -add-fd).
+  int console_fd = -1;
   unsigned guest_ssh_port = 22;
 };
 
-// -nodefaults -no-user-config -display none, no -daemonize; virtio disk, seed on
+// QEMU's seccomp filter: no obsolete system calls, no set*uid/gid, no fork/exec, no
+// scheduler or resource changes. QEMU dies (SIGSYS) on a denied call.
+inline constexpr const char* qemu_sandbox_option =
+  "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+// -nodefaults -no-user-config -display none, no -daemonize, -sandbox (above); virtio disk, seed on
 // IDE CD-ROM, -netdev user with hostfwd=tcp:127.0.0.1:0-:22 (QEMU picks the port;
 // read it back through QMP `info usernet`).
 std::vector<std::string> build_qemu_argv(const VmSpec& spec);

@@ -131,7 +131,10 @@ KillOutcome kill_surviving_qemu(pid_t pid, unsigned long long start_time,
 
 Result<void> write_private_file(const fs::path& path, const std::string& text) {
   auto tmp = path.string() + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+  // A new file of our own: the work directory is shared with QEMU's user, whose own
+  // file of this name must not become the record after the rename.
+  ::unlink(tmp.c_str());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0)
     return fail(errno_message("cannot create " + tmp, errno));
   size_t written = 0;

@@ -1,5 +1,6 @@
 #include "tests/cluster/cluster_process.hpp"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -24,6 +25,9 @@ TempDir::TempDir() {
   std::string pattern = (fs::temp_directory_path() / "solstice-cluster-XXXXXX").string();
   if (!::mkdtemp(pattern.data()))
     throw std::runtime_error("mkdtemp failed");
+  // Searchable: a root runner's QEMU runs as qemu_user and must reach its state dir.
+  if (::chmod(pattern.c_str(), 0711) != 0)
+    throw std::runtime_error("cannot chmod " + pattern);
   path_ = pattern;
 }
 

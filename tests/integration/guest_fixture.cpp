@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -65,6 +66,9 @@ Result<TempDir> TempDir::make(const std::string& prefix) {
   std::string pattern = (fs::temp_directory_path() / (prefix + "XXXXXX")).string();
   if (!::mkdtemp(pattern.data()))
     return fail(errno_message("cannot create a temporary directory " + pattern, errno));
+  // Searchable: a root runner's QEMU runs as qemu_user and must reach its state dir.
+  if (::chmod(pattern.c_str(), 0711) != 0)
+    return fail(errno_message("cannot chmod 0711 " + pattern, errno));
   TempDir dir;
   dir.path_ = pattern;
   return dir;

@@ -35,6 +35,8 @@ std::string read_some(int fd) {
 TEST_CASE("debug-on-failure keeps the failed VM reachable with the printed ssh command") {
   std::string pattern = (fs::temp_directory_path() / "solstice-debug-XXXXXX").string();
   fs::path dir = ::mkdtemp(pattern.data());
+  // Searchable: a root runner's QEMU runs as qemu_user and must reach its state dir.
+  REQUIRE(::chmod(dir.c_str(), 0711) == 0);
   auto state = dir / "state";
   auto job = dir / "job.json";
   std::ofstream(job) << R"({"runs_on": "solstice-test-guest",

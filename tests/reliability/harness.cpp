@@ -117,6 +117,9 @@ Sandbox::Sandbox() {
   // Short: the QMP socket path under state/run/<id>/ must fit a unix socket name.
   std::string pattern = (fs::temp_directory_path() / "slr-XXXXXX").string();
   REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+  // Like /tmp: a root runner's QEMU runs as qemu_user, which must reach the state dir,
+  // and the stand-in QEMUs (qemu_wrappers.hpp) write their logs here as that user.
+  REQUIRE(::chmod(pattern.c_str(), 01777) == 0);
   root_ = pattern;
 }
 

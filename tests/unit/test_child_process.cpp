@@ -1,4 +1,5 @@
 #include <doctest/doctest.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -149,6 +150,60 @@ TEST_SUITE("child_process") {
     CHECK(child.error().message.find("Exec format error") != std::string::npos);
   }
 
+  TEST_CASE("passed descriptors arrive as 3, 4, ... and nothing else is inherited") {
+    int first[2], second[2];
+    REQUIRE(::pipe2(first, O_CLOEXEC) == 0);
+    REQUIRE(::pipe2(second, O_CLOEXEC) == 0);
+    SpawnOptions options;
+    options.pass_fds = {second[1], first[1]};  // in an order unlike their numbers
+    auto child = ChildProcess::spawn(
+      {"/bin/sh", "-c", "echo to-three >&3; echo to-four >&4; ls /proc/self/fd | sort -n | tr '\\n' ' '"},
+      options);
+    ::close(first[1]);
+    ::close(second[1]);
+    REQUIRE_MESSAGE(child.has_value(), (child ? "" : child.error().message));
+    auto captured = read_all(*child, 10s);
+    REQUIRE(child->wait_for(10s).has_value());
+    char buffer[64] = {};
+    CHECK(std::string(buffer, static_cast<size_t>(::read(second[0], buffer, sizeof buffer))) == "to-three\n");
+    CHECK(std::string(buffer, static_cast<size_t>(::read(first[0], buffer, sizeof buffer))) == "to-four\n");
+    ::close(first[0]);
+    ::close(second[0]);
+    // ls itself holds one more (the directory it reads) above 4.
+    CHECK(captured.out.rfind("0 1 2 3 4 ", 0) == 0);
+  }
+
+  TEST_CASE("run_as: the child has the user's uid, gid and groups only (root)") {
+    if (::geteuid() != 0) return;  // only root can switch users
+    SpawnOptions options;
+    options.run_as = ProcessCredentials{65534, 65534, {65534}};
+    auto child = ChildProcess::spawn({"/bin/sh", "-c", "id -u; id -g; id -G; sleep 0.2"}, options);
+    REQUIRE_MESSAGE(child.has_value(), (child ? "" : child.error().message));
+    auto captured = read_all(*child, 10s);
+    auto status = child->wait_for(10s);
+    REQUIRE(status.has_value());
+    CHECK(status->describe() == "exit code 0");
+    CHECK(captured.out == "65534\n65534\n65534\n");
+  }
+
+  TEST_CASE("run_as: a program the user may not execute is an error naming it and the uid (root)") {
+    if (::geteuid() != 0) return;
+    char dir_template[] = "/tmp/solstice-child-XXXXXX";  // mode 0700: closed to uid 65534
+    REQUIRE(::mkdtemp(dir_template) != nullptr);
+    std::string program = std::string(dir_template) + "/prog";
+    { std::ofstream(program) << "#!/bin/sh\nexit 0\n"; }
+    ::chmod(program.c_str(), 0755);
+    SpawnOptions options;
+    options.run_as = ProcessCredentials{65534, 65534, {}};
+    auto child = ChildProcess::spawn({program}, options);
+    ::unlink(program.c_str());
+    ::rmdir(dir_template);
+    REQUIRE_FALSE(child.has_value());
+    CHECK(child.error().message.find(program) != std::string::npos);
+    CHECK(child.error().message.find("uid 65534") != std::string::npos);
+    CHECK(child.error().message.find("Permission denied") != std::string::npos);
+  }
+
   TEST_CASE("wait_for times out on a sleeper and kill ends it") {
     auto child = ChildProcess::spawn({"sleep", "100"});
     REQUIRE(child.has_value());
@@ -228,6 +283,13 @@ TEST_SUITE("child_process") {
   }
 
   TEST_CASE("the child dies when the parent process dies") {
+    SpawnOptions options;
+    SUBCASE("as the runner's user") {}
+    // A change of uid clears the parent-death signal: it must be set after the switch.
+    SUBCASE("as another user (root)") {
+      if (::geteuid() != 0) return;
+      options.run_as = ProcessCredentials{65534, 65534, {}};
+    }
     // Orphans are re-parented to us rather than to init, so we can reap the sleeper
     // and see what killed it.
     REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);
@@ -237,7 +299,7 @@ TEST_SUITE("child_process") {
     REQUIRE(helper >= 0);
     if (helper == 0) {
       ::close(report[0]);
-      auto sleeper = ChildProcess::spawn({"sleep", "100"});
+      auto sleeper = ChildProcess::spawn({"sleep", "100"}, options);
       pid_t pid = sleeper ? sleeper->pid() : -1;
       ssize_t written = ::write(report[1], &pid, sizeof pid);
       (void)written;

@@ -62,6 +62,7 @@ TEST_SUITE("qemu_argv") {
   TEST_CASE("a disk-boot VM on TCG gets exactly the expected command line") {
     const std::vector<std::string> expected{
         "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "3", "-m", "768",
         "-drive", "file=/var/lib/solstice/job-1/overlay.qcow2,if=virtio,format=qcow2",
         "-drive", "file=/var/lib/solstice/job-1/seed.iso,if=ide,media=cdrom,readonly=on,format=raw",
@@ -132,6 +133,18 @@ TEST_SUITE("qemu_argv") {
     REQUIRE(chardevs.size() == 2);
     CHECK(chardevs[0] == "file,id=console0,path=/data/g,,,,h/console.log");
     CHECK(chardevs[1] == "socket,id=qmp0,path=/run/e,,f/qmp.sock,server=on,wait=off");
+  }
+
+  TEST_CASE("a console descriptor becomes fd set 1 and the path is not given to QEMU") {
+    VmSpec spec = disk_spec();
+    spec.console_fd = 3;
+    auto argv = build_qemu_argv(spec);
+    CHECK(values_of(argv, "-add-fd") == std::vector<std::string>{"fd=3,set=1,opaque=console"});
+    auto chardevs = values_of(argv, "-chardev");
+    REQUIRE(chardevs.size() == 2);
+    CHECK(chardevs[0] == "file,id=console0,path=/dev/fdset/1");
+    CHECK(values_of(argv, "-serial") == std::vector<std::string>{"chardev:console0"});
+    for (const auto& arg : argv) CHECK(arg.find("console.log") == std::string::npos);
   }
 
   TEST_CASE("kernel boot adds -kernel, -initrd and -append verbatim") {
