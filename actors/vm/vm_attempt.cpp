@@ -113,8 +113,9 @@ void boot_problem(attempt_pointer self, const std::string& message) {
   self->delayed_send(self, st.timeouts.exit_report_grace, timeout_atom::value, st.held_token);
 }
 
-// The booted VM went away: told once to the supervisor.
-void vm_lost(attempt_pointer self, const std::string& message) {
+// The booted VM went away: told once to the supervisor. `message` by value: it may
+// be *held_failure, which this resets.
+void vm_lost(attempt_pointer self, std::string message) {
   auto& st = self->state;
   st.held_failure.reset();
   if (st.handoff_reply) {
