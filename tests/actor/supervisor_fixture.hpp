@@ -1,4 +1,7 @@
 #pragma once
+// Longer than most files: the fixture and the four fakes refer to each other
+// (the fakes journal into the fixture, the fixture makes the fakes), so they
+// are read together.
 // The fixture of the job supervisor's tests on CAF's deterministic scheduler: the
 // supervisor and its real VM attempt, with fakes for the attempt's children. The
 // actors around the VM are fakes that implement the same typed interfaces and

@@ -1,3 +1,5 @@
+// Longer than most files: one test per rule of the supervisor's protocol, each
+// short; splitting them would only scatter the protocol.
 // Protocol tests of the job supervisor and its VM attempt on CAF's deterministic
 // scheduler (the fixture and the fakes are in supervisor_fixture.hpp).
 #include "supervisor_fixture.hpp"

@@ -1,3 +1,5 @@
+// Longer than most files: every case of the `run` command on the real guest,
+// each short and independent, sharing one workspace helper.
 // `solstice-runner run` end to end: the real binary as a child process, a job file
 // written by the test, a fresh state directory, the built test guest on TCG. Each
 // case asserts the exit code, result.json, events.jsonl and the terminal output,

@@ -1,3 +1,5 @@
+// Longer than most files: every SshSession operation against the real guest,
+// each case short and independent, sharing one booted guest.
 // SshSession against the real test guest (dropbear + sftp-server) under QEMU, and
 // against local sockets that never speak SSH.
 #include <doctest/doctest.h>

@@ -1,3 +1,5 @@
+// Longer than most files: the output floods (size, lines, binary, streams,
+// slow terminal) share one checker of what the terminal and the record got.
 // Floods of output: the runner carries every byte — to its own stdout/stderr and
 // to the job's events.jsonl — with bounded memory. Each case runs the real
 // solstice-runner binary on the real test guest (TCG) with its stdout and stderr
