@@ -18,7 +18,6 @@
 #include "actors/runner_types.hpp"
 #include "actors/vm/ssh_executor.hpp"
 #include "runtime/job/job_file.hpp"
-#include "runtime/base/child_process.hpp"
 #include "runtime/vm/qmp.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
@@ -483,31 +482,22 @@ void qmp_event(attempt_pointer self, const v1::QmpEvent& event) {
   }
 }
 
-// QEMU closed QMP: the VM can no longer be controlled. When QEMU is gone (a
-// zombie not yet reaped), its exit report is on its way and names the cause, so
-// the failure waits for it briefly; when QEMU still runs, something cut the
-// socket, and the boot fails or the VM is lost at once.
+// QEMU closed QMP: the VM can no longer be controlled. Usually QEMU is exiting
+// (its socket closes before the process is gone, so /proc cannot tell yet), and
+// its exit report, which names the cause, comes within the grace; otherwise
+// something cut the socket and the boot fails or the VM is lost.
 void qmp_closed(attempt_pointer self, const std::string& why) {
   auto& st = self->state;
   st.qmp_connected = false;
-  if (!booting(st.phase) && !vm_in_use(st.phase))
-    return;
-  bool qemu_alive = st.qemu_state == vm_attempt_state::qemu_status::running &&
-                    process_running(static_cast<pid_t>(st.vm.qemu_pid()));
-  if (!qemu_alive && booting(st.phase))
-    return boot_problem(self, why);
-  if (!qemu_alive) {
-    if (st.held_failure)
-      return;
-    st.held_failure = why;
-    st.held_token = st.next_token++;
-    self->delayed_send(self, st.timeouts.exit_report_grace, timeout_atom::value, st.held_token);
-    return;
-  }
-  auto text = why + " (QEMU still runs; the runner can no longer control the VM)";
   if (booting(st.phase))
-    return fail_boot(self, text, false);
-  vm_lost(self, text);
+    return boot_problem(self, why);
+  if (!vm_in_use(st.phase) || st.held_failure)
+    return;
+  if (st.qemu_state != vm_attempt_state::qemu_status::running)
+    return vm_lost(self, why);
+  st.held_failure = why;
+  st.held_token = st.next_token++;
+  self->delayed_send(self, st.timeouts.exit_report_grace, timeout_atom::value, st.held_token);
 }
 
 void child_down(attempt_pointer self, const caf::down_msg& down) {

@@ -148,6 +148,11 @@ struct matrix_run : fixture {
         caf::anon_send(caf::actor_cast<qmp_observer_actor>(attempt), qmp_event_atom::value, stop);
         return;
       case fault::qmp_breaks:
+        // The VM's loss is known only after the grace for QEMU's exit report;
+        // the guest's work takes longer than that (it is held until cancelled).
+        setup_plan.hold = true;
+        step_plans[0].hold = true;
+        step_plans[1].hold = true;
         qmp_broken = true;
         caf::anon_send(caf::actor_cast<qmp_observer_actor>(attempt), qmp_closed_atom::value,
                        std::string{"QEMU closed its QMP connection"});
