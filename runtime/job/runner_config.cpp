@@ -204,10 +204,6 @@ Result<void> validate_runner_config(const v1::RunnerConfig& config) {
     problems.push_back("accel " + quoted(config.accel()) + ": must be \"auto\", \"kvm\" or \"tcg\"");
   }
   if (config.max_concurrent_vms() == 0) problems.push_back("max_concurrent_vms 0: at least 1 VM must be allowed");
-  std::map<std::string, int> image_by_label;
-  for (int i = 0; i < config.images_size(); ++i) {
-    const auto& image = config.images(i);
-    const std::string where = "images[" + std::to_string(i) + "]";
   // Caps (README, "Runner configuration"): beyond them a value is a typo, and no timer may overflow.
   for (const auto& [field, value, cap, unit] :
        {std::tuple{"default_job_timeout_seconds", config.default_job_timeout_seconds(), max_timeout_seconds, " (7 days)"},
@@ -218,6 +214,10 @@ Result<void> validate_runner_config(const v1::RunnerConfig& config) {
       problems.push_back(std::string(field) + " " + std::to_string(value) + ": at most " + std::to_string(cap) + unit);
     }
   }
+  std::map<std::string, int> image_by_label;
+  for (int i = 0; i < config.images_size(); ++i) {
+    const auto& image = config.images(i);
+    const std::string where = "images[" + std::to_string(i) + "]";
     if (image.label().empty()) {
       problems.push_back(where + ".label is empty: jobs choose an image by its label (runs_on)");
     } else if (auto [existing, inserted] = image_by_label.emplace(image.label(), i); !inserted) {
