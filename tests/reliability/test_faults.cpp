@@ -238,11 +238,14 @@ TEST_CASE("SIGTERM mid-step: VM powered down, job cancelled, exit 130; the forwa
   }
   {
     INFO("state, job and VM directories are private");
-    CHECK(mode_of(sandbox.state()) == 0700);
+    // As root QEMU runs as qemu_user: it may search (not list) the state directory
+    // and run/, and shares its own VM's work directory with the runner (sticky).
+    const bool root = ::geteuid() == 0;
+    CHECK(mode_of(sandbox.state()) == (root ? 0701 : 0700));
     CHECK(mode_of(sandbox.state() / "jobs") == 0700);
-    CHECK(mode_of(sandbox.state() / "run") == 0700);
+    CHECK(mode_of(sandbox.state() / "run") == (root ? 0701 : 0700));
     CHECK(mode_of(sandbox.job_dir(id)) == 0700);
-    CHECK(mode_of(sandbox.work_dir(id)) == 0700);
+    CHECK(mode_of(sandbox.work_dir(id)) == (root ? 01770 : 0700));
     CHECK(mode_of(sandbox.work_dir(id) / solstice::owner_record_file) == 0600);
     CHECK(mode_of(sandbox.job_dir(id) / "events.jsonl") == 0600);
     CHECK(mode_of(sandbox.job_dir(id) / "console.log") == 0600);
