@@ -313,18 +313,7 @@ std::string peer_loss_text(const caf::error& reason) {
 
 v1::JobEvent cluster_result_event(const std::string& job_id, uint64_t sequence,
                                   v1::JobStatus status, const std::string& error) {
-  v1::JobEvent event;
-  event.set_job_id(job_id);
-  event.set_sequence(sequence);
-  event.set_timestamp_us(unix_now_us());
-  auto* result = event.mutable_result();
-  result->set_job_id(job_id);
-  result->set_status(status);
-  result->set_exit_code(exit_code_for(status, 0));
-  result->set_error(error);
-  result->set_summary("job " + job_id + " " + lower_words(v1::JobStatus_Name(status)) + " — " +
-                      error.substr(0, error.find('\n')));
-  return event;
+  return stand_in_result(job_id, sequence, status, error);
 }
 
 namespace {

@@ -101,21 +101,6 @@ class SignalWatcher {
 // job has ended (its backlog is bounded by the output flow control).
 constexpr std::chrono::seconds printer_grace{60};
 
-// The result event that stands in for a job that could not report its own.
-v1::JobEvent stand_in_result(const std::string& job_id, v1::JobStatus status, int exit_code,
-                             const std::string& error, const std::string& summary) {
-  v1::JobEvent event;
-  event.set_job_id(job_id);
-  event.set_sequence(UINT64_MAX);
-  event.set_timestamp_us(unix_now_us());
-  auto* result = event.mutable_result();
-  result->set_job_id(job_id);
-  result->set_status(status);
-  result->set_exit_code(exit_code);
-  result->set_error(error);
-  result->set_summary(summary);
-  return event;
-}
 
 // What the terminal calls each job: its name, else its id; names that several
 // jobs share get the job's position on the command line.
@@ -271,7 +256,7 @@ void report_killed_jobs(const LocalRun& run, const std::vector<std::optional<Sta
     if (!started[i])
       continue;
     const auto& id = run.jobs[i].id();
-    auto event = stand_in_result(id, v1::CANCELLED, exit_cancelled, "killed by a second interrupt",
+    auto event = stand_in_result(id, UINT64_MAX, v1::CANCELLED, "killed by a second interrupt",
                                  "job " + id + " cancelled: killed by a second interrupt");
     event.mutable_result()->set_shutdown_method("kill");
     caf::anon_send(started[i]->recorder, event_atom::value, event);
@@ -331,8 +316,8 @@ bool run_in_actor_system(LocalRun& run) {
     // The others run on; this one ends here, and the printer is told so.
     if (run.several)
       caf::anon_send(printer, event_atom::value,
-                     stand_in_result(jobs[i].id(), v1::INFRASTRUCTURE_ERROR,
-                                     exit_infrastructure_error, job.error().message,
+                     stand_in_result(jobs[i].id(), UINT64_MAX, v1::INFRASTRUCTURE_ERROR,
+                                     job.error().message,
                                      "job " + jobs[i].id() + " could not start"));
   }
   const bool started_any = !supervisors.empty();

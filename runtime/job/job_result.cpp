@@ -4,6 +4,8 @@
 
 #include "runtime/base/clock.hpp"
 
+#include "runtime/base/clock.hpp"
+
 namespace solstice {
 
 int exit_code_for(v1::JobStatus status, int failing_step_code) {
@@ -87,6 +89,28 @@ void complete_result(const v1::JobSpec& job, v1::JobStatus status, const std::st
     result.add_console_tail(line);
   result.set_summary(summary_of(job, result));
   result.set_ended_at_us(unix_now_us());
+}
+
+v1::JobEvent stand_in_result(const std::string& job_id, uint64_t sequence, v1::JobStatus status,
+                             const std::string& error, const std::string& summary) {
+  v1::JobEvent event;
+  event.set_job_id(job_id);
+  event.set_sequence(sequence);
+  event.set_timestamp_us(unix_now_us());
+  auto* result = event.mutable_result();
+  result->set_job_id(job_id);
+  result->set_status(status);
+  result->set_exit_code(exit_code_for(status, 0));
+  result->set_error(error);
+  if (!summary.empty()) {
+    result->set_summary(summary);
+  } else {
+    std::string words = v1::JobStatus_Name(status);
+    for (auto& c : words)
+      c = static_cast<char>(c == '_' ? ' ' : std::tolower(static_cast<unsigned char>(c)));
+    result->set_summary("job " + job_id + " " + words + " — " + error.substr(0, error.find('\n')));
+  }
+  return event;
 }
 
 void rename_retired_kvm_phases(v1::JobResult& result) {

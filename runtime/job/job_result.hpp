@@ -43,6 +43,13 @@ void complete_result(const v1::JobSpec& job, v1::JobStatus status, const std::st
                      const std::string& shutdown_method,
                      const std::deque<std::string>& console_tail, v1::JobResult& result);
 
+// The result event that stands in for a job that could not report its own (its
+// node is gone, it was refused or cancelled while queued, killed by a second
+// interrupt): status, exit code from the table, error and a summary line
+// ("job ID cancelled — why" when `summary` is empty).
+v1::JobEvent stand_in_result(const std::string& job_id, uint64_t sequence, v1::JobStatus status,
+                             const std::string& error, const std::string& summary = {});
+
 // After a KVM attempt was retired, its phases keep their time under their own
 // names so the result lists each phase once: kvm:prepare, kvm:boot, then the
 // TCG attempt's.
