@@ -1,3 +1,5 @@
+// About 500 lines: spawning, waiting, killing and the child-side set-up (user
+// switch, passed fds, death signal) share the ChildProcess state; kept together.
 #include "runtime/base/child_process.hpp"
 
 #include <fcntl.h>

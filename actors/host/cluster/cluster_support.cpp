@@ -30,6 +30,16 @@ void add_network_options(CLI::App& app, NetworkOptions& net) {
     ->check(CLI::Range(2u, 3600u));
 }
 
+Result<Endpoint> checked_endpoint(const std::string& text, const std::string& option,
+                                  const NetworkOptions& net) {
+  auto endpoint = parse_endpoint(text, option);
+  if (!endpoint)
+    return endpoint;
+  if (auto ok = check_tls_files(net); !ok)
+    return tl::unexpected(ok.error());
+  return endpoint;
+}
+
 Result<Endpoint> parse_endpoint(const std::string& text, const std::string& option) {
   auto colon = text.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == text.size())

@@ -49,6 +49,11 @@ Result<Endpoint> parse_endpoint(const std::string& text, const std::string& opti
 // so the user gets a plain message instead (tls_files.cpp).
 Result<void> check_tls_files(const NetworkOptions& net);
 
+// What every cluster command checks first: its endpoint option parses and the
+// TLS files are usable (either failure is invalid input).
+Result<Endpoint> checked_endpoint(const std::string& text, const std::string& option,
+                                  const NetworkOptions& net);
+
 // The actor system of a cluster peer: the runner's types, the middleman (with
 // TLS unless --insecure), the protocol version, heartbeats.
 struct ClusterConfig : caf::actor_system_config {

@@ -13,13 +13,9 @@ namespace solstice::cluster_cli {
 using namespace std::chrono_literals;
 
 int coordinator_command(const CoordinatorOptions& options) {
-  auto listen = parse_endpoint(options.listen, "--listen");
+  auto listen = checked_endpoint(options.listen, "--listen", options.net);
   if (!listen) {
     say("solstice-runner: %s\n", listen.error().message);
-    return exit_invalid_input;
-  }
-  if (auto ok = check_tls_files(options.net); !ok) {
-    say("solstice-runner: %s\n", ok.error().message);
     return exit_invalid_input;
   }
   BlockedSignals signals;

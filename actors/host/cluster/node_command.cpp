@@ -171,13 +171,9 @@ class NodeSession {
 }  // namespace
 
 int node_command(const NodeOptions& options) {
-  auto join = parse_endpoint(options.join, "--join");
+  auto join = checked_endpoint(options.join, "--join", options.net);
   if (!join) {
     say("solstice-runner: %s\n", join.error().message);
-    return exit_invalid_input;
-  }
-  if (auto ok = check_tls_files(options.net); !ok) {
-    say("solstice-runner: %s\n", ok.error().message);
     return exit_invalid_input;
   }
   auto config = load_node_config(options);

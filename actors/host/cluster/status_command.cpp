@@ -87,13 +87,9 @@ std::string format_status(const cluster_status& status, const Endpoint& at) {
 }  // namespace
 
 int status_command(const StatusOptions& options) {
-  auto to = parse_endpoint(options.to, "--to");
+  auto to = checked_endpoint(options.to, "--to", options.net);
   if (!to) {
     say("solstice-runner: %s\n", to.error().message);
-    return exit_invalid_input;
-  }
-  if (auto ok = check_tls_files(options.net); !ok) {
-    say("solstice-runner: %s\n", ok.error().message);
     return exit_invalid_input;
   }
   ClusterConfig cfg{options.net};

@@ -66,13 +66,9 @@ std::optional<int> follow_job(caf::scoped_actor& self, const event_sink_actor& p
 }  // namespace
 
 int submit_command(const SubmitOptions& options) {
-  auto to = parse_endpoint(options.to, "--to");
+  auto to = checked_endpoint(options.to, "--to", options.net);
   if (!to) {
     say("solstice-runner: %s\n", to.error().message);
-    return exit_invalid_input;
-  }
-  if (auto ok = check_tls_files(options.net); !ok) {
-    say("solstice-runner: %s\n", ok.error().message);
     return exit_invalid_input;
   }
   auto job = load_job_file(options.job_file);
