@@ -8,6 +8,8 @@ packages=(
   cmake ninja-build g++ pkg-config
   libcaf-dev libssh2-1-dev libprotobuf-dev protobuf-compiler libspdlog-dev
   nlohmann-json3-dev libcli11-dev libssl-dev libexpected-dev doctest-dev
+  # the guest walled off from the host (runtime/vm/guest_firewall.hpp); nft to inspect it
+  libnftables-dev nftables
   # run time
   qemu-system-x86 qemu-utils
   # test guest builder (deploy/test-guest/build.sh)

@@ -5,11 +5,14 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <mutex>
 #include <vector>
 
 #include <caf/send.hpp>
+#include <spdlog/spdlog.h>
 
 #include "actors/runner_types.hpp"
+#include "runtime/vm/guest_firewall.hpp"
 #include "runtime/vm/qemu_argv.hpp"
 #include "runtime/vm/recovery.hpp"
 #include "runtime/vm/vm_prepare.hpp"
@@ -43,6 +46,16 @@ std::vector<int> watched_fds(const qemu_process_state& st) {
   if (!st.stderr_closed)
     fds.push_back(st.child->stderr_fd());
   return fds;
+}
+
+// Without a dedicated QEMU user there is no uid to bind the firewall rules to.
+void warn_host_reachable_once() {
+  static std::once_flag warned;
+  std::call_once(warned, [] {
+    spdlog::warn("QEMU runs as the runner's own user: guests can reach services on this "
+                 "host's loopback and addresses (run the runner as root with a qemu_user "
+                 "to wall them off)");
+  });
 }
 
 VmFiles vm_files_of(const v1::VmHandle& handle, const v1::RunnerConfig& config,
@@ -116,6 +129,13 @@ qemu_process(qemu_process_internal::stateful_pointer<qemu_process_state> self,
       auto qemu_user = resolve_qemu_user(configured_qemu_user(config));
       if (!qemu_user)
         return caf::make_error(runner_errc::prepare_failed, qemu_user.error().message);
+      if (*qemu_user) {
+        // QEMU's user may open no connection to the host itself (guest_firewall.hpp).
+        if (auto walled = wall_off_host((*qemu_user)->credentials.uid); !walled)
+          return caf::make_error(runner_errc::prepare_failed, walled.error().message);
+      } else {
+        warn_host_reachable_once();
+      }
       auto handle = prepare_vm(job, image, config, attempt);
       if (!handle)
         return caf::make_error(runner_errc::prepare_failed, handle.error().message);
