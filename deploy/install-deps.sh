@@ -16,6 +16,10 @@ packages=(
   cpio gzip dosfstools mtools syslinux syslinux-common dropbear-bin busybox-static
   # tests: ISO inspection, cloud-config schema check, OpenSSH as a reference client
   xorriso genisoimage cloud-init openssh-client
+  # metrics endpoint (HTTP server library)
+  libcpp-httplib-dev
+  # package test (tests/package): .deb dependencies, man page, completion
+  dpkg-dev man-db bash-completion
   # benchmarks (bench/run.sh); stand-in QEMUs of the reliability tests (QMP clients)
   python3
 )

@@ -34,8 +34,9 @@ struct CommonOptions {
 
 void add_common_options(CLI::App& app, CommonOptions& common) {
   app.add_option("--config", common.config_file,
-                 "runner configuration (protobuf JSON of RunnerConfig: state_dir, accel, images "
-                 "with their runs_on labels, timeouts)");
+                 std::string("runner configuration (protobuf JSON of RunnerConfig: state_dir, "
+                             "accel, images with their runs_on labels, timeouts; default: ") +
+                   default_config_file() + " when it exists)");
   app.add_option("--state-dir", common.state_dir,
                  "where job records and VM work files live (default: /var/lib/solstice-runner "
                  "as root, else ~/.local/state/solstice-runner)");
@@ -186,8 +187,11 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
 }
 
 // CLI11 answers a missing or unknown command with "A subcommand is required";
-// this says which word is wrong and what the commands are. nullopt: argv is fine.
-std::optional<int> check_command(CLI::App& app, int argc, char** argv) {
+// this says which word is wrong and what the commands are: of `app` when `word`
+// (argv[index]) is its command, or of `solstice-runner jobs` and the like.
+// nullopt: the word is fine.
+std::optional<int> check_command(const CLI::App& app, const std::string& program, int index,
+                                 int argc, char** argv) {
   std::string commands;
   bool known = false;
   for (const auto* command : app.get_subcommands({})) {
@@ -195,17 +199,29 @@ std::optional<int> check_command(CLI::App& app, int argc, char** argv) {
     auto description = command->get_description();
     name.resize(std::max<size_t>(name.size(), 12), ' ');
     commands += "\n  " + name + description.substr(0, description.find(" ("));
-    known |= argc > 1 && command->get_name() == argv[1];
+    known |= argc > index && command->get_name() == argv[index];
   }
-  if (known || (argc > 1 && argv[1][0] == '-'))
+  if (known || (argc > index && argv[index][0] == '-'))
     return std::nullopt;  // a command, or an option such as --help and --version
-  if (argc > 1)
-    std::fprintf(stderr, "solstice-runner: unknown command \"%s\"; the commands are:%s\n",
-                 argv[1], commands.c_str());
+  if (argc > index)
+    std::fprintf(stderr, "%s: unknown command \"%s\"; the commands are:%s\n", program.c_str(),
+                 argv[index], commands.c_str());
   else
-    std::fprintf(stderr, "solstice-runner: a command is required:%s\n", commands.c_str());
-  std::fprintf(stderr, "(solstice-runner COMMAND --help for one command's options)\n");
+    std::fprintf(stderr, "%s: a command is required:%s\n", program.c_str(), commands.c_str());
+  std::fprintf(stderr, "(%s COMMAND --help for one command's options)\n", program.c_str());
   return exit_invalid_input;
+}
+
+// The commands that have commands of their own (`jobs list`, ...) get the same help.
+std::optional<int> check_commands(CLI::App& app, int argc, char** argv) {
+  if (auto wrong = check_command(app, "solstice-runner", 1, argc, argv))
+    return wrong;
+  if (argc < 2 || argv[1][0] == '-')
+    return std::nullopt;
+  const auto* command = app.get_subcommand(argv[1]);
+  if (command->get_subcommands({}).empty())
+    return std::nullopt;
+  return check_command(*command, std::string("solstice-runner ") + argv[1], 2, argc, argv);
 }
 
 // Whether argv asks for JSON output (the flag is --json wherever it is given).
@@ -261,7 +277,7 @@ int run_cli(int argc, char** argv) {
   std::optional<int> jobs_exit;
   add_jobs_commands(app, jobs_exit);
 
-  if (auto wrong = check_command(app, argc, argv))
+  if (auto wrong = check_commands(app, argc, argv))
     return *wrong;
   try {
     app.parse(argc, argv);

@@ -129,12 +129,18 @@ std::string status_text(v1::JobStatus status) {
 
 }  // namespace
 
+const char* default_config_file() { return SOLSTICE_DEFAULT_CONFIG; }
+
 Result<v1::RunnerConfig> load_effective_config(const std::string& config_file,
                                                const std::string& state_dir,
                                                const std::string& accel) {
   auto config = default_runner_config();
-  if (!config_file.empty()) {
-    auto loaded = load_runner_config(config_file);
+  // The installed configuration counts when no other is named.
+  std::string file = config_file;
+  if (file.empty() && std::filesystem::exists(default_config_file()))
+    file = default_config_file();
+  if (!file.empty()) {
+    auto loaded = load_runner_config(file);
     if (!loaded)
       return tl::unexpected(loaded.error());
     config = *loaded;

@@ -24,7 +24,12 @@ struct LocalRunOptions {
 // Exit codes (the one table of the program) and exit_code_for(result) are in
 // runtime/job/job_result.hpp.
 
-// The runner configuration a command works with: defaults, then `config_file`,
+// The configuration read when no --config is given and it exists:
+// /etc/solstice-runner/config.json (the install's sysconfdir).
+const char* default_config_file();
+
+// The runner configuration a command works with: defaults, then `config_file`
+// (or default_config_file() when `config_file` is empty and that exists),
 // then the command line (`state_dir`, `accel`); the built test guest is known as
 // `solstice-test-guest` unless the file says otherwise.
 Result<v1::RunnerConfig> load_effective_config(const std::string& config_file,
