@@ -16,6 +16,8 @@
 
 #include "actors/runner_types.hpp"
 #include "runtime/base/clock.hpp"
+#include "runtime/base/logging.hpp"
+#include "runtime/base/metrics.hpp"
 #include "runtime/job/job_file.hpp"
 
 namespace solstice {
@@ -93,10 +95,25 @@ void end_dispatch(coordinator_pointer self, coordinator_job& job) {
   job.last_node_sequence.reset();
 }
 
+// The gauges of /metrics: the cluster's slots, VMs (dispatched jobs) and queue.
+void publish_gauges(coordinator_pointer self) {
+  auto& st = self->state;
+  int64_t slots = 0, used = 0;
+  for (const auto& [addr, node] : st.nodes) {
+    slots += node.offer.slots;
+    used += node.slots_used;
+  }
+  metrics().set_slots(slots);
+  metrics().set_vms_running(used);
+  metrics().set_jobs_running(static_cast<int64_t>(st.jobs.size() - st.queue.size()));
+  metrics().set_jobs_queued(static_cast<int64_t>(st.queue.size()));
+}
+
 void forget_job(coordinator_pointer self, const std::string& job_id) {
   auto& st = self->state;
   st.queue.erase(std::remove(st.queue.begin(), st.queue.end(), job_id), st.queue.end());
   st.jobs.erase(job_id);
+  publish_gauges(self);
 }
 
 // Ends a job from here (not from its supervisor): a result event to the
@@ -108,8 +125,11 @@ void end_job(coordinator_pointer self, const std::string& job_id, v1::JobStatus 
     return;
   auto& job = i->second;
   end_dispatch(self, job);
-  spdlog::info("job {} ended {}: {}", job_id, lower_words(v1::JobStatus_Name(status)), error);
-  emit(self, job, cluster_result_event(job_id, 0, status, error));
+  log_job(spdlog::level::info, job_id, "job {} ended {}: {}", job_id,
+          lower_words(v1::JobStatus_Name(status)), error);
+  auto event = cluster_result_event(job_id, 0, status, error);
+  metrics().job_ended(event.result());
+  emit(self, job, std::move(event));
   forget_job(self, job_id);
 }
 
@@ -164,6 +184,7 @@ void dispatch_queued(coordinator_pointer self) {
     st.queue.erase(st.queue.begin() + static_cast<std::ptrdiff_t>(i));
     dispatch(self, job_id, *best);
   }
+  publish_gauges(self);
 }
 
 void dispatch(coordinator_pointer self, const std::string& job_id, const caf::actor_addr& where) {
@@ -185,8 +206,8 @@ void dispatch(coordinator_pointer self, const std::string& job_id, const caf::ac
   st.dispatches[dispatch_id] = job_id;
   job.relay = self->spawn(relay, caf::actor_cast<coordinator_actor>(self), dispatch_id);
   st.relays->insert(caf::actor_cast<caf::actor>(job.relay));
-  spdlog::info("job {} dispatched to node {} (attempt {} of {})", job_id, node.offer.name,
-               job.attempts, job.spec.retries() + 1);
+  log_job(spdlog::level::info, job_id, "job {} dispatched to node {} (attempt {} of {})", job_id,
+          node.offer.name, job.attempts, job.spec.retries() + 1);
   notice(self, job,
          "dispatched to node " + node.offer.name + " (attempt " + std::to_string(job.attempts) +
            " of " + std::to_string(job.spec.retries() + 1) + ")");
@@ -253,12 +274,13 @@ void submitter_lost(coordinator_pointer self, const caf::actor_addr& addr) {
     auto& job = st.jobs.at(job_id);
     job.submitter = nullptr;
     if (!job.node) {
-      spdlog::info("job {} dropped from the queue: its submitter is gone", job_id);
+      log_job(spdlog::level::info, job_id, "job {} dropped from the queue: its submitter is gone",
+              job_id);
       forget_job(self, job_id);
       continue;
     }
-    spdlog::info("job {}: its submitter is gone, cancelling it on node {}", job_id,
-                 node_name(self, job.node));
+    log_job(spdlog::level::info, job_id, "job {}: its submitter is gone, cancelling it on node {}",
+            job_id, node_name(self, job.node));
     job.cancel_requested = true;
     self->send(st.nodes.at(*job.node).handle, cancel_atom::value, job_id);
   }
@@ -278,11 +300,14 @@ void on_relayed(coordinator_pointer self, uint64_t dispatch_id, v1::JobEvent& ev
   if (event.has_state())
     job.state = v1::JobState_Name(event.state().state());
   bool done = event.has_result();
-  if (done)
+  if (done) {
     event.mutable_result()->set_job_id(job_id);
+    metrics().job_ended(event.result());
+    log_job(spdlog::level::info, job_id, "job {} finished on node {}: {}", job_id,
+            node_name(self, job.node), lower_words(v1::JobStatus_Name(event.result().status())));
+  }
   emit(self, job, std::move(event));
   if (done) {
-    spdlog::info("job {} finished on node {}", job_id, node_name(self, job.node));
     end_dispatch(self, job);
     forget_job(self, job_id);
     dispatch_queued(self);
@@ -342,8 +367,8 @@ caf::result<std::string> take_job(coordinator_pointer self, v1::JobSpec& spec,
   job.queued_at = std::chrono::steady_clock::now();
   self->monitor(job.submitter);
   st.queue.push_back(job_id);
-  spdlog::info("job {} queued ({}), position {}", job_id,
-               job.spec.name().empty() ? "unnamed" : job.spec.name(), st.queue.size());
+  log_job(spdlog::level::info, job_id, "job {} queued ({}), position {}", job_id,
+          job.spec.name().empty() ? "unnamed" : job.spec.name(), st.queue.size());
   v1::JobEvent queued;
   queued.mutable_state()->set_state(v1::QUEUED);
   std::string detail = "position " + std::to_string(st.queue.size()) + " in the cluster queue";

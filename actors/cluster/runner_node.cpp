@@ -5,6 +5,7 @@
 
 #include "actors/cluster/coordinator.hpp"
 #include "actors/runner_types.hpp"
+#include "runtime/base/logging.hpp"
 
 namespace solstice {
 
@@ -38,6 +39,7 @@ void on_supervisor_down(node_pointer self, const std::string& job_id, const caf:
       job_id, job.forwarded, v1::INFRASTRUCTURE_ERROR,
       "the job's supervisor on node " + st.node_name + " ended without a result (" +
         error_text(reason) + ")");
+    log_job(spdlog::level::warn, job_id, "job {}: {}", job_id, event.result().error());
     self->send(job.launched.recorder, event_atom::value, event);
     self->send(job.sink, event_atom::value, event);
   }
@@ -96,6 +98,8 @@ runner_node_actor::behavior_type runner_node(node_pointer self, std::string node
       job.launched = std::move(*launched);
       self->monitor(job.launched.supervisor);
       self->monitor(job.sink);
+      log_job(spdlog::level::info, spec.id(), "job {} started on node {} ({})", spec.id(),
+              st.node_name, spec.name().empty() ? "unnamed" : spec.name());
       return ok_atom::value;
     },
     [self](cancel_atom, const std::string& job_id) {
@@ -119,6 +123,10 @@ runner_node_actor::behavior_type runner_node(node_pointer self, std::string node
         return;
       ++job.forwarded;
       job.result_sent = event.has_result();
+      if (event.has_result())
+        log_job(spdlog::level::info, event.job_id(), "job {} finished on node {}: {}, exit code {}",
+                event.job_id(), self->state.node_name,
+                v1::JobStatus_Name(event.result().status()), event.result().exit_code());
       self->send(job.sink, event_atom::value, std::move(event));
     },
   };

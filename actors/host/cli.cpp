@@ -12,8 +12,11 @@
 
 #include "actors/host/cluster_cli.hpp"
 #include "actors/host/jobs_cli.hpp"
+#include "actors/host/metrics_server.hpp"
 #include "actors/host/runner_host.hpp"
 #include "runtime/base/clock.hpp"
+#include "runtime/base/logging.hpp"
+#include "runtime/base/metrics.hpp"
 #include "runtime/base/version.hpp"
 #include "runtime/job/event_log.hpp"
 #include "runtime/job/job_file.hpp"
@@ -60,6 +63,7 @@ struct RunOptions {
   bool json = false;
   bool console = false;
   bool replace = false;
+  std::string metrics_listen;
 };
 
 // The job of `job_file` (or, when it is empty, of the quick form), with the
@@ -131,7 +135,7 @@ void print_json_error(const std::string& message, const std::string& job_id = {}
 }
 
 void report_invalid(bool json, const std::string& message, const std::string& job_id = {}) {
-  std::fprintf(stderr, "solstice-runner: %s\n", message.c_str());
+  log_job(spdlog::level::err, job_id, "{}", message);
   if (json)
     print_json_error(message, job_id);
 }
@@ -174,11 +178,20 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
       }
   // Whatever a runner that died left in this state directory is cleaned first.
   if (auto recovered = recover_abandoned_jobs(*config); !recovered)
-    std::fprintf(stderr, "solstice-runner: recovery skipped: %s\n",
-                 recovered.error().message.c_str());
+    spdlog::warn("recovery skipped: {}", recovered.error().message);
   else
     for (const auto& job : *recovered)
-      std::fprintf(stderr, "solstice-runner: %s\n", job.description.c_str());
+      log_job(spdlog::level::info, job.job_id, "{}", job.description);
+  metrics().set_slots(config->max_concurrent_vms());
+  std::unique_ptr<MetricsServer> metrics_server;
+  if (!run.metrics_listen.empty()) {
+    auto started = MetricsServer::start(run.metrics_listen);
+    if (!started) {
+      report_invalid(run.json, started.error().message);
+      return exit_invalid_input;
+    }
+    metrics_server = std::move(*started);
+  }
   LocalRunOptions options;
   options.json = run.json;
   options.show_console = run.console;
@@ -222,6 +235,18 @@ std::optional<int> check_commands(CLI::App& app, int argc, char** argv) {
   if (command->get_subcommands({}).empty())
     return std::nullopt;
   return check_command(*command, std::string("solstice-runner ") + argv[1], 2, argc, argv);
+}
+
+// --log-level and --log-format on `app` and each of its commands, all the way down.
+void add_logging_options(CLI::App& app, std::string& level, std::string& format) {
+  app.add_option("--log-level", level,
+                 "diagnostics from this level on: trace, debug, info (default), warn, error, off")
+    ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+  app.add_option("--log-format", format,
+                 "diagnostics as text (default) or json (one JSON object per line)")
+    ->check(CLI::IsMember({"text", "json"}));
+  for (auto* command : app.get_subcommands({}))
+    add_logging_options(*command, level, format);
 }
 
 // Whether argv asks for JSON output (the flag is --json wherever it is given).
@@ -272,10 +297,20 @@ int run_cli(int argc, char** argv) {
                     "run a job whose id has a record already, removing that record first (a "
                     "job id in use by a running job is refused all the same)");
 
+  run_app->add_option("--metrics-listen", run.metrics_listen,
+                      "HOST:PORT to serve Prometheus metrics (/metrics) and /healthz on while "
+                      "the jobs run (e.g. 127.0.0.1:9464; port 0: any free port, logged)");
+
   std::optional<int> cluster_exit;
   add_cluster_commands(app, cluster_exit);
   std::optional<int> jobs_exit;
   add_jobs_commands(app, jobs_exit);
+
+  // Diagnostics (not the jobs' output): on the program and on every command.
+  std::string log_level = "info", log_format = "text";
+  add_logging_options(app, log_level, log_format);
+  app.parse_complete_callback([&] { (void)configure_logging(log_level, log_format); });
+  (void)configure_logging(log_level, log_format);
 
   if (auto wrong = check_commands(app, argc, argv))
     return *wrong;

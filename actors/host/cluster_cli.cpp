@@ -23,6 +23,8 @@ void add_cluster_commands(CLI::App& app, std::optional<int>& exit_code) {
   add_network_options(*coordinator_app, coordinator_options->net);
   coordinator_app->add_option("--queue-timeout", coordinator_options->queue_timeout_seconds,
                               "seconds a job may wait for a node before it fails (default 3600)");
+  coordinator_app->add_option("--metrics-listen", coordinator_options->metrics_listen,
+                              "HOST:PORT to serve Prometheus metrics (/metrics) and /healthz on");
   coordinator_app->callback(
     [&exit_code, coordinator_options] { exit_code = coordinator_command(*coordinator_options); });
 
@@ -42,6 +44,8 @@ void add_cluster_commands(CLI::App& app, std::optional<int>& exit_code) {
                        "where job records and VM work files live");
   node_app->add_option("--accel", node_options->accel, "accelerator: auto, kvm or tcg")
     ->check(CLI::IsMember({"auto", "kvm", "tcg"}));
+  node_app->add_option("--metrics-listen", node_options->metrics_listen,
+                       "HOST:PORT to serve Prometheus metrics (/metrics) and /healthz on");
   node_app->callback([&exit_code, node_options] { exit_code = node_command(*node_options); });
 
   auto submit_options = std::make_shared<SubmitOptions>();

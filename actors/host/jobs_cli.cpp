@@ -9,6 +9,7 @@
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 
 #include "actors/host/jobs_logs.hpp"
 #include "actors/host/runner_host.hpp"
@@ -38,7 +39,7 @@ struct JobsOptions {
 
 // An error for the user: on stderr, and with --json also as a JSON line on stdout.
 int report_error(const JobsOptions& options, const std::string& message, int code) {
-  std::fprintf(stderr, "solstice-runner: %s\n", message.c_str());
+  spdlog::error("{}", message);
   if (options.json)
     std::printf("%s\n",
                 json{{"v", event_format_version}, {"error", {{"message", message}}}}.dump().c_str());

@@ -8,7 +8,10 @@
 #include <string>
 #include <thread>
 
+#include <spdlog/spdlog.h>
+
 #include "actors/sinks/terminal_printer.hpp"
+#include "runtime/base/logging.hpp"
 #include "runtime/job/event_log.hpp"
 
 namespace solstice {
@@ -97,7 +100,7 @@ bool show_available(EventFollower& follower, Replay& replay) {
   do {
     auto events = follower.read_new();
     if (!events) {
-      std::fprintf(stderr, "solstice-runner: %s\n", events.error().message.c_str());
+      spdlog::error("{}", events.error().message);
       return false;
     }
     for (const auto& event : *events)
@@ -121,10 +124,10 @@ int replay_job_log(const JobRecordInfo& job, const LogsOptions& options) {
     if (!show_available(follower, replay))
       return 1;
     if (!alive && !replay.has_result) {
-      std::fprintf(stderr, "solstice-runner: the runner of job %s is gone and its log ends "
-                           "without a result (it is recorded when a runner next starts with "
-                           "this state directory)\n",
-                   job.job_id.c_str());
+      log_job(spdlog::level::err, job.job_id,
+              "the runner of job {} is gone and its log ends without a result (it is recorded "
+              "when a runner next starts with this state directory)",
+              job.job_id);
       return 1;
     }
   }

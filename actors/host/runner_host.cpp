@@ -28,6 +28,7 @@
 #include "actors/sinks/terminal_printer.hpp"
 #include "actors/vm/job_supervisor.hpp"
 #include "runtime/base/clock.hpp"
+#include "runtime/base/logging.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/runner_config.hpp"
 #include "runtime/vm/job_claim.hpp"
@@ -76,16 +77,15 @@ class SignalWatcher {
       if (sig <= 0)
         continue;
       if (++count == 1) {
-        std::fprintf(stderr, one ? "\nsolstice-runner: cancelling the job (interrupt again to "
-                                   "kill it at once)\n"
-                                 : "\nsolstice-runner: cancelling the jobs (interrupt again to "
-                                   "kill them at once)\n");
+        std::fputc('\n', stderr);  // after the terminal's ^C
+        spdlog::warn(one ? "cancelling the job (interrupt again to kill it at once)"
+                         : "cancelling the jobs (interrupt again to kill them at once)");
         for (const auto& supervisor : supervisors_)
           caf::anon_send(caf::actor_cast<job_supervisor_actor>(supervisor), cancel_atom::value);
       } else if (!killed_) {
         killed_ = true;
-        std::fprintf(stderr, one ? "\nsolstice-runner: killing the job's VM now\n"
-                                 : "\nsolstice-runner: killing the jobs' VMs now\n");
+        std::fputc('\n', stderr);
+        spdlog::warn(one ? "killing the job's VM now" : "killing the jobs' VMs now");
         for (const auto& supervisor : supervisors_)
           caf::anon_send_exit(supervisor, caf::exit_reason::kill);
       }
@@ -218,8 +218,8 @@ int claim_records(LocalRun& run) {
       run.claims.push_back(std::move(*claim));
       continue;
     }
-    std::fprintf(stderr, "solstice-runner: %s%s\n", run.prefixes[i].c_str(),
-                 claim.error().message.c_str());
+    log_job(spdlog::level::err, run.jobs[i].id(), "{}{}", run.prefixes[i],
+            claim.error().message);
     code = claim.error().kind == ClaimRefusal::Kind::failed ? exit_infrastructure_error
                                                             : exit_invalid_input;
   }
@@ -279,8 +279,7 @@ void wait_for_printer(caf::actor_system& sys, const event_sink_actor& printer) {
   self->receive([&](caf::down_msg&) { printer_done = true; },
                 caf::after(printer_grace) >> [] {});
   if (!printer_done) {
-    std::fprintf(stderr, "solstice-runner: the terminal output did not end within %lld s "
-                         "after the last job; stopping it\n",
+    spdlog::warn("the terminal output did not end within {} s after the last job; stopping it",
                  static_cast<long long>(printer_grace.count()));
     caf::anon_send_exit(printer, caf::exit_reason::kill);
   }
@@ -317,8 +316,7 @@ bool run_in_actor_system(LocalRun& run) {
       started[i] = std::move(*job);
       continue;
     }
-    std::fprintf(stderr, "solstice-runner: %s%s\n", run.prefixes[i].c_str(),
-                 job.error().message.c_str());
+    log_job(spdlog::level::err, run.jobs[i].id(), "{}{}", run.prefixes[i], job.error().message);
     // The others run on; this one ends here, and the printer is told so.
     if (run.several)
       caf::anon_send(printer, event_atom::value,
@@ -373,8 +371,8 @@ int finish_run(LocalRun& run) {
   std::vector<int> codes;
   for (size_t i = 0; i < run.jobs.size(); ++i) {
     if (!run.results[i])
-      std::fprintf(stderr, "solstice-runner: %sjob %s ended without a result\n",
-                   run.prefixes[i].c_str(), run.jobs[i].id().c_str());
+      log_job(spdlog::level::err, run.jobs[i].id(), "{}job {} ended without a result",
+              run.prefixes[i], run.jobs[i].id());
     codes.push_back(run.results[i] ? exit_code_for(*run.results[i]) : exit_infrastructure_error);
   }
   int exit_code = 0;

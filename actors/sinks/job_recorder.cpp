@@ -5,6 +5,8 @@
 
 #include <cstdio>
 
+#include "runtime/base/logging.hpp"
+
 namespace solstice {
 
 namespace {
@@ -32,14 +34,13 @@ job_recorder(event_sink_actor::stateful_pointer<job_recorder_state> self,
       auto& st = self->state;
       if (auto ok = st.log->append(event); !ok && !st.write_failed) {
         st.write_failed = true;
-        std::fprintf(stderr, "solstice-runner: cannot record events: %s\n",
-                     ok.error().message.c_str());
+        log_job(spdlog::level::err, event.job_id(), "cannot record events: {}",
+                ok.error().message);
       }
       if (event.has_result()) {
         // The events' style: zero values printed (a succeeded job's exit_code 0).
         if (!write_file(st.job_dir + "/result.json", message_to_json(event.result(), true)))
-          std::fprintf(stderr, "solstice-runner: cannot write %s/result.json\n",
-                       st.job_dir.c_str());
+          log_job(spdlog::level::err, event.job_id(), "cannot write {}/result.json", st.job_dir);
         self->quit();
       }
     },

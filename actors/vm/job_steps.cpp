@@ -11,6 +11,7 @@
 #include "actors/vm/job_supervisor.hpp"
 #include "actors/vm/job_supervisor_parts.hpp"
 #include "runtime/base/clock.hpp"
+#include "runtime/base/metrics.hpp"
 #include "runtime/job/guest_commands.hpp"
 #include "runtime/job/job_result.hpp"
 #include "runtime/vm/vm_prepare.hpp"
@@ -271,6 +272,7 @@ static void emit_output(supervisor_pointer self, v1::JobEvent event, uint64_t ch
   event.set_job_id(st.job.id());
   event.set_sequence(st.event_sequence++);
   event.set_timestamp_us(unix_now_us());
+  metrics().output_bytes(event.output().stream(), event.output().data().size());
   for (size_t i = 0; i < st.sinks.size(); ++i)
     self->request(st.sinks[i], caf::infinite, event_atom::value, event)
       .then([=]() { output_handled(self, i, chunk_bytes); },

@@ -21,6 +21,9 @@
 #include <caf/system_messages.hpp>
 #include <spdlog/spdlog.h>
 
+#include "runtime/base/logging.hpp"
+#include "runtime/base/metrics.hpp"
+
 #include "actors/runner_types.hpp"
 #include "runtime/base/clock.hpp"
 #include "runtime/job/event_log.hpp"
@@ -65,8 +68,8 @@ constexpr uint64_t job_deadline_token = 1;
 constexpr std::chrono::seconds deadline_check{10};
 
 void unexpected(supervisor_pointer self, const std::string& what) {
-  spdlog::debug("job {}: {} in phase {}: ignored", self->state.job.id(), what,
-                to_string(self->state.phase));
+  log_job(spdlog::level::debug, self->state.job.id(), "{} in phase {}: ignored", what,
+          to_string(self->state.phase));
 }
 
 // Phases in which the job's outcome is still open.
@@ -80,6 +83,10 @@ void emit(supervisor_pointer self, v1::JobEvent event) {
   event.set_job_id(st.job.id());
   event.set_sequence(st.event_sequence++);
   event.set_timestamp_us(unix_now_us());
+  if (event.has_job_started())
+    metrics().job_started();
+  else if (event.has_result())
+    metrics().job_ended(event.result());
   for (auto& sink : st.sinks)
     self->send(sink, event_atom::value, event);
 }
@@ -89,6 +96,8 @@ std::string redact_text(const job_supervisor_state& st, const std::string& text)
 }
 
 void set_state(supervisor_pointer self, v1::JobState state, const std::string& detail) {
+  log_job(spdlog::level::debug, self->state.job.id(), "state {}{}{}", v1::JobState_Name(state),
+          detail.empty() ? "" : ": ", redact_text(self->state, detail));
   v1::JobEvent event;
   event.mutable_state()->set_state(state);
   event.mutable_state()->set_detail(redact_text(self->state, detail));
@@ -270,6 +279,9 @@ void fall_back_to_tcg(supervisor_pointer self, const std::string& reason) {
   end_phase(self, "prepare");
   end_phase(self, "boot_to_ssh");
   rename_retired_kvm_phases(st.result);
+  metrics().boot_fallback();
+  // The job's notice says it to its watcher; the log has it for `--log-level debug`.
+  log_job(spdlog::level::debug, st.job.id(), "{}; falling back to TCG", redact_text(st, reason));
   notice(self, reason + "; falling back to TCG, which is slower");
   st.config.set_accel("tcg");
   auto retired = st.attempt;

@@ -156,6 +156,7 @@ qemu_process(qemu_process_internal::stateful_pointer<qemu_process_state> self,
       if (!child)
         return caf::make_error(runner_errc::qemu_failed, child.error().message);
       st.child = std::move(*child);
+      st.running_count.emplace();
       st.handle.set_qemu_pid(st.child->pid());
       st.handle.set_qemu_start_time(process_start_time(st.child->pid()).value_or(0));
       // Lets a later runner kill this QEMU if it outlives the runner.
@@ -185,6 +186,7 @@ qemu_process(qemu_process_internal::stateful_pointer<qemu_process_state> self,
         st.child->wait_for(std::chrono::seconds(5));
         st.waiter.reset();
         st.child.reset();
+        st.running_count.reset();
       }
       if (st.prepared) {
         st.prepared = false;
@@ -201,6 +203,7 @@ qemu_process(qemu_process_internal::stateful_pointer<qemu_process_state> self,
       if (auto status = st.child->try_wait()) {
         drain_stderr(st);
         st.exit_reported = true;
+        st.running_count.reset();
         self->send(st.observer, exited_atom::value, to_process_exit(*status, st.stderr_tail));
         return;
       }

@@ -6,6 +6,7 @@
 #include "actors/actors.hpp"
 #include "runtime/base/child_process.hpp"
 #include "runtime/base/fd_waiter.hpp"
+#include "runtime/base/metrics.hpp"
 #include "runtime/vm/qemu_user.hpp"
 
 namespace solstice {
@@ -22,6 +23,8 @@ struct qemu_process_state {
   std::optional<QemuUser> qemu_user;
   VmFiles vm_files;
   std::optional<ChildProcess> child;
+  // Counts this QEMU in the running VMs from its start until its exit.
+  std::optional<RunningVmCount> running_count;
   // The last bytes QEMU wrote to stderr, for error reports.
   std::string stderr_tail;
   bool exit_reported = false;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The .deb, end to end on this machine (a throw-away CI host): CPack builds it from
 # this build tree, `dpkg -i` installs it into the real system, the installed
-# binary prints its version and the git commit of the source tree, the installed
+# binary prints its version and the git commit this build was made from, the installed
 # units pass `systemd-analyze verify`, the sysusers/tmpfiles files made their
 # user and state directory, and `dpkg -P` takes it all away again. What the
 # package made that was not here before (the user, the state directory) is
@@ -60,8 +60,12 @@ version=$("$bin" --version)
 echo "$version"
 project_version=$(sed -n 's/^project(solstice_runner VERSION \([0-9.]*\).*/\1/p' "$source_dir/CMakeLists.txt")
 [[ $version == *"$project_version"* ]] || fail "--version does not name version $project_version"
-commit=$(git -C "$source_dir" rev-parse --short=12 HEAD)
-[[ $version == *"$commit"* ]] || fail "--version does not name commit $commit"
+# The commit this build was made from (cmake/version.cmake), a real one of the tree.
+commit=$(sed -n 's/.*runner_commit() { return "\([0-9a-f]\{12\}\)\(-dirty\)\?"; }.*/\1/p' \
+  "$build_dir/runtime/generated/version.cpp")
+[[ -n $commit ]] || fail "the build names no git commit (runtime/generated/version.cpp)"
+git -C "$source_dir" cat-file -e "$commit^{commit}" || fail "$commit is not a commit of the tree"
+[[ $version == *"commit $commit"* ]] || fail "--version does not name commit $commit"
 
 echo "== systemd-analyze verify"
 units=("$prefix"/lib/systemd/system/solstice-{node,coordinator}.service)

@@ -13,6 +13,7 @@ struct CoordinatorOptions {
   NetworkOptions net;
   unsigned queue_timeout_seconds = 3600;
   unsigned dispatch_timeout_seconds = 30;
+  std::string metrics_listen;  // HOST:PORT of /metrics and /healthz, "" none
 };
 
 struct NodeOptions {
@@ -22,6 +23,7 @@ struct NodeOptions {
   unsigned slots = 0;
   unsigned memory_mib = 0;
   std::string config_file, state_dir, accel;
+  std::string metrics_listen;  // HOST:PORT of /metrics and /healthz, "" none
 };
 
 struct SubmitOptions {

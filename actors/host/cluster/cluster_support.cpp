@@ -10,6 +10,7 @@
 #include <caf/io/middleman.hpp>
 #include <caf/openssl/manager.hpp>
 #include <caf/scoped_actor.hpp>
+#include <spdlog/spdlog.h>
 
 #include "actors/host/cluster_cli.hpp"
 #include "actors/runner_types.hpp"
@@ -128,8 +129,15 @@ Result<coordinator_actor> connect_to_coordinator(caf::actor_system& sys, const E
 }
 
 void say(const char* format, const std::string& text) {
-  std::fprintf(stderr, format, text.c_str());
-  std::fflush(stderr);
+  // The formats say "solstice-runner: %s\n"; the log line has its own prefix.
+  std::string line(std::snprintf(nullptr, 0, format, text.c_str()), '\0');
+  std::snprintf(line.data(), line.size() + 1, format, text.c_str());
+  line.erase(0, line.find_first_not_of('\n'));
+  if (line.rfind("solstice-runner: ", 0) == 0)
+    line.erase(0, 17);
+  while (!line.empty() && line.back() == '\n')
+    line.pop_back();
+  spdlog::info("{}", line);
 }
 
 }  // namespace solstice::cluster_cli

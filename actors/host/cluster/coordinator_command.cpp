@@ -1,11 +1,13 @@
 // `solstice-runner coordinator`: publishes a coordinator actor until a termination signal.
 #include <cstdio>
+#include <memory>
 
 #include <caf/io/publish.hpp>
 #include <caf/openssl/publish.hpp>
 #include <caf/send.hpp>
 
 #include "actors/host/cluster/cluster_commands.hpp"
+#include "actors/host/metrics_server.hpp"
 #include "actors/host/runner_host.hpp"
 
 namespace solstice::cluster_cli {
@@ -19,6 +21,15 @@ int coordinator_command(const CoordinatorOptions& options) {
     return exit_invalid_input;
   }
   BlockedSignals signals;
+  std::unique_ptr<MetricsServer> metrics_server;
+  if (!options.metrics_listen.empty()) {
+    auto started = MetricsServer::start(options.metrics_listen);
+    if (!started) {
+      say("solstice-runner: %s\n", started.error().message);
+      return exit_invalid_input;
+    }
+    metrics_server = std::move(*started);
+  }
   ClusterConfig cfg{options.net};
   caf::actor_system sys{cfg};
   coordinator_options settings;

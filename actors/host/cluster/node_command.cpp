@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <memory>
 #include <optional>
 
 #include <caf/after.hpp>
@@ -15,8 +16,10 @@
 #include "actors/cluster/runner_node.hpp"
 #include "actors/host/cluster/cluster_commands.hpp"
 #include "actors/host/embedding.hpp"
+#include "actors/host/metrics_server.hpp"
 #include "actors/host/runner_host.hpp"
 #include "actors/runner_types.hpp"
+#include "runtime/base/metrics.hpp"
 
 namespace solstice::cluster_cli {
 
@@ -191,6 +194,16 @@ int node_command(const NodeOptions& options) {
   const node_offer offer = offer_for(options, *config);
 
   BlockedSignals signals;
+  metrics().set_slots(offer.slots);
+  std::unique_ptr<MetricsServer> metrics_server;
+  if (!options.metrics_listen.empty()) {
+    auto started = MetricsServer::start(options.metrics_listen);
+    if (!started) {
+      say("solstice-runner: %s\n", started.error().message);
+      return exit_invalid_input;
+    }
+    metrics_server = std::move(*started);
+  }
   ClusterConfig cfg{options.net};
   caf::actor_system sys{cfg};
   job_launcher launcher = [config = *config](caf::actor_system& system, const v1::JobSpec& job,
