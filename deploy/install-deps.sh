@@ -7,13 +7,15 @@ packages=(
   # build
   cmake ninja-build g++ pkg-config
   libcaf-dev libssh2-1-dev libprotobuf-dev protobuf-compiler libspdlog-dev
-  nlohmann-json3-dev libcli11-dev libssl-dev libexpected-dev doctest-dev
+  nlohmann-json3-dev libcli11-dev libssl-dev libexpected-dev doctest-dev librabbitmq-dev
   # run time
   qemu-system-x86 qemu-utils
   # test guest builder (deploy/test-guest/build.sh)
   cpio gzip dosfstools mtools syslinux syslinux-common dropbear-bin busybox-static
   # tests: ISO inspection, cloud-config schema check, OpenSSH as a reference client
   xorriso genisoimage cloud-init openssh-client
+  # runner nodes on RabbitMQ: the tests start their own brokers
+  rabbitmq-server
   # benchmarks (bench/run.sh); stand-in QEMUs of the reliability tests (QMP clients)
   python3
 )
@@ -26,6 +28,17 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # The rabbitmq-server package starts a system broker as it is installed; the
+  # tests start brokers of their own, so a freshly installed one is stopped and
+  # disabled (an operator's existing broker is left alone).
+  if [[ " ${missing[*]} " == *" rabbitmq-server "* ]]; then
+    if [[ -d /run/systemd/system ]]; then
+      systemctl disable --now rabbitmq-server.service >/dev/null 2>&1 || true
+    else
+      service rabbitmq-server stop >/dev/null 2>&1 || true
+      update-rc.d rabbitmq-server disable >/dev/null 2>&1 || true
+    fi
+  fi
 fi
 
 # The unprivileged user QEMU runs as when the runner is root (config key qemu_user,
