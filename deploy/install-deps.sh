@@ -7,7 +7,7 @@ packages=(
   # build
   cmake ninja-build g++ pkg-config
   libcaf-dev libssh2-1-dev libprotobuf-dev protobuf-compiler libspdlog-dev
-  nlohmann-json3-dev libcli11-dev libssl-dev libexpected-dev doctest-dev
+  nlohmann-json3-dev libcli11-dev libssl-dev libexpected-dev doctest-dev librabbitmq-dev
   # the guest walled off from the host (runtime/vm/guest_firewall.hpp); nft to inspect it
   libnftables-dev nftables
   # run time
@@ -20,6 +20,8 @@ packages=(
   libcpp-httplib-dev
   # package test (tests/package): .deb dependencies, man page, completion
   dpkg-dev man-db bash-completion
+  # runner nodes on RabbitMQ: the tests start their own brokers
+  rabbitmq-server
   # benchmarks (bench/run.sh); stand-in QEMUs of the reliability tests (QMP clients)
   python3
 )
@@ -32,6 +34,17 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # The rabbitmq-server package starts a system broker as it is installed; the
+  # tests start brokers of their own, so a freshly installed one is stopped and
+  # disabled (an operator's existing broker is left alone).
+  if [[ " ${missing[*]} " == *" rabbitmq-server "* ]]; then
+    if [[ -d /run/systemd/system ]]; then
+      systemctl disable --now rabbitmq-server.service >/dev/null 2>&1 || true
+    else
+      service rabbitmq-server stop >/dev/null 2>&1 || true
+      update-rc.d rabbitmq-server disable >/dev/null 2>&1 || true
+    fi
+  fi
 fi
 
 # The unprivileged user QEMU runs as when the runner is root (config key qemu_user,

@@ -30,9 +30,12 @@ void add_cluster_commands(CLI::App& app, std::optional<int>& exit_code) {
 
   auto node_options = std::make_shared<NodeOptions>();
   auto* node_app = app.add_subcommand(
-    "node", "join a coordinator and run the jobs it dispatches, each in a fresh VM");
-  node_app->add_option("--join", node_options->join, "the coordinator's HOST:PORT")->required();
+    "node", "run jobs in fresh VMs: those a coordinator dispatches (--join) or those of an "
+            "AMQP queue (--amqp)");
+  auto* join = node_app->add_option("--join", node_options->join, "the coordinator's HOST:PORT");
   add_network_options(*node_app, node_options->net);
+  add_amqp_options(*node_app, node_options->amqp);
+  join->excludes(node_app->get_option("--amqp"));
   node_app->add_option("--name", node_options->name, "node name (default: host name and PID)");
   node_app->add_option("--slots", node_options->slots,
                        "jobs at once (default: max_concurrent_vms of the configuration)");
@@ -51,8 +54,12 @@ void add_cluster_commands(CLI::App& app, std::optional<int>& exit_code) {
   auto submit_options = std::make_shared<SubmitOptions>();
   auto* submit_app =
     app.add_subcommand("submit", "run a job on a cluster and stream its output, like `run`");
-  submit_app->add_option("--to", submit_options->to, "the coordinator's HOST:PORT")->required();
+  auto* to = submit_app->add_option("--to", submit_options->to, "the coordinator's HOST:PORT");
   add_network_options(*submit_app, submit_options->net);
+  add_amqp_options(*submit_app, submit_options->amqp);
+  to->excludes(submit_app->get_option("--amqp"));
+  submit_app->add_flag("--detach", submit_options->detach,
+                       "with --amqp: publish the job, print its id and return");
   submit_app->add_option("job", submit_options->job_file, "job file (job.json)")
     ->required()
     ->check(CLI::ExistingFile);

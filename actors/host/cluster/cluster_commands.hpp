@@ -1,10 +1,13 @@
 #pragma once
 // The cluster subcommands, one file each: coordinator_command.cpp,
-// node_command.cpp, submit_command.cpp, status_command.cpp. Each returns the
-// process's exit code.
+// node_command.cpp, submit_command.cpp, status_command.cpp; their AMQP forms in
+// amqp_node_command.cpp and amqp_submit_command.cpp (what a node is, for either
+// intake: node_setup.cpp). Each returns the process's exit code.
 #include <string>
 
+#include "actors/cluster/runner_node.hpp"
 #include "actors/host/cluster/cluster_support.hpp"
+#include "runtime/amqp/amqp_client.hpp"
 
 namespace solstice::cluster_cli {
 
@@ -16,8 +19,15 @@ struct CoordinatorOptions {
   std::string metrics_listen;  // HOST:PORT of /metrics and /healthz, "" none
 };
 
+// --amqp URL and how to log in; an empty url: not on AMQP.
+struct AmqpOptions {
+  std::string url, password_file, ca, cert, key;
+  amqp::Names names;
+};
+
 struct NodeOptions {
   std::string join;
+  AmqpOptions amqp;
   NetworkOptions net;
   std::string name;
   unsigned slots = 0;
@@ -28,6 +38,8 @@ struct NodeOptions {
 
 struct SubmitOptions {
   std::string to;
+  AmqpOptions amqp;
+  bool detach = false;
   NetworkOptions net;
   std::string job_file;
   bool json = false;
@@ -39,9 +51,33 @@ struct StatusOptions {
   NetworkOptions net;
 };
 
+// A node's effective configuration and what it offers (node_setup.cpp).
+struct PreparedNode {
+  v1::RunnerConfig config;
+  node_offer offer;
+};
+
+// Loads the configuration and cleans up what a node that died left in its state
+// directory.
+Result<PreparedNode> prepare_node(const NodeOptions& options);
+
+// The runner_node actor that runs the node's jobs (detached). With
+// `replace_records` a job whose id has a finished record here replaces it (a
+// job the broker delivers again is the same job).
+runner_node_actor spawn_runner_node(caf::actor_system& sys, const PreparedNode& node,
+                                    bool replace_records);
+
+// --amqp-* options on `app`.
+void add_amqp_options(CLI::App& app, AmqpOptions& amqp);
+
+// The endpoint of `--amqp`: URL checked, password read (never from the command line).
+Result<amqp::Endpoint> amqp_endpoint(const AmqpOptions& options);
+
 int coordinator_command(const CoordinatorOptions& options);
 int node_command(const NodeOptions& options);
 int submit_command(const SubmitOptions& options);
+int amqp_node_command(const NodeOptions& options);
+int amqp_submit_command(const SubmitOptions& options);
 int status_command(const StatusOptions& options);
 
 }  // namespace solstice::cluster_cli

@@ -1,7 +1,5 @@
 // `solstice-runner node`: joins a coordinator (and rejoins it when it is lost) and runs
 // the jobs it dispatches, each in a fresh VM.
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <memory>
@@ -26,39 +24,6 @@ namespace solstice::cluster_cli {
 using namespace std::chrono_literals;
 
 namespace {
-
-Result<v1::RunnerConfig> load_node_config(const NodeOptions& options) {
-  return load_effective_config(options.config_file, options.state_dir, options.accel);
-}
-
-std::string default_node_name() {
-  char host[256] = {};
-  if (::gethostname(host, sizeof host - 1) != 0)
-    std::snprintf(host, sizeof host, "node");
-  return std::string{host} + "-" + std::to_string(::getpid());
-}
-
-uint32_t default_memory_budget_mib() {
-  auto pages = ::sysconf(_SC_PHYS_PAGES);
-  auto page_size = ::sysconf(_SC_PAGE_SIZE);
-  if (pages <= 0 || page_size <= 0)
-    return 0;
-  auto total_mib = static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size) >> 20;
-  // Leave a quarter of the host's memory to the host.
-  return static_cast<uint32_t>(total_mib * 3 / 4);
-}
-
-// What the node offers the coordinator: its name, slots, memory budget and the
-// labels of its images (with their memory).
-node_offer offer_for(const NodeOptions& options, const v1::RunnerConfig& config) {
-  node_offer offer;
-  offer.name = options.name.empty() ? default_node_name() : options.name;
-  offer.slots = options.slots ? options.slots : std::max(1u, config.max_concurrent_vms());
-  offer.memory_mib = options.memory_mib ? options.memory_mib : default_memory_budget_mib();
-  for (const auto& image : config.images())
-    offer.labels[image.label()] = image.memory_mib() ? image.memory_mib() : 512;
-  return offer;
-}
 
 // A node at work: joins the coordinator, serves it until it is lost, then joins
 // again with a growing back-off. A termination signal shuts the node down.
@@ -174,24 +139,23 @@ class NodeSession {
 }  // namespace
 
 int node_command(const NodeOptions& options) {
+  if (!options.amqp.url.empty())
+    return amqp_node_command(options);
+  if (options.join.empty()) {
+    say("solstice-runner: %s\n", "node: give --join HOST:PORT (a coordinator) or --amqp URL");
+    return exit_invalid_input;
+  }
   auto join = checked_endpoint(options.join, "--join", options.net);
   if (!join) {
     say("solstice-runner: %s\n", join.error().message);
     return exit_invalid_input;
   }
-  auto config = load_node_config(options);
-  if (!config) {
-    say("solstice-runner: %s\n", config.error().message);
+  auto prepared = prepare_node(options);
+  if (!prepared) {
+    say("solstice-runner: %s\n", prepared.error().message);
     return exit_invalid_input;
   }
-  // Whatever a node that died left in this state directory is cleaned first, the
-  // way every embedding host does at its start.
-  if (auto recovered = recover_abandoned_jobs_at_start(*config); !recovered)
-    say("solstice-runner: recovery skipped: %s\n", recovered.error().message);
-  else
-    for (const auto& job : *recovered)
-      say("solstice-runner: %s\n", job.description);
-  const node_offer offer = offer_for(options, *config);
+  const node_offer& offer = prepared->offer;
 
   BlockedSignals signals;
   metrics().set_slots(offer.slots);
@@ -206,17 +170,7 @@ int node_command(const NodeOptions& options) {
   }
   ClusterConfig cfg{options.net};
   caf::actor_system sys{cfg};
-  job_launcher launcher = [config = *config](caf::actor_system& system, const v1::JobSpec& job,
-                                             event_sink_actor events) -> Result<launched_job> {
-    auto started = start_job(system, job, config, std::move(events));
-    if (!started)
-      return tl::unexpected(started.error());
-    return launched_job{started->supervisor, started->recorder};
-  };
-  // Detached: the launcher validates each job (the disk image check runs
-  // `qemu-img info`) inside the node's handler, which must not hold a thread of
-  // the shared scheduler.
-  auto node = sys.spawn<caf::detached>(runner_node, offer.name, offer.slots, launcher);
+  auto node = spawn_runner_node(sys, *prepared, false);
   NodeSession session{sys, signals, node, offer, *join, options.net};
   return session.run();
 }

@@ -66,6 +66,12 @@ std::optional<int> follow_job(caf::scoped_actor& self, const event_sink_actor& p
 }  // namespace
 
 int submit_command(const SubmitOptions& options) {
+  if (!options.amqp.url.empty())
+    return amqp_submit_command(options);
+  if (options.to.empty()) {
+    say("solstice-runner: %s\n", "submit: give --to HOST:PORT (a coordinator) or --amqp URL");
+    return exit_invalid_input;
+  }
   auto to = checked_endpoint(options.to, "--to", options.net);
   if (!to) {
     say("solstice-runner: %s\n", to.error().message);

@@ -1,0 +1,273 @@
+// Runner nodes on RabbitMQ end to end: a real broker (tests/cluster/rabbitmq_broker),
+// `solstice-runner node --amqp` and `submit --amqp` as real processes, real QEMU
+// and the built test guest on TCG.
+#include <doctest/doctest.h>
+
+#include <dirent.h>
+#include <signal.h>
+
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "runtime/amqp/amqp_client.hpp"
+#include "runtime/job/event_log.hpp"
+#include "solstice.pb.h"
+#include "tests/cluster/cluster_process.hpp"
+#include "tests/cluster/rabbitmq_broker.hpp"
+
+using namespace solstice;
+using namespace solstice::cluster_testing;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+// One TCG boot takes 5-40 s on a loaded 2-core host; four at once take longer.
+constexpr auto job_limit = 600s;
+
+struct Bus {
+  TempDir dir;
+  RabbitBroker broker{dir.path() / "broker"};
+  std::map<std::string, RunnerProcess> nodes;
+
+  std::vector<std::string> amqp_args() const {
+    return {"--amqp", broker.url(), "--amqp-password-file", broker.password_file().string()};
+  }
+
+  fs::path state_dir(const std::string& node) const { return dir.path() / ("state-" + node); }
+
+  RunnerProcess& start_node(const std::string& name, unsigned slots) {
+    std::vector<std::string> args{"node", "--name", name, "--slots", std::to_string(slots),
+                                  "--memory-mib", "4096", "--state-dir",
+                                  state_dir(name).string(), "--accel", "tcg"};
+    auto amqp = amqp_args();
+    args.insert(args.end(), amqp.begin(), amqp.end());
+    auto [i, added] = nodes.emplace(name, RunnerProcess{args});
+    REQUIRE_MESSAGE(i->second.wait_for_output("takes jobs from queue", 60s), i->second.describe());
+    return i->second;
+  }
+
+  fs::path job_file(const std::string& name, const std::string& json) {
+    auto path = dir.path() / (name + ".json");
+    write_text(path, json);
+    return path;
+  }
+
+  RunnerProcess submit(const fs::path& job, bool json = true) {
+    std::vector<std::string> args{"submit"};
+    auto amqp = amqp_args();
+    args.insert(args.end(), amqp.begin(), amqp.end());
+    args.push_back(job.string());
+    if (json)
+      args.push_back("--json");
+    return RunnerProcess{args};
+  }
+
+  std::unique_ptr<amqp::Client> client() {
+    auto client = amqp::Client::connect(amqp::Endpoint{broker.url(), "guest", {}, {}, {}}, 30s);
+    REQUIRE_MESSAGE(client, client.error().message);
+    REQUIRE((*client)->declare(amqp::Names{}));
+    return std::move(*client);
+  }
+
+  void stop_nodes() {
+    for (auto& [name, node] : nodes) {
+      node.kill(SIGTERM);
+      CHECK_MESSAGE(node.wait_exit(60s), node.describe());
+    }
+  }
+};
+
+std::string job_json(const std::string& id, const std::string& script) {
+  std::string quoted;
+  for (char c : script) {
+    if (c == '"' || c == '\\')
+      quoted += '\\';
+    quoted += c == '\n' ? std::string{"\\n"} : std::string(1, c);
+  }
+  return "{\"id\": \"" + id + "\", \"name\": \"" + id +
+         "\", \"runs_on\": \"solstice-test-guest\", \"steps\": [{\"name\": \"work\", "
+         "\"script\": \"" +
+         quoted + "\"}]}";
+}
+
+std::vector<v1::JobEvent> printed_events(const std::string& out) {
+  std::vector<v1::JobEvent> events;
+  std::istringstream lines{out};
+  std::string line;
+  while (std::getline(lines, line))
+    if (!line.empty() && line.front() == '{')
+      if (auto event = event_from_json_line(line))
+        events.push_back(*event);
+  return events;
+}
+
+std::string stdout_of_steps(const std::vector<v1::JobEvent>& events) {
+  std::string text;
+  for (const auto& event : events)
+    if (event.has_output() && event.output().stream() == v1::STDOUT)
+      text += event.output().data();
+  return text;
+}
+
+std::vector<v1::JobResult> results(const std::vector<v1::JobEvent>& events) {
+  std::vector<v1::JobResult> out;
+  for (const auto& event : events)
+    if (event.has_result())
+      out.push_back(event.result());
+  return out;
+}
+
+size_t count_of(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (auto at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1))
+    ++n;
+  return n;
+}
+
+// Whether a QEMU with `needle` (its node's state dir) on its command line runs.
+bool qemu_mentions(const std::string& needle) {
+  DIR* proc = ::opendir("/proc");
+  bool found = false;
+  while (proc && !found) {
+    auto* entry = ::readdir(proc);
+    if (!entry)
+      break;
+    std::string name = entry->d_name;
+    if (name.find_first_not_of("0123456789") != std::string::npos)
+      continue;
+    std::ifstream file{"/proc/" + name + "/cmdline", std::ios::binary};
+    std::string cmdline((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+    found = cmdline.find("qemu") != std::string::npos && cmdline.find(needle) != std::string::npos;
+  }
+  if (proc)
+    ::closedir(proc);
+  return found;
+}
+
+}  // namespace
+
+TEST_CASE("AMQP: two nodes with two slots share eight jobs; each runs once; exit codes pass "
+          "through submit --amqp") {
+  Bus bus;
+  bus.start_node("a", 2);
+  bus.start_node("b", 2);
+  std::vector<RunnerProcess> submits;
+  for (int i = 0; i < 8; ++i) {
+    auto id = "share-" + std::to_string(i);
+    submits.push_back(bus.submit(
+      bus.job_file(id, job_json(id, "echo ran-" + id + "; exit " + std::to_string(i % 3)))));
+  }
+  for (int i = 0; i < 8; ++i) {
+    auto& submit = submits[i];
+    auto id = "share-" + std::to_string(i);
+    REQUIRE_MESSAGE(submit.wait_exit(job_limit), submit.describe());
+    CHECK_MESSAGE(submit.exit_code() == i % 3, submit.describe());
+    auto events = printed_events(submit.out());
+    CHECK_MESSAGE(stdout_of_steps(events).find("ran-" + id) != std::string::npos,
+                  submit.describe());
+    auto answers = results(events);
+    REQUIRE_MESSAGE(answers.size() == 1, submit.describe());
+    CHECK(answers[0].job_id() == id);
+    CHECK_FALSE(answers[0].redelivered());
+  }
+  // Every job was taken exactly once, and both nodes took some.
+  auto a_out = bus.nodes.at("a").out(), b_out = bus.nodes.at("b").out();
+  for (int i = 0; i < 8; ++i) {
+    auto taken = "job share-" + std::to_string(i) + " taken";
+    CHECK_MESSAGE(count_of(a_out + b_out, taken) == 1, a_out << "\n---\n" << b_out);
+  }
+  CHECK_MESSAGE(count_of(a_out, " taken") > 0, a_out);
+  CHECK_MESSAGE(count_of(b_out, " taken") > 0, b_out);
+  // Every result was also kept in the durable results queue, and nothing waits.
+  auto client = bus.client();
+  auto results_depth = client->queue_counts("solstice.results");
+  REQUIRE(results_depth);
+  CHECK(results_depth->first == 8);
+  auto jobs_depth = client->queue_counts("solstice.jobs");
+  REQUIRE(jobs_depth);
+  CHECK(jobs_depth->first == 0);
+  bus.stop_nodes();
+}
+
+TEST_CASE("AMQP: a poison message goes to the dead-letter queue with its reason; the node "
+          "keeps going") {
+  Bus bus;
+  auto& node = bus.start_node("solo", 1);
+  auto client = bus.client();
+  amqp::Message poison{"solstice.jobs", "solstice.jobs", "{this is not json", {}, "poison-1", true};
+  REQUIRE(client->publish_confirmed(poison, 30s));
+  amqp::Message unknown_label{"solstice.jobs", "solstice.jobs",
+                              "{\"id\": \"poison-2\", \"runs_on\": \"no-such-label\", "
+                              "\"steps\": [{\"script\": \"true\"}]}",
+                              {}, "poison-2", true};
+  REQUIRE(client->publish_confirmed(unknown_label, 30s));
+
+  // Both land in the dead-letter queue, each with why.
+  REQUIRE(client->consume("solstice.jobs.dead", 0, true));
+  std::map<std::string, std::string> reasons;  // by correlation id
+  auto deadline = Clock::now() + 60s;
+  while (reasons.size() < 2 && Clock::now() < deadline) {
+    auto frame = client->next(200ms);
+    REQUIRE_MESSAGE(frame, frame.error().message);
+    if (auto* delivery = std::get_if<amqp::Delivery>(&*frame))
+      reasons[delivery->correlation_id] = delivery->headers["x-solstice-reason"];
+  }
+  REQUIRE_MESSAGE(reasons.size() == 2, node.describe());
+  CHECK_MESSAGE(reasons["poison-1"].find("message") != std::string::npos, reasons["poison-1"]);
+  CHECK_MESSAGE(reasons["poison-2"].find("no-such-label") != std::string::npos,
+                reasons["poison-2"]);
+  auto jobs_depth = client->queue_counts("solstice.jobs");
+  REQUIRE(jobs_depth);
+  CHECK(jobs_depth->first == 0);
+
+  // The node is still there and runs the next job.
+  auto submit = bus.submit(bus.job_file("after", job_json("after-poison", "echo still-here")));
+  REQUIRE_MESSAGE(submit.wait_exit(job_limit), submit.describe());
+  CHECK_MESSAGE(submit.exit_code() == 0, submit.describe());
+  CHECK(stdout_of_steps(printed_events(submit.out())).find("still-here") != std::string::npos);
+  CHECK_FALSE(node.status());
+  bus.stop_nodes();
+}
+
+TEST_CASE("AMQP: kill -9 of a node mid-step: its job is delivered again and finishes on the "
+          "other node, marked redelivered; the dead node's QEMU is gone") {
+  Bus bus;
+  bus.start_node("first", 1);
+  bus.start_node("second", 1);
+  auto submit = bus.submit(bus.job_file(
+    "long", job_json("redelivered-job", "echo step-begins; sleep 25; echo step-ends; exit 4")));
+  REQUIRE_MESSAGE(submit.wait_for_output("step-begins", job_limit), submit.describe());
+  // Whichever node took it first is killed.
+  std::string doomed = bus.nodes.at("first").out().find("job redelivered-job taken") !=
+                           std::string::npos
+                         ? "first"
+                         : "second";
+  std::string other = doomed == "first" ? "second" : "first";
+  REQUIRE_MESSAGE(bus.nodes.at(doomed).out().find("job redelivered-job taken") != std::string::npos,
+                  bus.nodes.at(doomed).describe());
+  bus.nodes.at(doomed).kill(SIGKILL);
+  REQUIRE(bus.nodes.at(doomed).wait_exit(10s));
+  // Its QEMU died with it.
+  auto gone_by = Clock::now() + 15s;
+  while (qemu_mentions(bus.state_dir(doomed).string()) && Clock::now() < gone_by)
+    std::this_thread::sleep_for(200ms);
+  CHECK_FALSE(qemu_mentions(bus.state_dir(doomed).string()));
+
+  REQUIRE_MESSAGE(submit.wait_exit(job_limit), submit.describe());
+  CHECK_MESSAGE(submit.exit_code() == 4, submit.describe());
+  CHECK(bus.nodes.at(other).out().find("job redelivered-job taken (redelivered)") !=
+        std::string::npos);
+  auto events = printed_events(submit.out());
+  auto answers = results(events);
+  REQUIRE_MESSAGE(answers.size() == 1, submit.describe());
+  CHECK(answers[0].redelivered());
+  CHECK(stdout_of_steps(events).find("step-ends") != std::string::npos);
+  CHECK(submit.err().find("delivered again") != std::string::npos);
+  bus.nodes.erase(doomed);
+  bus.stop_nodes();
+}
