@@ -6,6 +6,7 @@
 #include "actors/cluster/coordinator.hpp"
 #include "actors/runner_types.hpp"
 #include "runtime/base/logging.hpp"
+#include "runtime/job/job_file.hpp"
 
 namespace solstice {
 
@@ -79,6 +80,11 @@ runner_node_actor::behavior_type runner_node(node_pointer self, std::string node
                                "node " + st.node_name + " is shutting down");
       if (spec.id().empty() || !sink)
         return caf::make_error(runner_errc::invalid_input, "a dispatched job needs an id and a sink");
+      // A job from the network names no file on this node (runtime/job/job_file.hpp).
+      if (auto self_contained = check_self_contained(spec); !self_contained)
+        return caf::make_error(runner_errc::invalid_input,
+                               "node " + st.node_name + " refuses job " + spec.id() + ": " +
+                                 self_contained.error().message);
       if (st.jobs.count(spec.id()))
         return caf::make_error(runner_errc::invalid_input, "node " + st.node_name +
                                                              " is still running job " + spec.id());

@@ -198,9 +198,14 @@ static void upload_file(supervisor_pointer self, int index) {
   if (index >= st.job.uploads_size())
     return start_steps(self);
   const auto& upload = st.job.uploads(index);
-  self->request(st.shell, st.timeouts.transfer, put_file_atom::value, upload.source(),
-                upload.destination(), upload.mode() ? upload.mode() : 0644u)
-    .then(
+  auto mode = upload.mode() ? upload.mode() : 0644u;
+  // A packed upload (a submitted job's) carries its bytes; a local one names its file.
+  auto request = upload.has_content()
+                   ? self->request(st.shell, st.timeouts.transfer, upload_atom::value,
+                                   upload.content(), upload.destination(), mode)
+                   : self->request(st.shell, st.timeouts.transfer, put_file_atom::value,
+                                   upload.source(), upload.destination(), mode);
+  std::move(request).then(
       [=](ok_atom) {
         if (self->state.phase != phase::uploads)
           return unexpected(self, "upload done");
@@ -209,7 +214,8 @@ static void upload_file(supervisor_pointer self, int index) {
       [=](caf::error& err) {
         const auto& upload = self->state.job.uploads(index);
         decide(self, v1::FAILED,
-               "upload " + upload.source() + " -> " + upload.destination() + ": " +
+               "upload " + (upload.has_content() ? std::string{"(packed content)"} : upload.source()) +
+                 " -> " + upload.destination() + ": " +
                  error_text(err));
       });
 }

@@ -62,6 +62,53 @@ Result<v1::JobSpec> load_job_file(const fs::path& path) {
   return parse_job_json(*text, path.string(), fs::absolute(path, ignored).parent_path());
 }
 
+Result<void> pack_uploads(v1::JobSpec& spec) {
+  using json_input::shown;
+  if (!spec.image().empty())
+    return fail("image " + shown(spec.image()) + ": a submitted job names its image by "
+                "runs_on label only (an image path would name a file on the node)");
+  uint64_t total = 0;
+  for (int i = 0; i < spec.uploads_size(); ++i) {
+    auto& upload = *spec.mutable_uploads(i);
+    const std::string where = "uploads[" + std::to_string(i) + "].source " + shown(upload.source());
+    if (upload.has_content() && upload.source().empty()) {
+      total += upload.content().size();
+    } else {
+      if (upload.source().empty())
+        return fail("uploads[" + std::to_string(i) + "].source is empty: give a file to upload");
+      auto content = read_small_file(upload.source(), max_packed_upload_bytes);
+      if (!content)
+        return fail(where + ": " + content.error().message);
+      total += content->size();
+      upload.set_content(std::move(*content));
+      upload.clear_source();
+    }
+    if (total > max_packed_upload_bytes)
+      return fail(where + ": the job's uploads come to " + std::to_string(total) +
+                  " bytes with this one, over the " +
+                  std::to_string(max_packed_upload_bytes >> 20) +
+                  " MiB a submitted job may carry");
+  }
+  return {};
+}
+
+Result<void> check_self_contained(const v1::JobSpec& spec) {
+  using json_input::shown;
+  std::string problems;
+  auto add = [&](const std::string& text) { problems += (problems.empty() ? "" : "\n") + text; };
+  if (!spec.image().empty())
+    add("image " + shown(spec.image()) + " names a file on the node: a job from the network "
+        "names its image by runs_on label only");
+  for (int i = 0; i < spec.uploads_size(); ++i)
+    if (!spec.uploads(i).source().empty())
+      add("uploads[" + std::to_string(i) + "].source " + shown(spec.uploads(i).source()) +
+          " names a file on the node: a job from the network carries its files' content "
+          "(submit packs them)");
+  if (problems.empty())
+    return {};
+  return fail(problems);
+}
+
 std::string step_display_name(const v1::JobSpec& spec, int index) {
   if (index >= 0 && index < spec.steps_size() && !spec.steps(index).name().empty()) {
     return spec.steps(index).name();

@@ -38,6 +38,21 @@ inline constexpr uint32_t max_timeout_seconds = 7 * 24 * 3600;  // job and step 
 inline constexpr uint32_t max_keep_seconds = 24 * 3600;         // debug_on_failure.keep_seconds
 inline constexpr uint32_t max_retries = 10;                     // retries
 
+// What a job sent to a cluster may carry in its uploads' bytes, all together
+// (README, "Cluster"): submit packs the files into the job, as one message.
+inline constexpr uint64_t max_packed_upload_bytes = 16u << 20;
+
+// For `submit`: reads each upload's source file into its `content` and clears
+// the source, so the job names no file of the submitter's host or of a node.
+// Refuses an `image` path (a submitted job names its image by runs_on label)
+// and uploads over max_packed_upload_bytes in all, naming the file.
+Result<void> pack_uploads(v1::JobSpec& spec);
+
+// What a node checks in every job that reached it over the network: it names
+// no path on the node (no `image`, no upload `source`), so a submitter cannot
+// choose a node's file (its TLS key, say) to upload into its guest.
+Result<void> check_self_contained(const v1::JobSpec& spec);
+
 // A new job id: UTC time plus random hex, e.g. 20261127-211503-9f3a1c.
 std::string make_job_id();
 

@@ -145,7 +145,10 @@ void check_uploads(const v1::JobSpec& spec, Problems& problems) {
   for (int i = 0; i < spec.uploads_size(); ++i) {
     const auto& upload = spec.uploads(i);
     const std::string where = "uploads[" + std::to_string(i) + "]";
-    if (upload.source().empty()) {
+    if (upload.has_content()) {
+      if (!upload.source().empty())
+        add(where + ": give either source or content, not both");
+    } else if (upload.source().empty()) {
       add(where + ".source is empty: give a file on the runner host");
     } else if (auto why = file_problem(upload.source()); !why.empty()) {
       add(where + ".source " + shown(upload.source()) + ": " + why);

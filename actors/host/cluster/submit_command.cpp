@@ -82,6 +82,10 @@ int submit_command(const SubmitOptions& options) {
     say("solstice-runner: %s\n", job.error().message);
     return exit_invalid_input;
   }
+  if (auto packed = pack_uploads(*job); !packed) {
+    say("solstice-runner: %s\n", options.job_file + ": " + packed.error().message);
+    return exit_invalid_input;
+  }
   if (job->id().empty())
     job->set_id(make_job_id());
 
