@@ -89,6 +89,11 @@ sed -i 's/"accel": "auto"/"accel": "warp"/' /etc/solstice-runner/config.json
 out=$("$bin" run --runs-on x --script "$source_dir/examples/hello.sh" 2>&1) && fail "run accepted accel warp"
 [[ $out == *"/etc/solstice-runner/config.json"*warp* ]] || fail "run did not read the default config: $out"
 cp "$work/config.json" /etc/solstice-runner/config.json
+# `jobs` alone names its commands (exit 2, invalid input).
+out=$("$bin" jobs 2>&1) && fail "'jobs' without a command exited 0"
+for command in list show logs cancel; do
+  [[ $out == *"  $command "* ]] || fail "'jobs' alone does not name '$command': $out"
+done
 man -w solstice-runner >/dev/null || fail "man solstice-runner finds no page"
 bash -c "source /usr/share/bash-completion/bash_completion &&
          source $prefix/share/bash-completion/completions/solstice-runner &&
