@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -77,14 +78,16 @@ class SignalWatcher {
       if (sig <= 0)
         continue;
       if (++count == 1) {
-        std::fputc('\n', stderr);  // after the terminal's ^C
+        if (::isatty(STDERR_FILENO))
+          std::fputc('\n', stderr);  // after the terminal's ^C
         spdlog::warn(one ? "cancelling the job (interrupt again to kill it at once)"
                          : "cancelling the jobs (interrupt again to kill them at once)");
         for (const auto& supervisor : supervisors_)
           caf::anon_send(caf::actor_cast<job_supervisor_actor>(supervisor), cancel_atom::value);
       } else if (!killed_) {
         killed_ = true;
-        std::fputc('\n', stderr);
+        if (::isatty(STDERR_FILENO))
+          std::fputc('\n', stderr);
         spdlog::warn(one ? "killing the job's VM now" : "killing the jobs' VMs now");
         for (const auto& supervisor : supervisors_)
           caf::anon_send_exit(supervisor, caf::exit_reason::kill);

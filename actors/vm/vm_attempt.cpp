@@ -17,6 +17,7 @@
 #include "actors/vm/qmp_session.hpp"
 #include "actors/runner_types.hpp"
 #include "actors/vm/ssh_executor.hpp"
+#include "runtime/base/logging.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/vm/qmp.hpp"
 #include "runtime/vm/vm_prepare.hpp"
@@ -33,8 +34,9 @@ using phase = attempt_phase;
 
 // A reply or message that makes no sense in the current phase: logged, ignored.
 void unexpected(attempt_pointer self, const char* what) {
-  spdlog::debug("vm_attempt {} #{}: {} in phase {}: ignored", self->state.spec.job.id(),
-                self->state.spec.number, what, to_string(self->state.phase));
+  log_job(spdlog::level::debug, self->state.spec.job.id(),
+          "vm_attempt #{}: {} in phase {}: ignored", self->state.spec.number, what,
+          to_string(self->state.phase));
 }
 
 bool booting(phase p) {
