@@ -46,6 +46,7 @@ struct SubmitOptions {
 
 struct StatusOptions {
   std::string to;
+  AmqpOptions amqp;
   NetworkOptions net;
 };
 
