@@ -72,8 +72,11 @@ void add_cluster_commands(CLI::App& app, std::optional<int>& exit_code) {
   auto status_options = std::make_shared<StatusOptions>();
   auto* status_app =
     app.add_subcommand("status", "show a coordinator's nodes, slots, queued and running jobs");
-  status_app->add_option("--to", status_options->to, "the coordinator's HOST:PORT")->required();
+  auto* status_to =
+    status_app->add_option("--to", status_options->to, "the coordinator's HOST:PORT");
   add_network_options(*status_app, status_options->net);
+  add_amqp_options(*status_app, status_options->amqp);
+  status_to->excludes(status_app->get_option("--amqp"));
   status_app->callback(
     [&exit_code, status_options] { exit_code = status_command(*status_options); });
 }

@@ -1,11 +1,14 @@
 #include "runtime/job/job_request.hpp"
 
+#include <ctime>
 #include <map>
 #include <utility>
 
 #include <nlohmann/json.hpp>
 
+#include "runtime/base/clock.hpp"
 #include "runtime/base/shell.hpp"
+#include "runtime/job/job_result.hpp"
 #include "runtime/job/json_input.hpp"
 
 namespace solstice {
@@ -109,6 +112,30 @@ Result<v1::JobSpec> job_from_request(const json& document, const std::string& so
       "fi\n"
       "if [ -x \"$script\" ]; then exec \"$script\"; else exec sh \"$script\"; fi\n");
   return spec;
+}
+
+std::string job_result_v1_json(const json& request, const v1::JobResult& result) {
+  const auto text = [&](const char* key) {
+    return request.contains(key) && request[key].is_string() ? request[key].get<std::string>()
+                                                              : std::string();
+  };
+  const std::time_t ended = static_cast<std::time_t>(
+    (result.ended_at_us() ? result.ended_at_us() : unix_now_us()) / 1000000);
+  std::tm utc{};
+  ::gmtime_r(&ended, &utc);
+  char completed_at[32];
+  std::strftime(completed_at, sizeof completed_at, "%Y-%m-%dT%H:%M:%SZ", &utc);
+  json answer = {{"schema_version", "jobresult.v1"},
+                 {"request_id", text("request_id")},
+                 {"repo_url", text("repo_url")},
+                 {"repo_owner", text("repo_owner")},
+                 {"repo_name", text("repo_name")},
+                 {"commit_sha", text("commit_sha")},
+                 {"success", result.status() == v1::SUCCEEDED},
+                 {"exit_code", exit_code_for(result)},
+                 {"summary", result.summary()},
+                 {"completed_at", completed_at}};
+  return answer.dump();
 }
 
 }  // namespace solstice

@@ -8,6 +8,7 @@
 
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -27,7 +28,7 @@ namespace fs = std::filesystem;
 namespace {
 
 // One TCG boot takes 5-40 s on a loaded 2-core host; four at once take longer.
-constexpr auto job_limit = 600s;
+constexpr auto job_limit = std::chrono::seconds(600);
 
 struct Bus {
   TempDir dir;
@@ -120,6 +121,20 @@ std::vector<v1::JobResult> results(const std::vector<v1::JobEvent>& events) {
     if (event.has_result())
       out.push_back(event.result());
   return out;
+}
+
+// Waits until a `submit --json` has shown `text` in a step's stdout (its output
+// events carry the bytes base64-encoded).
+bool wait_for_step_output(RunnerProcess& submit, const std::string& text,
+                          std::chrono::seconds limit) {
+  auto deadline = Clock::now() + limit;
+  while (Clock::now() < deadline) {
+    if (stdout_of_steps(printed_events(submit.out())).find(text) != std::string::npos)
+      return true;
+    if (submit.wait_exit(200ms))
+      return false;
+  }
+  return false;
 }
 
 size_t count_of(const std::string& text, const std::string& needle) {
@@ -231,6 +246,17 @@ TEST_CASE("AMQP: a poison message goes to the dead-letter queue with its reason;
   CHECK_MESSAGE(submit.exit_code() == 0, submit.describe());
   CHECK(stdout_of_steps(printed_events(submit.out())).find("still-here") != std::string::npos);
   CHECK_FALSE(node.status());
+
+  // status --amqp: nothing waits, one node consumes.
+  std::vector<std::string> status_args{"status"};
+  auto amqp = bus.amqp_args();
+  status_args.insert(status_args.end(), amqp.begin(), amqp.end());
+  RunnerProcess status{status_args};
+  REQUIRE_MESSAGE(status.wait_exit(60s), status.describe());
+  CHECK_MESSAGE(status.exit_code() == 0, status.describe());
+  CHECK_MESSAGE(status.out().find("queue solstice.jobs: 0 job(s) waiting, 1 node(s) consuming") !=
+                  std::string::npos,
+                status.describe());
   bus.stop_nodes();
 }
 
@@ -241,7 +267,7 @@ TEST_CASE("AMQP: kill -9 of a node mid-step: its job is delivered again and fini
   bus.start_node("second", 1);
   auto submit = bus.submit(bus.job_file(
     "long", job_json("redelivered-job", "echo step-begins; sleep 25; echo step-ends; exit 4")));
-  REQUIRE_MESSAGE(submit.wait_for_output("step-begins", job_limit), submit.describe());
+  REQUIRE_MESSAGE(wait_for_step_output(submit, "step-begins", job_limit), submit.describe());
   // Whichever node took it first is killed.
   std::string doomed = bus.nodes.at("first").out().find("job redelivered-job taken") !=
                            std::string::npos
@@ -269,5 +295,62 @@ TEST_CASE("AMQP: kill -9 of a node mid-step: its job is delivered again and fini
   CHECK(stdout_of_steps(events).find("step-ends") != std::string::npos);
   CHECK(submit.err().find("delivered again") != std::string::npos);
   bus.nodes.erase(doomed);
+  bus.stop_nodes();
+}
+
+TEST_CASE("AMQP: a jobrequest.v1 from the bus runs and is answered as jobresult.v1") {
+  Bus bus;
+  bus.start_node("ci", 1);
+  auto client = bus.client();
+  const std::string request_id = "5b1c0f9e-2a47-4c1e-9d35-7e0b8c6a1f20";
+  auto queue = client->declare_private_queue(
+    {{"solstice.results", amqp::job_routing_key(request_id)}});
+  REQUIRE_MESSAGE(queue, queue.error().message);
+  amqp::Message request{"solstice.jobs", "solstice.jobs",
+                        "{\"schema_version\": \"jobrequest.v1\", \"request_id\": \"" + request_id +
+                          "\", \"source\": \"test\", \"repo_owner\": \"octo\", \"repo_name\": "
+                          "\"demo\", \"commit_sha\": \"0123456789abcdef\", \"runs_on\": "
+                          "\"solstice-test-guest\", \"script_path\": \"/bin/false\"}",
+                        {}, request_id, true};
+  REQUIRE(client->publish_confirmed(request, 30s));
+  REQUIRE(client->consume(*queue, 0, true));
+  std::optional<amqp::Delivery> answer;
+  auto deadline = Clock::now() + job_limit;
+  while (!answer && Clock::now() < deadline) {
+    auto frame = client->next(500ms);
+    REQUIRE_MESSAGE(frame, frame.error().message);
+    if (auto* delivery = std::get_if<amqp::Delivery>(&*frame))
+      answer = *delivery;
+  }
+  REQUIRE_MESSAGE(answer, bus.nodes.at("ci").describe());
+  CHECK(answer->correlation_id == request_id);
+  CHECK(answer->headers["x-solstice-schema"] == "jobresult.v1");
+  auto body = answer->body;
+  CHECK_MESSAGE(body.find("\"schema_version\":\"jobresult.v1\"") != std::string::npos, body);
+  CHECK_MESSAGE(body.find("\"request_id\":\"" + request_id + "\"") != std::string::npos, body);
+  CHECK_MESSAGE(body.find("\"success\":false") != std::string::npos, body);
+  CHECK_MESSAGE(body.find("\"exit_code\":1") != std::string::npos, body);
+  CHECK_MESSAGE(body.find("\"repo_name\":\"demo\"") != std::string::npos, body);
+  CHECK_MESSAGE(body.find("\"completed_at\":\"20") != std::string::npos, body);
+  bus.stop_nodes();
+}
+
+TEST_CASE("AMQP: the broker restarts: the node reconnects with back-off and runs the next "
+          "job") {
+  Bus bus;
+  auto& node = bus.start_node("steady", 1);
+  bus.broker.stop();
+  REQUIRE_MESSAGE(node.wait_for_output("lost the AMQP broker", 30s), node.describe());
+  REQUIRE_MESSAGE(node.wait_for_output("retrying in", 30s), node.describe());
+  CHECK_FALSE(node.status());
+  bus.broker.start();
+  auto deadline = Clock::now() + 120s;
+  while (count_of(node.out(), "takes jobs from queue") < 2 && Clock::now() < deadline)
+    std::this_thread::sleep_for(200ms);
+  REQUIRE_MESSAGE(count_of(node.out(), "takes jobs from queue") == 2, node.describe());
+  auto submit = bus.submit(bus.job_file("again", job_json("after-restart", "echo reconnected")));
+  REQUIRE_MESSAGE(submit.wait_exit(job_limit), submit.describe());
+  CHECK_MESSAGE(submit.exit_code() == 0, submit.describe());
+  CHECK(stdout_of_steps(printed_events(submit.out())).find("reconnected") != std::string::npos);
   bus.stop_nodes();
 }

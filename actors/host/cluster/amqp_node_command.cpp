@@ -6,21 +6,25 @@
 //
 // A job is acknowledged only once its result is confirmed by the broker, so a
 // node that dies mid-job leaves it to the broker, which delivers it again.
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <optional>
+#include <thread>
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/after.hpp>
 #include <caf/scoped_actor.hpp>
 #include <caf/system_messages.hpp>
+#include <nlohmann/json.hpp>
 
 #include "actors/cluster/event_outbox.hpp"
 #include "actors/host/cluster/cluster_commands.hpp"
 #include "actors/runner_types.hpp"
 #include "runtime/job/event_log.hpp"
 #include "runtime/job/job_file.hpp"
+#include "runtime/job/job_request.hpp"
 #include "runtime/job/job_result.hpp"
 
 namespace solstice::cluster_cli {
@@ -34,6 +38,8 @@ struct RunningJob {
   uint64_t delivery_tag = 0;
   bool redelivered = false;
   std::string correlation_id;
+  // A solstice-ci jobrequest.v1 (answered as jobresult.v1); null for a JobSpec.
+  nlohmann::json request;
 };
 
 // What the broker's confirm of one publish lets happen next.
@@ -54,8 +60,9 @@ class AmqpNode {
   }
 
   // Serves until a termination signal (then the node's jobs are cancelled and
-  // left to the broker) or until the connection fails.
-  int run(BlockedSignals& signals, const caf::actor& sink) {
+  // left to the broker: the exit code) or until the connection fails (nullopt:
+  // its jobs were cancelled; connect again).
+  std::optional<int> run(BlockedSignals& signals, const caf::actor& sink) {
     for (;;) {
       auto frame = client_.next(50ms);
       if (!frame)
@@ -72,13 +79,17 @@ class AmqpNode {
         phase_ = Phase::stopping;
         self_->send(node_, stop_atom::value);
       }
-      if (node_gone() && awaited_.empty())
+      // A result the node sent just before it quit may still be on its way
+      // through the outbox: a few more rounds publish it.
+      if (node_gone() && awaited_.empty() && ++rounds_since_node_gone_ > 4)
         return phase_ == Phase::stopping ? 0 : exit_infrastructure_error;
     }
   }
 
  private:
   bool node_gone() {
+    if (node_down_)
+      return true;
     self_->receive([&](caf::down_msg&) { node_down_ = true; }, caf::after(0ms) >> [] {});
     return node_down_;
   }
@@ -100,9 +111,11 @@ class AmqpNode {
       .receive([](ok_atom) {}, [&](caf::error& err) { refused = error_text(err); });
     if (!refused.empty())
       return dead_letter(delivery, refused);
+    auto document = nlohmann::json::parse(delivery.body, nullptr, false);
     running_[job->id()] =
       RunningJob{delivery.tag, delivery.redelivered,
-                 delivery.correlation_id.empty() ? job->id() : delivery.correlation_id};
+                 delivery.correlation_id.empty() ? job->id() : delivery.correlation_id,
+                 document.is_object() && is_job_request(document) ? document : nlohmann::json{}};
     std::printf("job %s taken%s\n", job->id().c_str(), delivery.redelivered ? " (redelivered)" : "");
     std::fflush(stdout);
   }
@@ -156,9 +169,12 @@ class AmqpNode {
         continue;
       }
       result.set_redelivered(i->second.redelivered);
-      auto published = client_.publish(amqp::Message{names_.results_exchange, key,
-                                                     message_to_json(result), headers,
-                                                     i->second.correlation_id, true});
+      const auto& request = i->second.request;
+      headers["x-solstice-schema"] = request.is_null() ? "JobResult" : "jobresult.v1";
+      auto published = client_.publish(amqp::Message{
+        names_.results_exchange, key,
+        request.is_null() ? message_to_json(result) : job_result_v1_json(request, result),
+        headers, i->second.correlation_id, true});
       if (!published)
         return published.error().message;
       awaited_[*published] =
@@ -187,16 +203,24 @@ class AmqpNode {
   }
 
   // Without its connection the node cannot acknowledge anything: the broker
-  // gives its unacknowledged jobs to other nodes, so its own are cancelled.
-  int lose_connection(const std::string& why) {
+  // gives its unacknowledged jobs to other nodes, so its own are cancelled (their
+  // results dropped) before it connects again.
+  std::optional<int> lose_connection(const std::string& why) {
     say("solstice-runner: %s\n", "lost the AMQP broker (" + why +
                                    "); this node's jobs are cancelled (the broker delivers "
-                                   "them again)");
-    self_->send(node_, stop_atom::value);
+                                   "them again), reconnecting");
+    for (const auto& [job_id, job] : running_)
+      self_->send(node_, cancel_atom::value, job_id);
     auto deadline = std::chrono::steady_clock::now() + 2min;
-    while (!node_gone() && std::chrono::steady_clock::now() < deadline)
+    while (!running_.empty() && !node_gone() && std::chrono::steady_clock::now() < deadline) {
+      for (const auto& event : outbox_->take_all())
+        if (event.has_result())
+          running_.erase(event.job_id());
       std::this_thread::sleep_for(100ms);
-    return exit_infrastructure_error;
+    }
+    if (node_down_)
+      return exit_infrastructure_error;
+    return std::nullopt;
   }
 
   caf::actor_system& sys_;
@@ -208,9 +232,43 @@ class AmqpNode {
   caf::scoped_actor self_;
   Phase phase_ = Phase::serving;
   bool node_down_ = false;
+  int rounds_since_node_gone_ = 0;
   std::map<std::string, RunningJob> running_;     // by job id
   std::map<uint64_t, AwaitedConfirm> awaited_;    // by publish sequence number
 };
+
+// A connection that declared the runner's names and consumes the jobs queue.
+Result<std::unique_ptr<amqp::Client>> connect_and_consume(const amqp::Endpoint& endpoint,
+                                                          const amqp::Names& names,
+                                                          uint16_t slots) {
+  auto client = amqp::Client::connect(endpoint, 30s);
+  if (!client)
+    return client;
+  if (auto declared = (*client)->declare(names); !declared)
+    return tl::unexpected(declared.error());
+  if (auto consuming = (*client)->consume(names.jobs_queue, slots); !consuming)
+    return tl::unexpected(consuming.error());
+  return client;
+}
+
+bool signal_within(BlockedSignals& signals, std::chrono::milliseconds wait) {
+  auto until = std::chrono::steady_clock::now() + wait;
+  while (std::chrono::steady_clock::now() < until)
+    if (signals.next_signal(100ms))
+      return true;
+  return false;
+}
+
+// Stops the node between connections: its jobs were cancelled already.
+int stop_node(caf::actor_system& sys, const runner_node_actor& node) {
+  caf::scoped_actor self{sys};
+  self->monitor(node);
+  self->send(node, stop_atom::value);
+  self->receive([](caf::down_msg&) {}, caf::after(2min) >> [&] {
+    self->send_exit(node, caf::exit_reason::kill);
+  });
+  return 0;
+}
 
 }  // namespace
 
@@ -226,33 +284,38 @@ int amqp_node_command(const NodeOptions& options) {
     return exit_invalid_input;
   }
   BlockedSignals signals;
-  auto client = amqp::Client::connect(*endpoint, 30s);
-  if (!client) {
-    say("solstice-runner: %s\n", client.error().message);
-    return exit_infrastructure_error;
-  }
-  const auto& names = options.amqp.names;
-  auto declared = (*client)->declare(names);
-  auto consuming = declared ? (*client)->consume(names.jobs_queue,
-                                                 static_cast<uint16_t>(prepared->offer.slots))
-                            : declared;
-  if (!consuming) {
-    say("solstice-runner: %s\n", consuming.error().message);
-    return exit_infrastructure_error;
-  }
   caf::actor_system_config cfg;
   add_runner_types(cfg);
   caf::actor_system sys{cfg};
   auto outbox = std::make_shared<EventOutbox>();
   auto sink = sys.spawn(event_outbox_sink, outbox);
   auto node = spawn_runner_node(sys, *prepared, true);
-  std::printf("node %s takes jobs from queue %s: %u slot(s)\n", prepared->offer.name.c_str(),
-              names.jobs_queue.c_str(), prepared->offer.slots);
-  std::fflush(stdout);
-  AmqpNode session{sys, **client, names, node, outbox, prepared->offer.name};
-  int code = session.run(signals, caf::actor_cast<caf::actor>(sink));
-  caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);
-  return code;
+  const auto& names = options.amqp.names;
+  const auto slots = static_cast<uint16_t>(prepared->offer.slots);
+  auto finish = [&](int code) {
+    caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);
+    return code;
+  };
+  // Connects (again) with a growing back-off while the broker is unreachable.
+  auto backoff = std::chrono::milliseconds(500ms);
+  for (;;) {
+    auto client = connect_and_consume(*endpoint, names, slots);
+    if (client) {
+      backoff = 500ms;
+      std::printf("node %s takes jobs from queue %s: %u slot(s)\n",
+                  prepared->offer.name.c_str(), names.jobs_queue.c_str(), slots);
+      std::fflush(stdout);
+      AmqpNode session{sys, **client, names, node, outbox, prepared->offer.name};
+      if (auto code = session.run(signals, caf::actor_cast<caf::actor>(sink)))
+        return finish(*code);
+    } else {
+      say("solstice-runner: %s\n",
+          client.error().message + "; retrying in " + std::to_string(backoff.count()) + " ms");
+    }
+    if (signal_within(signals, backoff))
+      return finish(stop_node(sys, node));
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(30s));
+  }
 }
 
 }  // namespace solstice::cluster_cli

@@ -48,6 +48,7 @@ struct SubmitOptions {
 
 struct StatusOptions {
   std::string to;
+  AmqpOptions amqp;
   NetworkOptions net;
 };
 

@@ -86,7 +86,41 @@ std::string format_status(const cluster_status& status, const Endpoint& at) {
 
 }  // namespace
 
+// `status --amqp`: what the broker knows (a passive declare of each queue).
+// Jobs being run are the queue's unacknowledged messages, which AMQP itself does
+// not report; the nodes print the jobs they take.
+int amqp_status(const StatusOptions& options) {
+  auto endpoint = amqp_endpoint(options.amqp);
+  if (!endpoint) {
+    say("solstice-runner: %s\n", endpoint.error().message);
+    return exit_invalid_input;
+  }
+  auto client = amqp::Client::connect(*endpoint, 15s);
+  if (!client) {
+    say("solstice-runner: %s\n", client.error().message);
+    return exit_infrastructure_error;
+  }
+  const auto& names = options.amqp.names;
+  auto jobs = (*client)->queue_counts(names.jobs_queue);
+  if (!jobs) {
+    say("solstice-runner: %s\n", jobs.error().message);
+    return exit_infrastructure_error;
+  }
+  std::printf("queue %s: %u job(s) waiting, %u node(s) consuming\n", names.jobs_queue.c_str(),
+              jobs->first, jobs->second);
+  if (auto dead = (*client)->queue_counts(names.dead_letter_queue))
+    std::printf("dead-letter queue %s: %u message(s)\n", names.dead_letter_queue.c_str(),
+                dead->first);
+  return 0;
+}
+
 int status_command(const StatusOptions& options) {
+  if (!options.amqp.url.empty())
+    return amqp_status(options);
+  if (options.to.empty()) {
+    say("solstice-runner: %s\n", "status: give --to HOST:PORT (a coordinator) or --amqp URL");
+    return exit_invalid_input;
+  }
   auto to = checked_endpoint(options.to, "--to", options.net);
   if (!to) {
     say("solstice-runner: %s\n", to.error().message);
