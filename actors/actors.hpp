@@ -234,9 +234,12 @@ using coordinator_actor = caf::typed_actor<
   caf::replies_to<submit_atom, v1::JobSpec, event_sink_actor>::with<std::string>,
   // A node joins (or joins again after a reconnect) with what it offers.
   caf::replies_to<join_atom, node_offer, runner_node_actor>::with<ok_atom>,
-  // Cancels a queued or running job by id.
+  // Cancels a queued or running job by id (under TLS: its submitter, or an operator).
   caf::reacts_to<cancel_atom, std::string>,
-  // Nodes, their slots, queued and running jobs.
+  // Sends a queued or running job's events from now on to the sink too (under
+  // TLS: its submitter, or an operator).
+  caf::replies_to<follow_atom, std::string, event_sink_actor>::with<ok_atom>,
+  // Nodes, their slots, queued and running jobs (under TLS a submitter sees its own jobs only).
   caf::replies_to<status_atom>::with<cluster_status>,
   // Internal: an event of dispatch `id`, from that dispatch's relay.
   caf::reacts_to<relay_atom, uint64_t, v1::JobEvent>,

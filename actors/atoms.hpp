@@ -17,6 +17,7 @@ using download_atom = caf::atom_constant<caf::atom("download")>;
 using event_atom = caf::atom_constant<caf::atom("event")>;
 using exec_atom = caf::atom_constant<caf::atom("exec")>;
 using exited_atom = caf::atom_constant<caf::atom("exited")>;
+using follow_atom = caf::atom_constant<caf::atom("follow")>;
 using handoff_atom = caf::atom_constant<caf::atom("handoff")>;
 using join_atom = caf::atom_constant<caf::atom("join")>;
 using kill_atom = caf::atom_constant<caf::atom("kill")>;

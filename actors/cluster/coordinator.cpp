@@ -32,13 +32,81 @@ constexpr uint32_t default_memory_mib = 512;
 
 // One dispatch's relay: tags the job's events with the dispatch id, so that
 // events of a dispatch given up on can never be mistaken for the current one's.
+// Under TLS it takes events only from the node the job was dispatched to (by
+// its certificate): its handle is no secret, actor ids are sequential.
 event_sink_actor::behavior_type relay(event_sink_actor::pointer self,
-                                      coordinator_actor coordinator, uint64_t dispatch) {
+                                      coordinator_actor coordinator, uint64_t dispatch,
+                                      std::string node, peer_identifier identify) {
   return {
-    [self, coordinator, dispatch](event_atom, v1::JobEvent& event) {
+    [=](event_atom, v1::JobEvent& event) {
+      if (identify) {
+        const auto& sender = self->current_sender();
+        auto who = sender ? identify(sender->node()) : std::nullopt;
+        if (!who || who->role != peer_role::node || who->name != node) {
+          spdlog::warn("refused an event of job {} (dispatch {}) from {}: only node {} reports "
+                       "on it",
+                       event.job_id(), dispatch,
+                       who ? role_text(who->role) + " " + who->name : "an unidentified peer",
+                       node);
+          return;
+        }
+      }
       self->send(coordinator, relay_atom::value, dispatch, std::move(event));
     },
   };
+}
+
+// Who sent the current message, or nullopt (logged) when it may not be served:
+// an anonymous or unidentified sender under TLS. The coordinator's own actors
+// count as operators, and so does everyone without TLS (no roles).
+std::optional<peer_identity> sender_identity(coordinator_pointer self, const char* what) {
+  const auto& identify = self->state.options.identify;
+  if (!identify)
+    return peer_identity{peer_role::operator_role, ""};
+  const auto& sender = self->current_sender();
+  if (!sender) {
+    spdlog::warn("refused {} from an anonymous sender", what);
+    return std::nullopt;
+  }
+  if (sender->node() == self->node())
+    return peer_identity{peer_role::operator_role, "(local)"};
+  auto who = identify(sender->node());
+  if (!who)
+    spdlog::warn("refused {} from an unidentified peer ({})", what, to_string(sender->node()));
+  return who;
+}
+
+std::string describe(const peer_identity& who) {
+  return role_text(who.role) + " " + who.name;
+}
+
+caf::error refuse(const peer_identity& who, const char* what, const std::string& why) {
+  spdlog::warn("refused {} from {}: {}", what, describe(who), why);
+  return caf::make_error(runner_errc::invalid_input, "refused: " + why);
+}
+
+// A submitter sees, follows and cancels its own jobs; an operator every job.
+bool may_see(const peer_identity& who, const coordinator_job& job) {
+  return who.role == peer_role::operator_role ||
+         (who.role == peer_role::submitter && who.name == job.owner);
+}
+
+// A handle a peer hands over (its sink, its node actor) must be its own: one
+// on another peer's process would let it act for that peer.
+bool lives_with_sender(coordinator_pointer self, const caf::actor_addr& handle) {
+  const auto& sender = self->current_sender();
+  return !self->state.options.identify || (sender && handle && handle.node() == sender->node());
+}
+
+// Internal messages (relays, ticks) come from the coordinator's own process only.
+bool from_itself(coordinator_pointer self, const char* what) {
+  const auto& sender = self->current_sender();
+  if (!self->state.options.identify || (sender && sender->node() == self->node()))
+    return true;
+  auto who = sender ? self->state.options.identify(sender->node()) : std::nullopt;
+  spdlog::warn("refused {} from {}: internal to the coordinator", what,
+               who ? describe(*who) : std::string{"an unidentified peer"});
+  return false;
 }
 
 std::string lower_words(std::string text) {
@@ -60,6 +128,8 @@ void emit(coordinator_pointer self, coordinator_job& job, v1::JobEvent event) {
   event.set_sequence(job.next_sequence++);
   if (event.timestamp_us() == 0)
     event.set_timestamp_us(unix_now_us());
+  for (const auto& follower : job.followers)
+    self->send(follower, event_atom::value, event);
   if (job.submitter)
     self->send(job.submitter, event_atom::value, std::move(event));
 }
@@ -204,7 +274,8 @@ void dispatch(coordinator_pointer self, const std::string& job_id, const caf::ac
   node.jobs.insert(job_id);
   node.last_dispatch = dispatch_id;
   st.dispatches[dispatch_id] = job_id;
-  job.relay = self->spawn(relay, caf::actor_cast<coordinator_actor>(self), dispatch_id);
+  job.relay = self->spawn(relay, caf::actor_cast<coordinator_actor>(self), dispatch_id,
+                          node.offer.name, st.options.identify);
   st.relays->insert(caf::actor_cast<caf::actor>(job.relay));
   log_job(spdlog::level::info, job_id, "job {} dispatched to node {} (attempt {} of {})", job_id,
           node.offer.name, job.attempts, job.spec.retries() + 1);
@@ -267,9 +338,14 @@ void node_lost(coordinator_pointer self, const caf::actor_addr& addr, const std:
 void submitter_lost(coordinator_pointer self, const caf::actor_addr& addr) {
   auto& st = self->state;
   std::vector<std::string> gone;
-  for (auto& [job_id, job] : st.jobs)
+  for (auto& [job_id, job] : st.jobs) {
+    auto& followers = job.followers;
+    followers.erase(std::remove_if(followers.begin(), followers.end(),
+                                   [&](const auto& f) { return f.address() == addr; }),
+                    followers.end());
     if (job.submitter && job.submitter.address() == addr)
       gone.push_back(job_id);
+  }
   for (const auto& job_id : gone) {
     auto& job = st.jobs.at(job_id);
     job.submitter = nullptr;
@@ -294,8 +370,16 @@ void on_relayed(coordinator_pointer self, uint64_t dispatch_id, v1::JobEvent& ev
     return;  // a dispatch given up on
   auto job_id = d->second;
   auto& job = st.jobs.at(job_id);
-  if (job.last_node_sequence && event.sequence() <= *job.last_node_sequence)
-    return;  // seen already
+  // In sequence: exactly the next one of this dispatch (its node numbers them
+  // from 0); a repeat is dropped, a jump (a forged result, say) refused.
+  uint64_t expected = job.last_node_sequence ? *job.last_node_sequence + 1 : 0;
+  if (event.sequence() < expected)
+    return;
+  if (event.sequence() > expected) {
+    spdlog::warn("refused event {} of job {} from node {}: out of sequence (expected {})",
+                 event.sequence(), job_id, node_name(self, job.node), expected);
+    return;
+  }
   job.last_node_sequence = event.sequence();
   if (event.has_state())
     job.state = v1::JobState_Name(event.state().state());
@@ -328,6 +412,15 @@ cluster_job_info job_info(coordinator_pointer self, const std::string& job_id,
 
 }  // namespace
 
+std::string role_text(peer_role role) {
+  switch (role) {
+    case peer_role::node: return "node";
+    case peer_role::submitter: return "submitter";
+    case peer_role::operator_role: return "operator";
+  }
+  return "?";
+}
+
 std::string peer_loss_text(const caf::error& reason) {
   if (reason == caf::exit_reason::remote_link_unreachable)
     return "its connection closed or timed out";
@@ -347,6 +440,13 @@ namespace {
 caf::result<std::string> take_job(coordinator_pointer self, v1::JobSpec& spec,
                                   event_sink_actor submitter) {
   auto& st = self->state;
+  auto who = sender_identity(self, "a job");
+  if (!who)
+    return caf::make_error(runner_errc::invalid_input, "refused: unidentified peer");
+  if (who->role == peer_role::node)
+    return refuse(*who, "a job", "a node's certificate may not submit jobs");
+  if (!lives_with_sender(self, submitter.address()))
+    return refuse(*who, "a job", "its event sink is not the submitter's own");
   if (!submitter)
     return caf::make_error(runner_errc::invalid_input, "a job needs an event sink");
   if (spec.steps_size() == 0)
@@ -362,13 +462,15 @@ caf::result<std::string> take_job(coordinator_pointer self, v1::JobSpec& spec,
   auto job_id = spec.id();
   auto& job = st.jobs[job_id];
   job.spec = std::move(spec);
+  job.owner = who->name;
   job.submitter = std::move(submitter);
   job.since_us = unix_now_us();
   job.queued_at = std::chrono::steady_clock::now();
   self->monitor(job.submitter);
   st.queue.push_back(job_id);
-  log_job(spdlog::level::info, job_id, "job {} queued ({}), position {}", job_id,
-          job.spec.name().empty() ? "unnamed" : job.spec.name(), st.queue.size());
+  log_job(spdlog::level::info, job_id, "job {} queued ({}), position {}{}", job_id,
+          job.spec.name().empty() ? "unnamed" : job.spec.name(), st.queue.size(),
+          job.owner.empty() ? "" : ", submitted by " + job.owner);
   v1::JobEvent queued;
   queued.mutable_state()->set_state(v1::QUEUED);
   std::string detail = "position " + std::to_string(st.queue.size()) + " in the cluster queue";
@@ -389,6 +491,19 @@ caf::result<std::string> take_job(coordinator_pointer self, v1::JobSpec& spec,
 caf::result<ok_atom> take_node(coordinator_pointer self, node_offer& offer,
                                runner_node_actor handle) {
   auto& st = self->state;
+  auto who = sender_identity(self, "a join");
+  if (!who)
+    return caf::make_error(runner_errc::invalid_input, "refused: unidentified peer");
+  if (st.options.identify) {
+    if (who->role != peer_role::node)
+      return refuse(*who, "a join", "only a node's certificate may join as a node");
+    if (offer.name != who->name)
+      return refuse(*who, "a join",
+                    "node name '" + offer.name + "' is not its certificate's name '" +
+                      who->name + "'");
+    if (!lives_with_sender(self, handle.address()))
+      return refuse(*who, "a join", "its node actor is not its own");
+  }
   if (!handle)
     return caf::make_error(runner_errc::invalid_input, "a node needs a handle");
   if (offer.name.empty())
@@ -445,10 +560,17 @@ coordinator_actor::behavior_type coordinator(coordinator_pointer self,
     },
     [self](cancel_atom, const std::string& job_id) {
       auto& st = self->state;
+      auto who = sender_identity(self, "a cancel");
+      if (!who)
+        return;
       auto i = st.jobs.find(job_id);
       if (i == st.jobs.end())
         return;
       auto& job = i->second;
+      if (!may_see(*who, job)) {
+        refuse(*who, "a cancel", "job " + job_id + " is not its own");
+        return;
+      }
       if (!job.node) {
         end_job(self, job_id, v1::CANCELLED, "cancelled while queued");
         return;
@@ -459,8 +581,29 @@ coordinator_actor::behavior_type coordinator(coordinator_pointer self,
       notice(self, job, "cancelling the job on node " + node_name(self, job.node));
       self->send(st.nodes.at(*job.node).handle, cancel_atom::value, job_id);
     },
-    [self](status_atom) {
+    [self](follow_atom, const std::string& job_id,
+           event_sink_actor sink) -> caf::result<ok_atom> {
       auto& st = self->state;
+      auto who = sender_identity(self, "a follow");
+      if (!who)
+        return caf::make_error(runner_errc::invalid_input, "refused: unidentified peer");
+      auto i = st.jobs.find(job_id);
+      // An unknown job and someone else's are refused alike: ids are not disclosed.
+      if (i == st.jobs.end() || !may_see(*who, i->second))
+        return refuse(*who, "a follow", "no job " + job_id + " of its own is queued or running");
+      if (!sink || !lives_with_sender(self, sink.address()))
+        return refuse(*who, "a follow", "the event sink is not the follower's own");
+      i->second.followers.push_back(sink);
+      self->monitor(sink);
+      return ok_atom::value;
+    },
+    [self](status_atom) -> caf::result<cluster_status> {
+      auto& st = self->state;
+      auto who = sender_identity(self, "a status");
+      if (!who)
+        return caf::make_error(runner_errc::invalid_input, "refused: unidentified peer");
+      if (who->role == peer_role::node)
+        return refuse(*who, "a status", "a node's certificate may not ask for the status");
       cluster_status status;
       for (const auto& [addr, node] : st.nodes) {
         cluster_node_info info;
@@ -470,16 +613,21 @@ coordinator_actor::behavior_type coordinator(coordinator_pointer self,
         status.nodes.push_back(std::move(info));
       }
       for (const auto& job_id : st.queue)
-        status.queued.push_back(job_info(self, job_id, st.jobs.at(job_id)));
+        if (may_see(*who, st.jobs.at(job_id)))
+          status.queued.push_back(job_info(self, job_id, st.jobs.at(job_id)));
       for (const auto& [job_id, job] : st.jobs)
-        if (job.node)
+        if (job.node && may_see(*who, job))
           status.running.push_back(job_info(self, job_id, job));
       return status;
     },
     [self](relay_atom, uint64_t dispatch_id, v1::JobEvent& event) {
+      if (!from_itself(self, "a relayed event"))
+        return;
       on_relayed(self, dispatch_id, event);
     },
     [self](tick_atom) {
+      if (!from_itself(self, "a tick"))
+        return;
       auto& st = self->state;
       auto now = std::chrono::steady_clock::now();
       std::vector<std::string> expired;

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -16,11 +17,32 @@
 #include <string>
 #include <vector>
 
+#include <caf/node_id.hpp>
+
 #include "actors/actors.hpp"
 
 namespace solstice {
 
+// What a cluster peer may do, from its certificate (actors/host/cluster/
+// peer_identity.cpp says which field): a node joins and reports on the jobs
+// dispatched to it; a submitter submits and sees, follows and cancels its own
+// jobs; an operator sees, follows and cancels every job (and may submit).
+enum class peer_role : uint8_t { node, submitter, operator_role };
+
+struct peer_identity {
+  peer_role role = peer_role::submitter;
+  std::string name;  // the certificate's name (its CN)
+};
+
+std::string role_text(peer_role role);
+
+// Who the peer process with this node id is, as its TLS connection proved;
+// nullopt when no live, identified connection speaks for it.
+using peer_identifier = std::function<std::optional<peer_identity>(const caf::node_id&)>;
+
 struct coordinator_options {
+  // Empty: no roles (insecure mode, no TLS): every peer may do everything.
+  peer_identifier identify;
   // How long a node has to accept a dispatched job.
   std::chrono::milliseconds dispatch_timeout{std::chrono::seconds(30)};
   // How long a job may wait in the queue for a node that can take it.
@@ -40,7 +62,9 @@ struct coordinator_node {
 
 struct coordinator_job {
   v1::JobSpec spec;
+  std::string owner;           // the submitter's certificate name ("" without TLS)
   event_sink_actor submitter;  // invalid once the submitter is gone
+  std::vector<event_sink_actor> followers;  // sinks that asked to `follow` it
   uint32_t attempts = 0;       // dispatches so far
   std::optional<caf::actor_addr> node;  // while dispatched
   uint64_t dispatch = 0;       // id of the current dispatch (0: none)

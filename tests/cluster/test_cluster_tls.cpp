@@ -39,10 +39,12 @@ ca() { openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
   -keyout "$1.key" -out "$1.pem" -days 2 -subj "/CN=$1"; }
 cert() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
   -keyout "$1.key" -out "$1.csr" -subj "/CN=$1"
+  echo "subjectAltName=URI:solstice:role/$3" > "$1.ext"
   openssl x509 -req -in "$1.csr" -CA "$2.pem" -CAkey "$2.key" -CAcreateserial \
-  -out "$1.pem" -days 2; }
+  -out "$1.pem" -days 2 -extfile "$1.ext"; }
 ca cluster-ca; ca other-ca
-cert coordinator cluster-ca; cert node cluster-ca; cert client cluster-ca; cert rogue other-ca
+cert coordinator cluster-ca coordinator; cert trusted-node cluster-ca node
+cert client cluster-ca submitter; cert rogue-node other-ca node
 cat cluster-ca.pem other-ca.pem > both.pem
 )";
   write_text(dir / "make-certs.sh", script);
@@ -79,13 +81,13 @@ TEST_CASE("TLS: peers with certificates from the cluster's CA run a job; a node 
   RunnerProcess node{concat({"node", "--join", *endpoint, "--name", "trusted-node", "--slots", "1",
                              "--memory-mib", "2048", "--state-dir", (d / "state").string(),
                              "--accel", "tcg"},
-                            tls_args(d, "node"))};
+                            tls_args(d, "trusted-node"))};
   REQUIRE_MESSAGE(node.wait_for_output("joined the coordinator", 30s), node.describe());
 
   // A node whose certificate comes from another CA never joins.
   RunnerProcess rogue_node{concat({"node", "--join", *endpoint, "--name", "rogue-node",
                                    "--state-dir", (d / "rogue-state").string()},
-                                  tls_args(d, "rogue", "both"))};
+                                  tls_args(d, "rogue-node", "both"))};
   CHECK_MESSAGE(rogue_node.wait_for_output("closed the connection during the handshake", 20s),
                 rogue_node.describe());
   CHECK(rogue_node.out().find("joined") == std::string::npos);
@@ -100,7 +102,7 @@ TEST_CASE("TLS: peers with certificates from the cluster's CA run a job; a node 
   }
 
   SUBCASE("a client with a certificate from another CA is refused, at once") {
-    RunnerProcess status{concat({"status", "--to", *endpoint}, tls_args(d, "rogue", "both"))};
+    RunnerProcess status{concat({"status", "--to", *endpoint}, tls_args(d, "rogue-node", "both"))};
     REQUIRE_MESSAGE(status.wait_exit(30s), status.describe());
     CHECK_MESSAGE(status.exit_code() == 125, status.describe());
     CHECK_MESSAGE(status.err().find("closed the connection during the handshake") !=
@@ -110,7 +112,7 @@ TEST_CASE("TLS: peers with certificates from the cluster's CA run a job; a node 
   }
 
   SUBCASE("a certificate the client's own CA does not sign is caught before connecting") {
-    RunnerProcess status{concat({"status", "--to", *endpoint}, tls_args(d, "rogue"))};
+    RunnerProcess status{concat({"status", "--to", *endpoint}, tls_args(d, "rogue-node"))};
     REQUIRE_MESSAGE(status.wait_exit(30s), status.describe());
     CHECK_MESSAGE(status.exit_code() == 2, status.describe());
     CHECK_MESSAGE(status.err().find("is not accepted by --ca") != std::string::npos,

@@ -18,6 +18,7 @@
 namespace CLI {
 class App;
 }
+struct x509_st;  // OpenSSL's X509
 
 namespace solstice::cluster_cli {
 
@@ -93,6 +94,17 @@ class BlockedSignals {
   sigset_t set_{};
   sigset_t old_{};
 };
+
+// The role and name a cluster certificate gives its holder: exactly one
+// subjectAltName URI solstice:role/node|submitter|operator, and the subject CN
+// (peer_identity.cpp says why these fields).
+Result<peer_identity> certificate_identity(::x509_st* cert);
+Result<peer_identity> certificate_file_identity(const std::string& pem_path);
+
+// For a TLS coordinator: from now on every accepted TLS connection is watched
+// (peer_identity.cpp), and the function returned tells which certificate speaks
+// for a peer's node id. Call it once, after the actor system is up.
+peer_identifier watch_peer_identities(caf::actor_system& sys);
 
 // `format` with one %s for `text`, on stderr, flushed.
 void say(const char* format, const std::string& text);

@@ -35,6 +35,10 @@ int coordinator_command(const CoordinatorOptions& options) {
   coordinator_options settings;
   settings.queue_timeout = std::chrono::seconds(options.queue_timeout_seconds);
   settings.dispatch_timeout = std::chrono::seconds(options.dispatch_timeout_seconds);
+  // Under TLS each peer may do what its certificate's role allows; without TLS
+  // there are no roles (README, "Roles").
+  if (options.net.tls())
+    settings.identify = watch_peer_identities(sys);
   auto coordinator_handle = sys.spawn(coordinator, settings);
   const char* address = listen->host == "*" ? nullptr : listen->host.c_str();
   auto port = options.net.tls()

@@ -155,7 +155,28 @@ int node_command(const NodeOptions& options) {
     say("solstice-runner: %s\n", prepared.error().message);
     return exit_invalid_input;
   }
-  const node_offer& offer = prepared->offer;
+  node_offer& offer = prepared->offer;
+  // Under TLS a node's name is its certificate's (the coordinator refuses another).
+  if (options.net.tls()) {
+    auto identity = certificate_file_identity(options.net.cert);
+    if (!identity) {
+      say("solstice-runner: --cert: %s\n", identity.error().message);
+      return exit_invalid_input;
+    }
+    if (identity->role != peer_role::node) {
+      say("solstice-runner: %s\n", "--cert " + options.net.cert + " is a " +
+                                      role_text(identity->role) +
+                                      " certificate; a node needs one with the node role");
+      return exit_invalid_input;
+    }
+    if (!options.name.empty() && options.name != identity->name) {
+      say("solstice-runner: %s\n", "--name " + options.name + " differs from the name of --cert " +
+                                      options.net.cert + " ('" + identity->name +
+                                      "'): the coordinator knows a node by its certificate");
+      return exit_invalid_input;
+    }
+    offer.name = identity->name;
+  }
 
   BlockedSignals signals;
   metrics().set_slots(offer.slots);

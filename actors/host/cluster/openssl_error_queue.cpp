@@ -24,10 +24,19 @@ Function next_symbol(const char* name) {
 
 }  // namespace
 
+namespace solstice::cluster_cli {
+bool follow_tls_read(SSL* ssl, const void* data, int size);  // peer_identity.cpp
+}
+
+// Also hands the coordinator's peer identities (peer_identity.cpp) every
+// decrypted byte first: a connection it refuses reads as failed, and CAF closes it.
 extern "C" int SSL_read(SSL* ssl, void* buffer, int size) {
   static auto next = next_symbol<int (*)(SSL*, void*, int)>("SSL_read");
   ERR_clear_error();
-  return next(ssl, buffer, size);
+  int read = next(ssl, buffer, size);
+  if (read > 0 && !solstice::cluster_cli::follow_tls_read(ssl, buffer, read))
+    return -1;
+  return read;
 }
 
 extern "C" int SSL_write(SSL* ssl, const void* buffer, int size) {
