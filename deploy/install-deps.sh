@@ -8,10 +8,14 @@ packages=(
   cmake ninja-build g++ pkg-config
   libcaf-dev libssh2-1-dev libprotobuf-dev protobuf-compiler libspdlog-dev
   nlohmann-json3-dev libcli11-dev libssl-dev libexpected-dev doctest-dev
+  libcurl4-openssl-dev
   # run time
   qemu-system-x86 qemu-utils
+  ovmf
   # test guest builder (deploy/test-guest/build.sh)
   cpio gzip dosfstools mtools syslinux syslinux-common dropbear-bin busybox-static
+  # its UEFI twin (deploy/test-guest/uefi/build.sh: GPT via sfdisk; systemd-boot is apt-get download'ed)
+  fdisk
   # tests: ISO inspection, cloud-config schema check, OpenSSH as a reference client
   xorriso genisoimage cloud-init openssh-client
   # benchmarks (bench/run.sh); stand-in QEMUs of the reliability tests (QMP clients)

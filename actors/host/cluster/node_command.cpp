@@ -17,6 +17,7 @@
 #include "actors/host/embedding.hpp"
 #include "actors/host/runner_host.hpp"
 #include "actors/runner_types.hpp"
+#include "runtime/vm/image_cache.hpp"
 
 namespace solstice::cluster_cli {
 
@@ -188,6 +189,15 @@ int node_command(const NodeOptions& options) {
   else
     for (const auto& job : *recovered)
       say("solstice-runner: %s\n", job.description);
+  // Configured images with a url are pulled before the node offers their labels.
+  std::vector<std::string> labels;
+  for (const auto& image : config->images())
+    labels.push_back(image.label());
+  for (const auto& label : labels)
+    if (auto pulled = pull_if_missing(*config, label, ::isatty(STDERR_FILENO) != 0); !pulled) {
+      say("solstice-runner: %s\n", pulled.error().message);
+      return exit_infrastructure_error;
+    }
   const node_offer offer = offer_for(options, *config);
 
   BlockedSignals signals;
