@@ -65,7 +65,8 @@ int on_progress(void* user, curl_off_t total, curl_off_t now, curl_off_t, curl_o
   auto& transfer = *static_cast<Transfer*>(user);
   if (!transfer.progress) return 0;
   const auto clock_now = std::chrono::steady_clock::now();
-  if (transfer.drawn && clock_now - transfer.last_drawn < std::chrono::milliseconds(100)) return 0;
+  const bool complete = total > 0 && now == total;  // always shown: the bar ends at 100%
+  if (transfer.drawn && !complete && clock_now - transfer.last_drawn < std::chrono::milliseconds(100)) return 0;
   transfer.last_drawn = clock_now;
   transfer.drawn = true;
   const double seconds = std::chrono::duration<double>(clock_now - transfer.started).count();
