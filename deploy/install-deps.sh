@@ -10,10 +10,14 @@ packages=(
   nlohmann-json3-dev libcli11-dev libssl-dev libexpected-dev doctest-dev librabbitmq-dev
   # the guest walled off from the host (runtime/vm/guest_firewall.hpp); nft to inspect it
   libnftables-dev nftables
+  libcurl4-openssl-dev
   # run time
   qemu-system-x86 qemu-utils
+  ovmf
   # test guest builder (deploy/test-guest/build.sh)
   cpio gzip dosfstools mtools syslinux syslinux-common dropbear-bin busybox-static
+  # its UEFI twin (deploy/test-guest/uefi/build.sh: GPT via sfdisk; systemd-boot is apt-get download'ed)
+  fdisk
   # tests: ISO inspection, cloud-config schema check, OpenSSH as a reference client
   xorriso genisoimage cloud-init openssh-client
   # metrics endpoint (HTTP server library)

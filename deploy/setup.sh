@@ -9,3 +9,4 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 # Two cores: CAF-heavy translation units need the memory of one job each.
 cmake --build build -j 2
 deploy/test-guest/build.sh build/test-guest
+deploy/test-guest/uefi/build.sh build/test-guest

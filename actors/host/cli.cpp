@@ -1,5 +1,7 @@
 #include "actors/host/cli.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +13,7 @@
 #include <CLI/CLI.hpp>
 
 #include "actors/host/cluster_cli.hpp"
+#include "actors/host/image_cli.hpp"
 #include "actors/host/jobs_cli.hpp"
 #include "actors/host/metrics_server.hpp"
 #include "actors/host/runner_host.hpp"
@@ -21,6 +24,7 @@
 #include "runtime/job/event_log.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/runner_config.hpp"
+#include "runtime/vm/image_cache.hpp"
 #include "runtime/vm/recovery.hpp"
 
 namespace solstice {
@@ -111,11 +115,14 @@ Result<v1::JobSpec> job_from_options(const RunOptions& run, const std::string& j
 // Loads and checks one job; an error says what is wrong (naming `job_file` when
 // `name_file` is set: with several files the user must know which one).
 Result<v1::JobSpec> checked_job(const RunOptions& run, const std::string& job_file,
-                                const v1::RunnerConfig& config, bool name_file) {
+                                v1::RunnerConfig& config, bool name_file) {
   auto job = job_from_options(run, job_file);
   if (!job)
     return job;  // a file's own errors name it already
   const std::string where = name_file ? job_file + ": " : "";
+  // A configured image with a url is pulled the first time a job runs on it.
+  if (auto pulled = pull_if_missing(config, job->runs_on(), isatty(STDERR_FILENO) && !run.json); !pulled)
+    return fail(where + pulled.error().message);
   if (auto ok = validate_job(*job, config); !ok)
     return fail(where + "the job is not valid:\n" + ok.error().message);
   if (auto image = resolve_image(*job, config); !image)
@@ -305,6 +312,8 @@ int run_cli(int argc, char** argv) {
   add_cluster_commands(app, cluster_exit);
   std::optional<int> jobs_exit;
   add_jobs_commands(app, jobs_exit);
+  std::optional<int> image_exit;
+  add_image_commands(app, image_exit);
 
   // Diagnostics (not the jobs' output): on the program and on every command.
   std::string log_level = "info", log_format = "text";
@@ -326,6 +335,8 @@ int run_cli(int argc, char** argv) {
     return *cluster_exit;
   if (jobs_exit)
     return *jobs_exit;
+  if (image_exit)
+    return *image_exit;
   if (run_app->parsed())
     return run_command(common, run);
   return exit_invalid_input;

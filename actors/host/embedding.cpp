@@ -16,6 +16,7 @@
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/job_records.hpp"
 #include "runtime/job/runner_config.hpp"
+#include "runtime/vm/image_cache.hpp"
 #include "runtime/vm/recovery.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
@@ -57,6 +58,8 @@ Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
   auto image = resolve_image(job, config);
   if (!image)
     return refuse(image.error());
+  if (!job.runs_on().empty())
+    mark_image_used(config, job.runs_on());  // `image list` shows when a label was last used
   auto job_dir = claim->job_dir();
   auto log = EventLog::open(job_dir / "events.jsonl");
   if (!log)

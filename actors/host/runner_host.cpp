@@ -32,6 +32,7 @@
 #include "runtime/base/logging.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/runner_config.hpp"
+#include "runtime/vm/image_cache.hpp"
 #include "runtime/vm/job_claim.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
@@ -161,6 +162,8 @@ Result<v1::RunnerConfig> load_effective_config(const std::string& config_file,
     if (auto image = load_test_guest_image(dir))
       *config.add_images() = *image;
   }
+  // Labels pulled with `image pull`, and configured images pulled before.
+  apply_image_cache(config);
   if (auto ok = validate_runner_config(config); !ok)
     return tl::unexpected(ok.error());
   return config;

@@ -66,7 +66,8 @@ VmFiles vm_files_of(const v1::VmHandle& handle, const v1::RunnerConfig& config,
   if (!handle.snapshot())
     files.writable_disk = handle.disk();  // the overlay; its backing file is image.disk()
   files.seed_iso = handle.seed_iso();
-  files.read_only = {image.disk(), image.kernel(), image.initrd()};
+  files.firmware_vars = handle.firmware_vars();
+  files.read_only = {image.disk(), image.kernel(), image.initrd(), handle.firmware_code()};
   return files;
 }
 

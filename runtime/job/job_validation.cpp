@@ -15,6 +15,7 @@
 #include "runtime/job/json_input.hpp"
 #include "runtime/job/runner_config.hpp"
 #include "runtime/vm/cloud_init.hpp"
+#include "runtime/vm/image_cache.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice {
@@ -101,6 +102,9 @@ void check_vm_source(const v1::JobSpec& spec, const v1::RunnerConfig& config, Pr
                                     [&](const v1::ImageSpec& candidate) { return candidate.label() == spec.runs_on(); });
     if (image == config.images().end()) {
       add("runs_on " + shown(spec.runs_on()) + ": no image has this label (" + configured_labels(config) + ")");
+    } else if (image->disk().empty() && !image->url().empty()) {
+      add("runs_on " + shown(spec.runs_on()) + ": the image is not in the image cache yet (url " + shown(image->url()) +
+          "; solstice-runner run pulls it on first use, or solstice-runner image pull)");
     } else if (!image->disk().empty()) {
       const std::string where = "images[" + std::to_string(image - config.images().begin()) + "] (" +
                                 shown(image->label()) + ") disk";
@@ -126,9 +130,10 @@ void check_steps(const v1::JobSpec& spec, Problems& problems) {
   }
 }
 
-// The size of the VM.
+// The size of the VM, and its firmware.
 void check_vm_size(const v1::JobSpec& spec, Problems& problems) {
   const auto add = [&](std::string text) { problems.push_back(std::move(text)); };
+  if (auto firmware = check_firmware(spec.firmware(), "firmware"); !firmware) add(firmware.error().message);
   if (spec.vcpus() > 64) {
     add("vcpus " + std::to_string(spec.vcpus()) + ": must be 0 (the image's default) or 1 to 64");
   }

@@ -15,6 +15,8 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/job/job_file.hpp"
+#include "runtime/vm/image_cache.hpp"
+#include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice {
 namespace {
@@ -96,6 +98,10 @@ Result<void> check_image_files(v1::ImageSpec& image, const FieldNamer& name_of) 
     if (image.disk_format() == "raw" && image.boot_mode() != v1::BOOT_MODE_KERNEL) {
       if (auto bootable = check_boot_sector(image.disk(), name_of("disk")); !bootable) return bootable;
     }
+  } else if (!image.url().empty()) {
+    return fail(name_of("url") + " " + quoted(image.url()) + ": not pulled into the image cache yet "
+                "(solstice-runner run pulls it on first use, or: solstice-runner image pull URL --sha256 HEX --label " +
+                image.label() + ")");
   } else if (image.boot_mode() != v1::BOOT_MODE_KERNEL) {
     return fail(name_of("disk") + " is empty: a disk-booted image needs a disk");
   }
@@ -226,7 +232,25 @@ Result<void> validate_runner_config(const v1::RunnerConfig& config) {
     }
     const bool kernel_boot = image.boot_mode() == v1::BOOT_MODE_KERNEL;
     if (kernel_boot && image.kernel().empty()) problems.push_back(where + ".kernel is empty: kernel boot needs a kernel");
-    if (!kernel_boot && image.disk().empty()) problems.push_back(where + ".disk is empty: a disk-booted image needs a disk");
+    if (!kernel_boot && image.disk().empty() && image.url().empty()) {
+      problems.push_back(where + ".disk is empty: a disk-booted image needs a disk (or a url and sha256 to pull it from)");
+    }
+    if (!image.url().empty()) {
+      if (image.url().rfind("http://", 0) != 0 && image.url().rfind("https://", 0) != 0) {
+        problems.push_back(where + ".url " + quoted(image.url()) + ": only http:// and https:// URLs can be pulled");
+      }
+      if (auto sha = normalize_sha256(image.sha256(), where + ".sha256"); !sha) {
+        problems.push_back(sha.error().message + (image.sha256().empty() ? " (a url needs the sha256 of the image)" : ""));
+      }
+      if (!image.label().empty()) {
+        if (auto named = check_image_label(image.label(), where + ".label"); !named) problems.push_back(named.error().message);
+      }
+    } else if (!image.sha256().empty()) {
+      problems.push_back(where + ".sha256 is set without a url: it checks an image pulled from the url");
+    }
+    if (auto firmware = check_firmware(image.firmware(), where + ".firmware"); !firmware) {
+      problems.push_back(firmware.error().message);
+    }
     if (!image.disk_format().empty() && image.disk_format() != "qcow2" && image.disk_format() != "raw") {
       problems.push_back(where + ".disk_format " + quoted(image.disk_format()) + ": must be \"qcow2\", \"raw\" or empty (detect)");
     }
@@ -299,6 +323,15 @@ Result<v1::ImageSpec> resolve_image(const v1::JobSpec& job, const v1::RunnerConf
   if (auto checked = check_image_files(image, name_of); !checked) return fail(checked.error().message);
   if (job.vcpus() != 0) image.set_vcpus(job.vcpus());
   if (job.memory_mib() != 0) image.set_memory_mib(job.memory_mib());
+  if (!job.firmware().empty()) image.set_firmware(job.firmware());
+  if (image.firmware().empty()) image.set_firmware("bios");
+  if (image.firmware() == "uefi") {
+    for (const char* path : {ovmf_code_path, ovmf_vars_path}) {
+      if (::access(path, R_OK) != 0) {
+        return fail(errno_message("firmware \"uefi\" needs OVMF (apt-get install ovmf): " + std::string(path), errno));
+      }
+    }
+  }
   return image;
 }
 
@@ -316,7 +349,7 @@ Result<v1::ImageSpec> load_test_guest_image(const fs::path& dir) {
   // Unknown keys are ignored: the manifest belongs to the guest builder and may grow.
   std::map<std::string, std::string> strings;
   for (const char* key : {"user_default", "user", "disk", "disk_format", "kernel", "initrd", "cmdline",
-                          "machine", "boot"}) {
+                          "machine", "boot", "firmware"}) {
     auto value = manifest_string(*manifest, key, source);
     if (!value) return fail(value.error().message);
     strings[key] = *value;
@@ -335,6 +368,10 @@ Result<v1::ImageSpec> load_test_guest_image(const fs::path& dir) {
   image.set_initrd(resolve_against(base, strings["initrd"]).string());
   image.set_kernel_append(strings["cmdline"]);
   image.set_machine(strings["machine"]);
+  image.set_firmware(strings["firmware"]);
+  if (auto firmware = check_firmware(image.firmware(), source + ": \"firmware\""); !firmware) {
+    return fail(firmware.error().message);
+  }
   image.set_memory_mib(*memory);
   image.set_vcpus(*vcpus);
   // The guest's disk boots through the firmware like a cloud image, which is the

@@ -37,7 +37,8 @@ Result<std::string> detect_disk_format(const std::filesystem::path& path,
 Result<v1::ImageSpec> resolve_image(const v1::JobSpec& job, const v1::RunnerConfig& config);
 
 // The built test guest: reads `dir/guest.json` ({"user_default", "disk",
-// "disk_format", "kernel", "initrd", "cmdline", "machine", "memory_mib", "vcpus"},
+// "disk_format", "kernel", "initrd", "cmdline", "machine", "memory_mib", "vcpus",
+// "firmware"},
 // all optional but one of disk / kernel) into an ImageSpec labelled
 // "solstice-test-guest" with absolute paths; kernel boot when a kernel is given.
 Result<v1::ImageSpec> load_test_guest_image(const std::filesystem::path& dir);

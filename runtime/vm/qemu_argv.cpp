@@ -38,6 +38,10 @@ std::vector<std::string> build_qemu_argv(const VmSpec& spec) {
   add(argv, "-smp", std::to_string(spec.vcpus));
   add(argv, "-m", std::to_string(spec.memory_mib));
 
+  if (!spec.firmware_code.empty()) {
+    add(argv, "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + escape_option_value(spec.firmware_code.string()));
+    add(argv, "-drive", "if=pflash,format=raw,unit=1,file=" + escape_option_value(spec.firmware_vars.string()));
+  }
   if (!spec.disk.empty()) {
     std::string drive = "file=" + escape_option_value(spec.disk.string()) +
                         ",if=virtio,format=" + escape_option_value(spec.disk_format);

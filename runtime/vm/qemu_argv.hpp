@@ -29,6 +29,9 @@ struct VmSpec {
   // the runner; QEMU then writes through it and never opens the path (see -add-fd).
   int console_fd = -1;
   unsigned guest_ssh_port = 22;
+  // UEFI: OVMF's code as read-only pflash and the VM's own variables store as
+  // writable pflash. Both empty: the machine's BIOS (SeaBIOS).
+  std::filesystem::path firmware_code, firmware_vars;
 };
 
 // QEMU's seccomp filter: no obsolete system calls, no set*uid/gid, no fork/exec, no

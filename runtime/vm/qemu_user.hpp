@@ -50,6 +50,7 @@ struct VmFiles {
   std::filesystem::path work_dir;
   std::filesystem::path writable_disk;  // the overlay, or empty
   std::filesystem::path seed_iso;       // or empty
+  std::filesystem::path firmware_vars;  // the VM's UEFI variables store (read-write), or empty
   std::vector<std::filesystem::path> read_only;
 };
 Result<void> share_vm_files(const QemuUser& user, const VmFiles& files);

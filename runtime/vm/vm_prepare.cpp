@@ -203,6 +203,16 @@ Result<void> create_overlay(const std::string& qemu_img, const fs::path& base,
   return {};
 }
 
+Result<void> copy_uefi_vars(const fs::path& to) {
+  std::error_code ec;
+  fs::copy_file(ovmf_vars_path, to, fs::copy_options::overwrite_existing, ec);
+  if (ec)
+    return fail("cannot copy the UEFI variables store " + std::string(ovmf_vars_path) + " to " + to.string() +
+                ": " + ec.message() + " (firmware \"uefi\" needs Debian's ovmf package)");
+  fs::permissions(to, fs::perms::owner_read | fs::perms::owner_write, ec);
+  return {};
+}
+
 Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& image,
                                 const v1::RunnerConfig& config, const fs::path& work_dir,
                                 const fs::path& job_dir, uint32_t attempt) {
@@ -267,6 +277,14 @@ Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& ima
     return fail("cannot write the cloud-init seed: " + ok.error().message);
   h.set_seed_iso(seed_iso.string());
 
+  if (image.firmware() == "uefi") {
+    // OVMF writes its variables (boot entries): each VM gets a copy of the template.
+    auto vars = work_dir / "uefi-vars.fd";
+    if (auto ok = copy_uefi_vars(vars); !ok)
+      return tl::unexpected(ok.error());
+    h.set_firmware_code(ovmf_code_path);
+    h.set_firmware_vars(vars.string());
+  }
   if (!image.disk().empty()) {
     auto format = image.disk_format().empty() ? std::string{"raw"} : image.disk_format();
     auto overlay = work_dir / "overlay.qcow2";
@@ -355,6 +373,8 @@ VmSpec vm_spec_from_handle(const v1::VmHandle& h) {
   spec.kernel_append = h.kernel_append();
   spec.qmp_socket = h.qmp_socket();
   spec.console_log = h.console_log();
+  spec.firmware_code = h.firmware_code();
+  spec.firmware_vars = h.firmware_vars();
   return spec;
 }
 

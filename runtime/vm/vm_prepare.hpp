@@ -13,6 +13,11 @@
 
 namespace solstice {
 
+// OVMF from Debian's ovmf package: the firmware (read-only) and the template of
+// the variables store each UEFI VM gets a copy of.
+inline constexpr const char* ovmf_code_path = "/usr/share/OVMF/OVMF_CODE.fd";
+inline constexpr const char* ovmf_vars_path = "/usr/share/OVMF/OVMF_VARS.fd";
+
 // state_dir/jobs/<job id>
 std::filesystem::path job_dir_for(const v1::RunnerConfig& config, const std::string& job_id);
 // state_dir/run/<job id>

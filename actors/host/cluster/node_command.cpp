@@ -18,6 +18,7 @@
 #include "actors/host/runner_host.hpp"
 #include "actors/runner_types.hpp"
 #include "runtime/base/metrics.hpp"
+#include "runtime/vm/image_cache.hpp"
 
 namespace solstice::cluster_cli {
 

@@ -10,6 +10,7 @@
 
 #include "actors/cluster/runner_node.hpp"
 #include "actors/host/cluster/cluster_commands.hpp"
+#include "runtime/vm/image_cache.hpp"
 #include "actors/host/embedding.hpp"
 #include "actors/host/runner_host.hpp"
 #include "runtime/vm/job_claim.hpp"
@@ -60,6 +61,10 @@ Result<PreparedNode> prepare_node(const NodeOptions& options) {
   else
     for (const auto& job : *recovered)
       say("solstice-runner: %s\n", job.description);
+  // Configured images with a url are pulled before the node offers their labels.
+  for (const auto& image : std::vector<v1::ImageSpec>(config->images().begin(), config->images().end()))
+    if (auto pulled = pull_if_missing(*config, image.label(), ::isatty(STDERR_FILENO) != 0); !pulled)
+      return tl::unexpected(pulled.error());
   PreparedNode node{*config, offer_for(options, *config)};
   return node;
 }
