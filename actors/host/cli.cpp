@@ -12,6 +12,7 @@
 
 #include "actors/host/cluster_cli.hpp"
 #include "actors/host/jobs_cli.hpp"
+#include "actors/host/prune_cli.hpp"
 #include "actors/host/runner_host.hpp"
 #include "runtime/base/clock.hpp"
 #include "runtime/base/version.hpp"
@@ -260,6 +261,8 @@ int run_cli(int argc, char** argv) {
   add_cluster_commands(app, cluster_exit);
   std::optional<int> jobs_exit;
   add_jobs_commands(app, jobs_exit);
+  std::optional<int> prune_exit;
+  add_prune_command(app, prune_exit);
 
   if (auto wrong = check_command(app, argc, argv))
     return *wrong;
@@ -275,6 +278,8 @@ int run_cli(int argc, char** argv) {
     return *cluster_exit;
   if (jobs_exit)
     return *jobs_exit;
+  if (prune_exit)
+    return *prune_exit;
   if (run_app->parsed())
     return run_command(common, run);
   return exit_invalid_input;
