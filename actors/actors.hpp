@@ -88,7 +88,7 @@ using guest_shell_actor = caf::typed_actor<
   // Uploads a local file (local path, remote path, mode) over SFTP, then chmods.
   caf::replies_to<put_file_atom, std::string, std::string, uint32_t>::with<ok_atom>,
   // Downloads a remote file to a local path.
-  caf::replies_to<download_atom, std::string, std::string>::with<ok_atom>,
+  caf::replies_to<download_atom, std::string, std::string, uint64_t>::with<ok_atom>,
   // Runs a step (step index, command, its stdin bytes, timeout in ms); output
   // streams to the output observer as chunks; replies the step's exit. File
   // contents and secrets go in stdin, never in the command line.

@@ -20,6 +20,7 @@ const char* errc_name(uint8_t code) {
     case runner_errc::cancelled: return "cancelled";
     case runner_errc::kvm_unusable: return "kvm_unusable";
     case runner_errc::not_released: return "not_released";
+    case runner_errc::limit_exceeded: return "limit_exceeded";
   }
   return "unknown";
 }

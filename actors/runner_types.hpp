@@ -21,6 +21,7 @@ enum class runner_errc : uint8_t {
   cancelled,          // the operation was cancelled
   kvm_unusable,       // KVM could not run the guest (QEMU died or stopped it while booting)
   not_released,       // a guest-shell request before the console hand-off: refused
+  limit_exceeded,     // a download was larger than the bytes left for it (artifacts_max_bytes)
 };
 
 // Adds the runner's message types and error category to `cfg`.

@@ -16,6 +16,7 @@
 #include "actors/host/image_cli.hpp"
 #include "actors/host/jobs_cli.hpp"
 #include "actors/host/metrics_server.hpp"
+#include "actors/host/prune_cli.hpp"
 #include "actors/host/runner_host.hpp"
 #include "runtime/base/clock.hpp"
 #include "runtime/base/logging.hpp"
@@ -314,6 +315,8 @@ int run_cli(int argc, char** argv) {
   add_jobs_commands(app, jobs_exit);
   std::optional<int> image_exit;
   add_image_commands(app, image_exit);
+  std::optional<int> prune_exit;
+  add_prune_command(app, prune_exit);
 
   // Diagnostics (not the jobs' output): on the program and on every command.
   std::string log_level = "info", log_format = "text";
@@ -337,6 +340,8 @@ int run_cli(int argc, char** argv) {
     return *jobs_exit;
   if (image_exit)
     return *image_exit;
+  if (prune_exit)
+    return *prune_exit;
   if (run_app->parsed())
     return run_command(common, run);
   return exit_invalid_input;

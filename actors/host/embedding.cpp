@@ -12,6 +12,7 @@
 #include "actors/host/runner_host.hpp"
 #include "actors/sinks/job_recorder.hpp"
 #include "actors/vm/job_supervisor.hpp"
+#include "runtime/job/disk_limits.hpp"
 #include "runtime/job/event_log.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/job_records.hpp"
@@ -55,13 +56,15 @@ Result<StartedJob> start_job(caf::actor_system& sys, v1::JobSpec job,
   };
   if (auto ok = validate_job(job, config); !ok)
     return refuse(Error{"the job is not valid:\n" + ok.error().message});
+  if (auto room = check_free_space(config); !room)
+    return refuse(room.error());
   auto image = resolve_image(job, config);
   if (!image)
     return refuse(image.error());
   if (!job.runs_on().empty())
     mark_image_used(config, job.runs_on());  // `image list` shows when a label was last used
   auto job_dir = claim->job_dir();
-  auto log = EventLog::open(job_dir / "events.jsonl");
+  auto log = EventLog::open(job_dir / "events.jsonl", disk_limits_of(config).events_max_bytes);
   if (!log)
     return refuse(log.error());
   // Which process runs the job: `jobs list` tells running from abandoned by it.

@@ -30,6 +30,7 @@
 #include "actors/vm/job_supervisor.hpp"
 #include "runtime/base/clock.hpp"
 #include "runtime/base/logging.hpp"
+#include "runtime/job/disk_limits.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/runner_config.hpp"
 #include "runtime/vm/image_cache.hpp"
@@ -401,6 +402,11 @@ int run_jobs_locally(std::vector<v1::JobSpec> jobs, const v1::RunnerConfig& conf
     return exit_invalid_input;
   LocalRun run{jobs, config, options};
   introduce_jobs(run);
+  // Before any record is made: a full disk refuses the whole run.
+  if (auto room = check_free_space(config); !room) {
+    std::fprintf(stderr, "solstice-runner: %s\n", room.error().message.c_str());
+    return exit_infrastructure_error;
+  }
   if (int refused = claim_records(run); refused != 0)
     return refused;
   announce_jobs(run);

@@ -129,7 +129,8 @@ console_tailer(tailer_pointer self, console_observer_actor observer, console_cap
   self->state.use_inotify = wakeup == console_wakeup::inotify;
   self->state.path = std::move(capture.raw_path);
   if (!capture.record_path.empty()) {
-    auto opened = RedactedFile::open(capture.record_path, std::move(capture.secrets));
+    auto opened = RedactedFile::open(capture.record_path, std::move(capture.secrets),
+                                     capture.record_max_bytes, "console_max_bytes");
     if (opened)
       self->state.record.emplace(std::move(*opened));
     else

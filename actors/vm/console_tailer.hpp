@@ -24,6 +24,7 @@ struct console_capture {
   std::string raw_path;     // what QEMU writes
   std::string record_path;  // the job's console.log; empty: no record
   std::vector<std::string> secrets;
+  uint64_t record_max_bytes = 0;  // console_max_bytes; 0: no bound
 };
 
 struct console_tailer_state {

@@ -12,6 +12,7 @@
 #include "actors/vm/job_supervisor_parts.hpp"
 #include "runtime/base/clock.hpp"
 #include "runtime/base/metrics.hpp"
+#include "runtime/job/disk_limits.hpp"
 #include "runtime/job/guest_commands.hpp"
 #include "runtime/job/job_result.hpp"
 #include "runtime/vm/vm_prepare.hpp"
@@ -49,6 +50,30 @@ static void artifact_missing(supervisor_pointer self, int index, const caf::erro
     st.error = redact_text(st, message);
 }
 
+// Over artifacts_max_bytes: the job fails, and none of its artifacts stay on the
+// host (the download stopped at the bound and removed its partial file; this removes
+// the ones before it).
+static void artifacts_over_cap(supervisor_pointer self, int index, const caf::error& err) {
+  auto& st = self->state;
+  std::error_code ignored;
+  fs::remove_all(fs::path(st.vm.job_dir()) / "artifacts", ignored);
+  st.result.clear_artifacts();
+  auto message = artifacts_cap_message(disk_limits_of(st.config).artifacts_max_bytes,
+                                       st.job.artifacts(index).path());
+  notice(self, redact_text(st, "artifact " + st.job.artifacts(index).path() + ": " + error_text(err)));
+  end_phase(self, "artifacts");
+  st.status.reset();
+  decide(self, v1::FAILED, st.error.empty() ? message : st.error + "; " + message);
+}
+
+// The bytes artifact downloads may still write (UINT64_MAX: no bound).
+static uint64_t artifact_bytes_left(const job_supervisor_state& st) {
+  const uint64_t cap = disk_limits_of(st.config).artifacts_max_bytes;
+  if (cap == 0)
+    return UINT64_MAX;
+  return cap > st.artifact_bytes ? cap - st.artifact_bytes : 0;
+}
+
 static void collect_artifact(supervisor_pointer self, int index) {
   auto& st = self->state;
   if (index >= st.job.artifacts_size()) {
@@ -61,17 +86,22 @@ static void collect_artifact(supervisor_pointer self, int index) {
   const auto& artifact = st.job.artifacts(index);
   auto local = fs::path(st.vm.job_dir()) / "artifacts" / artifact_local_name(artifact);
   self->request(st.shell, st.timeouts.transfer, download_atom::value, artifact.path(),
-                local.string())
+                local.string(), artifact_bytes_left(st))
     .then(
       [=](ok_atom) {
         if (self->state.phase != phase::artifacts)
           return unexpected(self, "artifact downloaded");
+        std::error_code ec;
+        const auto size = fs::file_size(local, ec);
+        self->state.artifact_bytes += ec ? 0 : size;
         self->state.result.add_artifacts(local.string());
         collect_artifact(self, index + 1);
       },
       [=](caf::error& err) {
         if (self->state.phase != phase::artifacts)
           return unexpected(self, "artifact failed");
+        if (err == runner_errc::limit_exceeded)
+          return artifacts_over_cap(self, index, err);
         artifact_missing(self, index, err);
         collect_artifact(self, index + 1);
       });

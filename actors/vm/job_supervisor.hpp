@@ -104,6 +104,7 @@ struct job_supervisor_state {
 
   // What the result will say.
   v1::JobResult result;
+  uint64_t artifact_bytes = 0;  // downloaded so far, against artifacts_max_bytes
   std::map<std::string, std::chrono::steady_clock::time_point> phase_started;
   std::deque<std::string> console_tail;
   std::string debug_key_path;

@@ -72,7 +72,8 @@ std::string with_reconnect(std::optional<SshSession>& session,
   if (!session)
     return no_session_error();
   auto error = op(*session);
-  if (error.empty() || cancel.load() || !target)
+  // A file too large stays too large: no second try.
+  if (error.empty() || cancel.load() || !target || error.rfind(download_too_large, 0) == 0)
     return error;
   auto fresh = SshSession::wait_until_ready(
     *target, std::chrono::steady_clock::now() + std::chrono::seconds(30), ready_poll_interval,
@@ -142,14 +143,15 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
       self->state.ok_replies.emplace(id, rp);
       return rp;
     },
-    [=](download_atom, const std::string& remote, const std::string& local) -> caf::result<ok_atom> {
+    [=](download_atom, const std::string& remote, const std::string& local,
+        uint64_t max_bytes) -> caf::result<ok_atom> {
       if (!released(self))
         return refused("download");
-      auto id = post(self, [remote, local, target = self->state.target](
+      auto id = post(self, [remote, local, max_bytes, target = self->state.target](
                              std::optional<SshSession>& session, std::atomic<bool>& cancel,
                              v1::StepResult&, const ssh_executor_internal&) -> std::string {
         return with_reconnect(session, target, cancel, [&](SshSession& s) {
-          auto ok = s.download(remote, local);
+          auto ok = s.download(remote, local, max_bytes);
           return ok ? std::string{} : ok.error().message;
         });
       });
@@ -238,9 +240,10 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
       auto& st = self->state;
       st.in_flight.erase(id);
       auto err = [&] {
-        return caf::make_error(error == "cancelled" ? runner_errc::cancelled
-                                                    : runner_errc::ssh_failed,
-                               error);
+        const auto code = error == "cancelled" ? runner_errc::cancelled
+                          : error.rfind(download_too_large, 0) == 0 ? runner_errc::limit_exceeded
+                                                                    : runner_errc::ssh_failed;
+        return caf::make_error(code, error);
       };
       if (auto i = st.ok_replies.find(id); i != st.ok_replies.end()) {
         if (error.empty())

@@ -18,6 +18,7 @@
 #include "actors/runner_types.hpp"
 #include "actors/vm/ssh_executor.hpp"
 #include "runtime/base/logging.hpp"
+#include "runtime/job/disk_limits.hpp"
 #include "runtime/job/job_file.hpp"
 #include "runtime/vm/qmp.hpp"
 #include "runtime/vm/vm_prepare.hpp"
@@ -205,7 +206,8 @@ void launch(attempt_pointer self) {
                std::to_string(st.vm.memory_mib()) + " MiB");
   // The tailer also writes the job's console.log, redacted (see console_tailer.hpp).
   console_capture capture{st.vm.console_log(), console_record_path(st.vm).string(),
-                          job_secret_values(st.spec.job)};
+                          job_secret_values(st.spec.job),
+                          disk_limits_of(st.spec.config).console_max_bytes};
   st.tailer = adopt(self, st.factory.console(self->system(), console_observer_actor{self},
                                              std::move(capture)));
   self->request(st.qemu, st.timeouts.launch, launch_atom::value)

@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <fstream>
+#include <utility>
 
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/reflection.h>
@@ -176,21 +177,24 @@ Result<v1::JobEvent> event_from_json_line(std::string_view line) {
   return event;
 }
 
-EventLog::EventLog(int fd, std::filesystem::path path)
-    : fd_(fd), path_(std::move(path)), write_mutex_(std::make_unique<std::mutex>()) {}
+EventLog::EventLog(int fd, std::filesystem::path path, uint64_t max_bytes, uint64_t size)
+    : fd_(fd), path_(std::move(path)), write_mutex_(std::make_unique<std::mutex>()),
+      max_bytes_(max_bytes), size_(size) {}
 
 EventLog::EventLog(EventLog&& other) noexcept
-    : fd_(other.fd_), path_(std::move(other.path_)), write_mutex_(std::move(other.write_mutex_)) {
-  other.fd_ = -1;
-}
+    : fd_(std::exchange(other.fd_, -1)), path_(std::move(other.path_)),
+      write_mutex_(std::move(other.write_mutex_)), max_bytes_(other.max_bytes_),
+      size_(other.size_), truncated_(other.truncated_) {}
 
 EventLog& EventLog::operator=(EventLog&& other) noexcept {
   if (this != &other) {
     close_fd();
-    fd_ = other.fd_;
-    other.fd_ = -1;
+    fd_ = std::exchange(other.fd_, -1);
     path_ = std::move(other.path_);
     write_mutex_ = std::move(other.write_mutex_);
+    max_bytes_ = other.max_bytes_;
+    size_ = other.size_;
+    truncated_ = other.truncated_;
   }
   return *this;
 }
@@ -202,23 +206,21 @@ void EventLog::close_fd() {
   fd_ = -1;
 }
 
-Result<EventLog> EventLog::open(const std::filesystem::path& path) {
+Result<EventLog> EventLog::open(const std::filesystem::path& path, uint64_t max_bytes) {
   // O_NONBLOCK only matters for a FIFO without a reader, which must not block us.
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NONBLOCK, 0600);
   if (fd < 0) return fail(errno_message("event log " + path.string() + ": cannot open", errno));
   // The file may have existed with a wider mode; events can carry guest output.
-  if (::fchmod(fd, 0600) != 0) {
+  struct stat info {};
+  if (::fchmod(fd, 0600) != 0 || ::fstat(fd, &info) != 0) {
     const int err = errno;
     ::close(fd);
     return fail(errno_message("event log " + path.string() + ": cannot set mode 0600", err));
   }
-  return EventLog(fd, path);
+  return EventLog(fd, path, max_bytes, static_cast<uint64_t>(info.st_size));
 }
 
-Result<void> EventLog::append(const v1::JobEvent& event) {
-  if (fd_ < 0) return fail("event log " + path_.string() + ": not open");
-  const std::string line = event_to_json_line(event) + "\n";
-  std::lock_guard lock(*write_mutex_);
+Result<void> EventLog::write_line(const std::string& line) {
   // One write per line, so concurrent appenders (O_APPEND) never interleave within
   // a line; the loop only continues after a short write.
   std::size_t written = 0;
@@ -228,7 +230,27 @@ Result<void> EventLog::append(const v1::JobEvent& event) {
     if (done < 0) return fail(errno_message("event log " + path_.string() + ": cannot write", errno));
     written += static_cast<std::size_t>(done);
   }
+  size_ += line.size();
   return {};
+}
+
+Result<void> EventLog::append(const v1::JobEvent& event) {
+  if (fd_ < 0) return fail("event log " + path_.string() + ": not open");
+  const bool bulk = event.has_output() || event.has_console();
+  const std::string line = event_to_json_line(event) + "\n";
+  std::lock_guard lock(*write_mutex_);
+  if (!bulk || max_bytes_ == 0 || size_ + line.size() <= max_bytes_)
+    return write_line(line);
+  if (truncated_) return {};
+  truncated_ = true;
+  v1::JobEvent marker;
+  marker.set_job_id(event.job_id());
+  marker.set_sequence(event.sequence());
+  marker.set_timestamp_us(event.timestamp_us());
+  marker.mutable_notice()->set_message(
+    "events.jsonl truncated: it reached events_max_bytes (" + std::to_string(max_bytes_) +
+    " bytes); later output and console lines of this job are not recorded");
+  return write_line(event_to_json_line(marker) + "\n");
 }
 
 Result<std::vector<v1::JobEvent>> read_event_log(const std::filesystem::path& path) {

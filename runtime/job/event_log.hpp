@@ -33,9 +33,13 @@ std::string message_to_json(const google::protobuf::Message& message, bool prett
 
 // Append-only event file: opened O_APPEND|O_CLOEXEC, mode 0600; every append is
 // written through at once (no user-space buffering). Safe to share between threads.
+// With max_bytes (events_max_bytes, runtime/job/disk_limits.hpp) the bulk of a job,
+// its output and console events, stops at that size: the first one that would pass
+// it is replaced by a notice saying so (with its sequence and time), later ones are
+// left out; every other event (states, steps, errors, the result) is still written.
 class EventLog {
  public:
-  static Result<EventLog> open(const std::filesystem::path& path);
+  static Result<EventLog> open(const std::filesystem::path& path, uint64_t max_bytes = 0);
 
   EventLog(EventLog&& other) noexcept;
   EventLog& operator=(EventLog&& other) noexcept;
@@ -47,12 +51,16 @@ class EventLog {
   const std::filesystem::path& path() const { return path_; }
 
  private:
-  EventLog(int fd, std::filesystem::path path);
+  EventLog(int fd, std::filesystem::path path, uint64_t max_bytes, uint64_t size);
   void close_fd();
+  Result<void> write_line(const std::string& line);
 
   int fd_ = -1;
   std::filesystem::path path_;
   std::unique_ptr<std::mutex> write_mutex_;
+  uint64_t max_bytes_ = 0;  // 0: no bound
+  uint64_t size_ = 0;       // of the file, as this log has written it
+  bool truncated_ = false;
 };
 
 // Parses an event file back; empty lines are skipped; a bad line is an error

@@ -191,6 +191,11 @@ Result<v1::RunnerConfig> load_runner_config(const fs::path& path) {
   if (from_file.max_concurrent_vms()) config.set_max_concurrent_vms(from_file.max_concurrent_vms());
   // Present even when "": that asks for QEMU to run as the runner's user.
   if (from_file.has_qemu_user()) config.set_qemu_user(from_file.qemu_user());
+  // Disk bounds: present even when 0, which turns the bound off (disk_limits.hpp).
+  if (from_file.has_artifacts_max_bytes()) config.set_artifacts_max_bytes(from_file.artifacts_max_bytes());
+  if (from_file.has_events_max_bytes()) config.set_events_max_bytes(from_file.events_max_bytes());
+  if (from_file.has_console_max_bytes()) config.set_console_max_bytes(from_file.console_max_bytes());
+  if (from_file.has_min_free_bytes()) config.set_min_free_bytes(from_file.min_free_bytes());
   for (const auto& image : from_file.images()) {
     auto* resolved = config.add_images();
     *resolved = image;

@@ -14,6 +14,10 @@
 
 namespace solstice {
 
+// How the error of a download larger than its max_bytes starts.
+inline constexpr std::string_view download_too_large = "file larger than the bytes left for it: ";
+
+
 struct SshTarget {
   std::string host = "127.0.0.1";
   uint16_t port = 22;
@@ -72,7 +76,10 @@ class SshSession {
   Result<void> upload(const std::string& content, const std::string& remote_path, int mode);
   Result<void> upload_file(const std::filesystem::path& local, const std::string& remote_path,
                            int mode);
-  Result<void> download(const std::string& remote_path, const std::filesystem::path& local);
+  // At most max_bytes: a larger file is not kept (nothing of it stays at `local`)
+  // and the error starts with download_too_large.
+  Result<void> download(const std::string& remote_path, const std::filesystem::path& local,
+                        uint64_t max_bytes = UINT64_MAX);
 
   // Server host key as presented (wire format).
   std::string host_key() const;

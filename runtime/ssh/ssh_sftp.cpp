@@ -138,7 +138,7 @@ Result<void> SshSession::upload_file(const std::filesystem::path& local,
 }
 
 Result<void> SshSession::download(const std::string& remote_path,
-                                  const std::filesystem::path& local) {
+                                  const std::filesystem::path& local, uint64_t max_bytes) {
   if (!impl_ || !impl_->session)
     return fail("download of " + remote_path + " on a closed SSH session");
   Impl& ssh = *impl_;
@@ -172,6 +172,7 @@ Result<void> SshSession::download(const std::string& remote_path,
     return fail(std::move(message));
   };
   std::vector<char> buffer(kSftpBufferSize);
+  uint64_t total = 0;
   for (;;) {
     ssize_t received = 0;
     rc = ssh.driver(Clock::now() + kTransferStallTimeout).run([&]() -> int {
@@ -182,6 +183,10 @@ Result<void> SshSession::download(const std::string& remote_path,
       return abandon("reading " + remote_path + " from " + ssh.peer + " failed: " +
                      transfer_failure(ssh, rc));
     if (received == 0) break;
+    total += static_cast<uint64_t>(received);
+    if (total > max_bytes)  // stopped here: never more than max_bytes on the host's disk
+      return abandon(std::string(download_too_large) + remote_path + " from " + ssh.peer +
+                     " has more than " + std::to_string(max_bytes) + " bytes");
     const char* data = buffer.data();
     size_t left = static_cast<size_t>(received);
     while (left > 0) {

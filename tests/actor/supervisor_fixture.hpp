@@ -599,8 +599,8 @@ fake_ssh_actor::behavior_type fake_ssh(fake_ssh_actor::pointer self, fixture* fx
         return caf::make_error(runner_errc::ssh_failed, "connection reset");
       return ok_atom::value;
     },
-    [=](download_atom, const std::string& remote,
-        const std::string& local) -> caf::result<ok_atom> {
+    [=](download_atom, const std::string& remote, const std::string& local,
+        uint64_t) -> caf::result<ok_atom> {
       fx->note("ssh", "download", remote, local);
       if (fx->ssh_broken)
         return caf::make_error(runner_errc::ssh_failed, "connection reset");
