@@ -81,6 +81,21 @@ struct TlsClientConfig : caf::actor_system_config {
   }
 };
 
+// Ends the actors it holds when it goes out of scope, also when a REQUIRE
+// fails: an actor system waits for its actors before it can be destroyed.
+struct EndActors {
+  std::vector<caf::actor> actors;
+  template <class Handle>
+  Handle operator()(Handle handle) {
+    actors.push_back(caf::actor_cast<caf::actor>(handle));
+    return handle;
+  }
+  ~EndActors() {
+    for (auto& actor : actors)
+      caf::anon_send_exit(actor, caf::exit_reason::kill);
+  }
+};
+
 // What a sink received.
 struct Received {
   std::mutex mutex;
@@ -304,7 +319,8 @@ TEST_CASE("a peer cannot speak for another: a connection that claims the coordin
   // node-2 joins properly; its node id is what a thief would claim (node ids
   // are guessable: host hash, process id, a counter).
   Peer node2{d, "node-2", *endpoint};
-  auto node2_actor = node2.sys.spawn(fake_node, std::make_shared<FakeNodeState>());
+  EndActors end;
+  auto node2_actor = end(node2.sys.spawn(fake_node, std::make_shared<FakeNodeState>()));
   node_offer offer;
   offer.name = "node-2";
   REQUIRE(node2.ask(join_atom::value, offer, node2_actor).empty());
@@ -353,7 +369,6 @@ TEST_CASE("a peer cannot speak for another: a connection that claims the coordin
   std::this_thread::sleep_for(1s);
   Peer ops{d, "ops", *endpoint};
   CHECK(lists_node(ops.status(), "node-2"));
-  caf::anon_send_exit(node2_actor, caf::exit_reason::user_shutdown);
   coordinator.kill(SIGTERM);
   CHECK_MESSAGE(coordinator.wait_exit(20s), coordinator.describe());
 }
@@ -379,10 +394,11 @@ TEST_CASE("roles from certificates: submitters see, follow and cancel only their
   Peer bob{d, "bob", *endpoint};
   Peer ops{d, "ops", *endpoint};
   Peer node2{d, "node-2", *endpoint};
+  EndActors end;
 
   // Alice's job runs on node-1 (a real guest) for as long as the test needs.
   auto alice_events = std::make_shared<Received>();
-  auto alice_sink = alice.sys.spawn(collector, alice_events);
+  auto alice_sink = end(alice.sys.spawn(collector, alice_events));
   v1::JobSpec job;
   job.set_name("alice's");
   job.set_runs_on("solstice-test-guest");
@@ -406,10 +422,10 @@ TEST_CASE("roles from certificates: submitters see, follow and cancel only their
 
   // Following: bob is refused, the operator may.
   auto bob_events = std::make_shared<Received>();
-  auto bob_sink = bob.sys.spawn(collector, bob_events);
+  auto bob_sink = end(bob.sys.spawn(collector, bob_events));
   CHECK(bob.ask(follow_atom::value, job_id, bob_sink).find("refused") != std::string::npos);
   auto ops_events = std::make_shared<Received>();
-  auto ops_sink = ops.sys.spawn(collector, ops_events);
+  auto ops_sink = end(ops.sys.spawn(collector, ops_events));
   CHECK(ops.ask(follow_atom::value, job_id, ops_sink).empty());
 
   // Cancelling: bob's cancel changes nothing.
@@ -422,12 +438,12 @@ TEST_CASE("roles from certificates: submitters see, follow and cancel only their
 
   // Joining: a submitter cannot join as a node; node-2 cannot take node-1's name.
   auto fake = std::make_shared<FakeNodeState>();
-  auto alice_node = alice.sys.spawn(fake_node, fake);
+  auto alice_node = end(alice.sys.spawn(fake_node, fake));
   node_offer offer;
   offer.name = "alice-node";
   offer.labels["solstice-test-guest"] = 512;
   CHECK(alice.ask(join_atom::value, offer, alice_node).find("refused") != std::string::npos);
-  auto node2_actor = node2.sys.spawn(fake_node, fake);
+  auto node2_actor = end(node2.sys.spawn(fake_node, fake));
   offer.name = "node-1";
   auto stolen = node2.ask(join_atom::value, offer, node2_actor);
   CHECK_MESSAGE(stolen.find("not its certificate's name") != std::string::npos, stolen);
@@ -456,7 +472,7 @@ TEST_CASE("roles from certificates: submitters see, follow and cancel only their
   offer.labels = {{"node-2-only", 512}};
   REQUIRE(node2.ask(join_atom::value, offer, node2_actor).empty());
   auto second_events = std::make_shared<Received>();
-  auto second_sink = alice.sys.spawn(collector, second_events);
+  auto second_sink = end(alice.sys.spawn(collector, second_events));
   v1::JobSpec second;
   second.set_runs_on("node-2-only");
   second.add_steps()->set_script("true");
@@ -504,10 +520,6 @@ TEST_CASE("roles from certificates: submitters see, follow and cancel only their
   CHECK(log.find("refused a join from submitter alice") != std::string::npos);
   CHECK(log.find("refused a join from node node-2") != std::string::npos);
 
-  for (auto* sink : {&alice_sink, &bob_sink, &ops_sink, &second_sink})
-    caf::anon_send_exit(*sink, caf::exit_reason::user_shutdown);
-  caf::anon_send_exit(alice_node, caf::exit_reason::user_shutdown);
-  caf::anon_send_exit(node2_actor, caf::exit_reason::user_shutdown);
   node.kill(SIGTERM);
   CHECK_MESSAGE(node.wait_exit(60s), node.describe());
   coordinator.kill(SIGTERM);

@@ -43,6 +43,21 @@ struct PlainClientConfig : caf::actor_system_config {
   }
 };
 
+// Ends the actors it holds when it goes out of scope, also when a REQUIRE
+// fails: an actor system waits for its actors before it can be destroyed.
+struct EndActors {
+  std::vector<caf::actor> actors;
+  template <class Handle>
+  Handle operator()(Handle handle) {
+    actors.push_back(caf::actor_cast<caf::actor>(handle));
+    return handle;
+  }
+  ~EndActors() {
+    for (auto& actor : actors)
+      caf::anon_send_exit(actor, caf::exit_reason::kill);
+  }
+};
+
 // The events a raw client's sink received.
 struct Received {
   std::mutex mutex;
@@ -75,7 +90,8 @@ v1::JobResult submit_raw(const std::string& endpoint, const v1::JobSpec& spec) {
   auto coordinator = caf::io::remote_actor<coordinator_actor>(sys, "127.0.0.1", port);
   REQUIRE_MESSAGE(coordinator, sys.render(coordinator.error()));
   auto received = std::make_shared<Received>();
-  auto sink = sys.spawn(collector, received);
+  EndActors end;
+  auto sink = end(sys.spawn(collector, received));
   {
     caf::scoped_actor self{sys};
     self->request(*coordinator, std::chrono::milliseconds(30s), submit_atom::value, spec, sink)
@@ -85,7 +101,6 @@ v1::JobResult submit_raw(const std::string& endpoint, const v1::JobSpec& spec) {
   auto deadline = Clock::now() + 60s;
   while (!received->result() && Clock::now() < deadline)
     std::this_thread::sleep_for(100ms);
-  caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);
   auto result = received->result();
   REQUIRE_MESSAGE(result, "no result within 60 s");
   return *result;

@@ -485,3 +485,48 @@ TEST_CASE("a disk image QEMU cannot use is refused by validation, naming the fil
     CHECK(refused.error().message.find("images[0] (\"debian\") disk \"" + good.string() + "\": QEMU cannot open it: ") == 0);
   }
 }
+
+TEST_CASE("pack_uploads reads each upload into the job and clears its source; check_self_contained "
+          "refuses a job that names a path") {
+  TempDir dir;
+  const std::string bytes("a\0b\xff\n", 5);
+  dir.write("jobs/data.bin", bytes);
+  const auto file = dir.write("jobs/job.json", R"({
+    "runs_on": "x", "steps": [{"script": "a"}],
+    "uploads": [{"source": "data.bin", "destination": "/tmp/data.bin"}]
+  })");
+  auto spec = load_job_file(file);
+  REQUIRE(spec.has_value());
+  auto refused = solstice::check_self_contained(*spec);
+  REQUIRE_FALSE(refused.has_value());
+  CHECK(refused.error().message.find("uploads[0].source") != std::string::npos);
+  CHECK(refused.error().message.find("names a file on the node") != std::string::npos);
+
+  REQUIRE(solstice::pack_uploads(*spec).has_value());
+  CHECK(spec->uploads(0).source().empty());
+  CHECK(spec->uploads(0).has_content());
+  CHECK(spec->uploads(0).content() == bytes);
+  CHECK(solstice::check_self_contained(*spec).has_value());
+  // Packing again (a packed job) changes nothing.
+  REQUIRE(solstice::pack_uploads(*spec).has_value());
+  CHECK(spec->uploads(0).content() == bytes);
+
+  solstice::v1::JobSpec with_image;
+  with_image.set_image("/var/lib/disk.qcow2");
+  auto image = solstice::check_self_contained(with_image);
+  REQUIRE_FALSE(image.has_value());
+  CHECK(image.error().message.find("image \"/var/lib/disk.qcow2\" names a file on the node") !=
+        std::string::npos);
+  auto packed_image = solstice::pack_uploads(with_image);
+  REQUIRE_FALSE(packed_image.has_value());
+  CHECK(packed_image.error().message.find("runs_on label only") != std::string::npos);
+
+  solstice::v1::JobSpec missing;
+  auto upload = missing.add_uploads();
+  upload->set_source((dir.path / "nope.bin").string());
+  upload->set_destination("/tmp/x");
+  auto not_there = solstice::pack_uploads(missing);
+  REQUIRE_FALSE(not_there.has_value());
+  CHECK(not_there.error().message.find("uploads[0].source") != std::string::npos);
+  CHECK(not_there.error().message.find("nope.bin") != std::string::npos);
+}
