@@ -5,11 +5,11 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <mutex>
 #include <vector>
 
 #include <caf/send.hpp>
-#include <spdlog/spdlog.h>
 
 #include "actors/runner_types.hpp"
 #include "runtime/vm/guest_firewall.hpp"
@@ -52,9 +52,10 @@ std::vector<int> watched_fds(const qemu_process_state& st) {
 void warn_host_reachable_once() {
   static std::once_flag warned;
   std::call_once(warned, [] {
-    spdlog::warn("QEMU runs as the runner's own user: guests can reach services on this "
-                 "host's loopback and addresses (run the runner as root with a qemu_user "
-                 "to wall them off)");
+    // stderr: with --json stdout holds only event lines.
+    std::fprintf(stderr, "solstice-runner: warning: QEMU runs as the runner's own user: guests "
+                         "can reach services on this host's loopback and addresses (run the "
+                         "runner as root with a qemu_user to wall them off)\n");
   });
 }
 

@@ -474,6 +474,17 @@ TEST_CASE("upload and download round-trip 1 MiB of random bytes") {
   CHECK(std::distance(std::filesystem::directory_iterator(work->path()),
                       std::filesystem::directory_iterator()) ==
         (std::filesystem::exists(work->path() / "payload.bin") ? 2 : 1));
+
+  // max_bytes: exactly the size is fine; one byte less keeps nothing at all.
+  auto exact = ssh.download("/tmp/payload.bin", work->path() / "exact.bin", payload.size());
+  REQUIRE_MESSAGE(exact.has_value(), why(exact));
+  CHECK(std::filesystem::file_size(work->path() / "exact.bin") == payload.size());
+  auto over = ssh.download("/tmp/payload.bin", work->path() / "over.bin", payload.size() - 1);
+  REQUIRE_FALSE(over.has_value());
+  CHECK(over.error().message.rfind(std::string(download_too_large), 0) == 0);
+  CHECK_FALSE(std::filesystem::exists(work->path() / "over.bin"));
+  for (const auto& entry : std::filesystem::directory_iterator(work->path()))
+    CHECK(entry.path().filename().string().find("partial") == std::string::npos);
 }
 
 TEST_CASE("download and upload errors name the file") {
