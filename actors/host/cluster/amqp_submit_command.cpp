@@ -95,18 +95,11 @@ int amqp_submit_command(const SubmitOptions& options) {
     say("solstice-runner: %s\n", endpoint.error().message);
     return exit_invalid_input;
   }
-  auto job = load_job_file(options.job_file);
+  auto job = submittable_job(options.job_file);
   if (!job) {
     say("solstice-runner: %s\n", job.error().message);
     return exit_invalid_input;
   }
-  // A job on the bus may run on any node: its uploads travel inside it.
-  if (auto packed = pack_uploads(*job); !packed) {
-    say("solstice-runner: %s\n", options.job_file + ": " + packed.error().message);
-    return exit_invalid_input;
-  }
-  if (job->id().empty())
-    job->set_id(make_job_id());
   BlockedSignals signals;
   auto client = amqp::Client::connect(*endpoint, 30s);
   if (!client) {

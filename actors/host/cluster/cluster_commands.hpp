@@ -79,6 +79,11 @@ int node_command(const NodeOptions& options);
 int submit_command(const SubmitOptions& options);
 int amqp_node_command(const NodeOptions& options);
 int amqp_submit_command(const SubmitOptions& options);
+
+// The job of `submit` (either intake), ready to leave this host: read and checked,
+// its uploads packed into it (a remote node reads no file of ours), an id given.
+// The error names the job file.
+Result<v1::JobSpec> submittable_job(const std::string& job_file);
 int status_command(const StatusOptions& options);
 
 }  // namespace solstice::cluster_cli

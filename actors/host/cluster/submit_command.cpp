@@ -65,6 +65,17 @@ std::optional<int> follow_job(caf::scoped_actor& self, const event_sink_actor& p
 
 }  // namespace
 
+Result<v1::JobSpec> submittable_job(const std::string& job_file) {
+  auto job = load_job_file(job_file);
+  if (!job)
+    return job;
+  if (auto packed = pack_uploads(*job); !packed)
+    return fail(job_file + ": " + packed.error().message);
+  if (job->id().empty())
+    job->set_id(make_job_id());
+  return job;
+}
+
 int submit_command(const SubmitOptions& options) {
   if (!options.amqp.url.empty())
     return amqp_submit_command(options);
@@ -77,17 +88,11 @@ int submit_command(const SubmitOptions& options) {
     say("solstice-runner: %s\n", to.error().message);
     return exit_invalid_input;
   }
-  auto job = load_job_file(options.job_file);
+  auto job = submittable_job(options.job_file);
   if (!job) {
     say("solstice-runner: %s\n", job.error().message);
     return exit_invalid_input;
   }
-  if (auto packed = pack_uploads(*job); !packed) {
-    say("solstice-runner: %s\n", options.job_file + ": " + packed.error().message);
-    return exit_invalid_input;
-  }
-  if (job->id().empty())
-    job->set_id(make_job_id());
 
   BlockedSignals signals;
   ClusterConfig cfg{options.net};
