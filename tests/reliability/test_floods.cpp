@@ -432,6 +432,12 @@ void check_runner_memory(const FloodRun& run) {
                                          << rss_limit_kib << " KiB");
 }
 
+// These cases check every byte in events.jsonl too, so its cap (events_max_bytes,
+// 64 MiB by default, tested in test_disk_limits.cpp) is turned off.
+std::filesystem::path uncapped_config(const Sandbox& sandbox) {
+  return sandbox.write_json("runner-config.json", nlohmann::json{{"events_max_bytes", 0}});
+}
+
 }  // namespace
 
 TEST_CASE("a flood of stdout arrives whole in the terminal and the event log, with bounded "
@@ -449,7 +455,7 @@ TEST_CASE("a flood of stdout arrives whole in the terminal and the event log, wi
   job["timeout_seconds"] = 3000;
   auto job_file = sandbox.write_json("job.json", job);
 
-  auto run = run_to_files(sandbox.run_args(job_file, "tcg"), sandbox.root() / "stdout",
+  auto run = run_to_files(sandbox.run_args(job_file, "tcg", uncapped_config(sandbox)), sandbox.root() / "stdout",
                           sandbox.root() / "stderr", 3300s);
   REQUIRE_MESSAGE(run.status, "the runner did not finish within " << run.seconds << " s");
   CHECK_MESSAGE(run.status->describe() == "exit code 0",
@@ -504,7 +510,7 @@ TEST_CASE("a terminal that does not keep up with a flood does not make the runne
   // terminal slows the step down meanwhile instead of buffering its output.
   const auto result_file = sandbox.job_dir(id) / "result.json";
   const auto hold_until = steady::now() + 120s;
-  auto run = run_to_files(sandbox.run_args(job_file, "tcg"), sandbox.root() / "stdout",
+  auto run = run_to_files(sandbox.run_args(job_file, "tcg", uncapped_config(sandbox)), sandbox.root() / "stdout",
                           sandbox.root() / "stderr", 1500s,
                           [&] { return !fs::exists(result_file) && steady::now() < hold_until; });
   REQUIRE_MESSAGE(run.status, "the runner did not finish within " << run.seconds << " s");
@@ -570,7 +576,7 @@ TEST_CASE("a long line, binary bytes, both streams interleaved and a closed stdo
     job["steps"][i]["name"] = names[i];
   auto job_file = sandbox.write_json("job.json", job);
 
-  auto run = run_to_files(sandbox.run_args(job_file, "tcg"), sandbox.root() / "stdout",
+  auto run = run_to_files(sandbox.run_args(job_file, "tcg", uncapped_config(sandbox)), sandbox.root() / "stdout",
                           sandbox.root() / "stderr", 1500s);
   const auto out = read_file(sandbox.root() / "stdout");
   const auto err = read_file(sandbox.root() / "stderr");
