@@ -4,6 +4,8 @@
 // try what their roles do not allow. The peers that misbehave are in-process
 // CAF clients holding the real certificates (a well-behaved `solstice-runner`
 // would not even try).
+// A little over 500 lines: one shared cluster (coordinator, node, guest job) serves
+// every refusal case, and splitting it would boot that cluster once per file.
 #include <doctest/doctest.h>
 
 #include <csignal>
