@@ -191,14 +191,10 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
     for (const auto& job : *recovered)
       log_job(spdlog::level::info, job.job_id, "{}", job.description);
   metrics().set_slots(config->max_concurrent_vms());
-  std::unique_ptr<MetricsServer> metrics_server;
-  if (!run.metrics_listen.empty()) {
-    auto started = MetricsServer::start(run.metrics_listen);
-    if (!started) {
-      report_invalid(run.json, started.error().message);
-      return exit_invalid_input;
-    }
-    metrics_server = std::move(*started);
+  auto metrics_server = MetricsServer::start_if_asked(run.metrics_listen);
+  if (!metrics_server) {
+    report_invalid(run.json, metrics_server.error().message);
+    return exit_invalid_input;
   }
   LocalRunOptions options;
   options.json = run.json;

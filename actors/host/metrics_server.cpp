@@ -18,6 +18,12 @@ struct MetricsServer::Impl {
   std::string address;
 };
 
+Result<std::unique_ptr<MetricsServer>> MetricsServer::start_if_asked(const std::string& listen) {
+  if (listen.empty())
+    return std::unique_ptr<MetricsServer>{};
+  return start(listen);
+}
+
 Result<std::unique_ptr<MetricsServer>> MetricsServer::start(const std::string& listen) {
   const auto colon = listen.rfind(':');
   int port = -1;

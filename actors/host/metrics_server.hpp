@@ -15,6 +15,8 @@ class MetricsServer {
   // Binds HOST:PORT (port 0: any free port) and starts serving; an error names
   // the address and why (a bad address, a port in use).
   static Result<std::unique_ptr<MetricsServer>> start(const std::string& listen);
+  // As start, but an empty `listen` (no --metrics-listen given) is no server: null.
+  static Result<std::unique_ptr<MetricsServer>> start_if_asked(const std::string& listen);
   ~MetricsServer();  // stops serving and joins the thread
 
   // The address it serves on, "HOST:PORT" with the real port.

@@ -21,14 +21,10 @@ int coordinator_command(const CoordinatorOptions& options) {
     return exit_invalid_input;
   }
   BlockedSignals signals;
-  std::unique_ptr<MetricsServer> metrics_server;
-  if (!options.metrics_listen.empty()) {
-    auto started = MetricsServer::start(options.metrics_listen);
-    if (!started) {
-      say("solstice-runner: %s\n", started.error().message);
-      return exit_invalid_input;
-    }
-    metrics_server = std::move(*started);
+  auto metrics_server = MetricsServer::start_if_asked(options.metrics_listen);
+  if (!metrics_server) {
+    say("solstice-runner: %s\n", metrics_server.error().message);
+    return exit_invalid_input;
   }
   ClusterConfig cfg{options.net};
   caf::actor_system sys{cfg};
