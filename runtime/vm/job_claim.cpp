@@ -147,7 +147,7 @@ JobClaim::take(const v1::RunnerConfig& config, const std::string& job_id, bool r
     return refuse(Kind::failed, "internal: job id \"" + job_id + "\" cannot name a record");
   const ClaimPaths paths{job_id, job_dir_for(config, job_id), work_dir_for(config, job_id)};
   for (const auto& dir : {paths.record.parent_path(), paths.work.parent_path()})
-    if (auto made = make_private_dir(dir); !made)
+    if (auto made = make_missing_dirs(dir); !made)
       return refuse(Kind::failed, made.error().message);
   // Staged in the state directory itself (same file system as jobs/), so that
   // nothing reading jobs/ ever sees a half-made record.

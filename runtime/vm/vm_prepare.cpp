@@ -37,7 +37,7 @@ fs::path console_record_path(const v1::VmHandle& handle) {
   return handle.job_dir().empty() ? fs::path() : fs::path(handle.job_dir()) / "console.log";
 }
 
-Result<void> make_private_dir(const fs::path& dir) {
+Result<void> make_missing_dirs(const fs::path& dir) {
   std::error_code ec;
   fs::path partial;
   for (const auto& part : dir) {
@@ -47,6 +47,12 @@ Result<void> make_private_dir(const fs::path& dir) {
     if (::mkdir(partial.c_str(), 0700) != 0 && errno != EEXIST)
       return fail(errno_message("cannot create directory " + partial.string(), errno));
   }
+  return {};
+}
+
+Result<void> make_private_dir(const fs::path& dir) {
+  if (auto made = make_missing_dirs(dir); !made)
+    return made;
   // The last component must be private even if it existed already.
   if (::chmod(dir.c_str(), 0700) != 0)
     return fail(errno_message("cannot set mode 0700 on " + dir.string(), errno));

@@ -28,8 +28,13 @@ std::filesystem::path work_dir_for(const v1::RunnerConfig& config, const std::st
 // Empty when the handle has no job directory.
 std::filesystem::path console_record_path(const v1::VmHandle& handle);
 
-// Creates `dir` and missing parents with mode 0700.
+// Creates `dir` and missing parents with mode 0700, then sets `dir` itself to 0700.
 Result<void> make_private_dir(const std::filesystem::path& dir);
+
+// Creates `dir` and missing parents with mode 0700; leaves existing ones as they are
+// (state_dir and state_dir/run carry o+x for QEMU's user, see qemu_user.hpp, and a
+// VM starting meanwhile needs it).
+Result<void> make_missing_dirs(const std::filesystem::path& dir);
 
 // "kvm" or "tcg" for a configured accel ("auto", "kvm", "tcg").
 std::string resolve_accel(const std::string& configured, const std::string& kvm_device = {});

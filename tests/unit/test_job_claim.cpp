@@ -167,3 +167,20 @@ TEST_CASE("a state directory that cannot be written is an error naming it") {
   CHECK(refused.error().kind == Kind::failed);
   CHECK(refused.error().message.find(file.string()) != std::string::npos);
 }
+
+TEST_CASE("claiming a job keeps state_dir/run searchable for the VMs of jobs already running") {
+  // A VM that is starting as QEMU's user needs o+x on state_dir and state_dir/run
+  // (share_vm_files gives it); a claim for another job must not take it away.
+  test::TempDir state;
+  const auto config = config_in(state.path);
+  auto first = JobClaim::take(config, "job-1", false);
+  REQUIRE(first);
+  const auto run = work_dir_for(config, "job-1").parent_path();
+  REQUIRE(fs::is_directory(run));
+  for (const auto& dir : {state.path, run})
+    fs::permissions(dir, fs::perms::others_exec, fs::perm_options::add);
+  auto second = JobClaim::take(config, "job-2", false);
+  REQUIRE(second);
+  for (const auto& dir : {state.path, run})
+    CHECK((fs::status(dir).permissions() & fs::perms::others_exec) == fs::perms::others_exec);
+}
