@@ -35,9 +35,10 @@ fs::path label_file(const v1::RunnerConfig& config, const std::string& label) {
 }
 
 // Creates `dir` (and parents, private) with `mode`: blobs must be reachable by
-// QEMU's user, labels and partial downloads need not.
+// QEMU's user, labels and partial downloads need not. Never 0700 in between: a VM
+// of another job may be opening a blob at that moment.
 Result<void> make_dir(const fs::path& dir, mode_t mode) {
-  if (auto made = make_private_dir(dir); !made) return made;
+  if (auto made = make_missing_dirs(dir); !made) return made;
   if (::chmod(dir.c_str(), mode) != 0) return fail(errno_message("cannot set the mode of " + dir.string(), errno));
   return {};
 }
