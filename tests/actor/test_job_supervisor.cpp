@@ -201,7 +201,7 @@ TEST_CASE_FIXTURE(fixture, "a two-step job succeeds through the whole protocol")
   CHECK(r.steps(1).name() == "test");
   CHECK(r.steps(1).outcome() == v1::STEP_SUCCEEDED);
   CHECK(r.steps(1).exit_code() == 0);
-  for (auto phase : {"prepare", "boot_to_ssh", "console_handoff", "step:build", "step:test",
+  for (auto phase : {"prepare", "boot_to_ssh", "console_handoff", "setup", "step:build", "step:test",
                      "shutdown"})
     CHECK_MESSAGE(has_phase(r, phase), phase);
   CHECK(r.summary().find("succeeded") != std::string::npos);
