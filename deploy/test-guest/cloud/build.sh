@@ -54,6 +54,18 @@ done
 mbr_bin=/usr/lib/syslinux/mbr/mbr.bin
 [[ -s "$mbr_bin" ]] || fail "$mbr_bin is missing (package syslinux-common)"
 
+# The sources apt is configured with (one-line or deb822 files), handed to
+# mmdebstrap as they are, so the image comes from the same mirror as the host's
+# packages (mmdebstrap's default would be deb.debian.org).
+apt_sources=()
+if [[ -f /etc/apt/sources.list ]] && grep -qE '^[[:space:]]*deb[[:space:]]' /etc/apt/sources.list; then
+	apt_sources+=(/etc/apt/sources.list)
+fi
+for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+	if [[ -s "$f" ]]; then apt_sources+=("$f"); fi
+done
+((${#apt_sources[@]})) || fail "apt has no sources configured (/etc/apt/sources.list, /etc/apt/sources.list.d/)"
+
 exec 9>"$outdir/.lock"
 flock -w 3600 9 || fail "timed out waiting for another build in $outdir"
 
@@ -80,6 +92,7 @@ fi
 host_tools=$(dpkg-query -W -f='${Package}=${Version}\n' "${host_tool_packages[@]}" 2>/dev/null || true)
 input_hash=$({
 	echo "script $script_hash suite $suite"
+	cat "${apt_sources[@]}"
 	echo "$resolved"
 	echo "$host_tools"
 	echo "cmdline $kernel_cmdline memory $memory_mib user $user_default disk $disk_mib boot $boot_mib"
@@ -104,8 +117,17 @@ root=$work/root
 # initramfs-tools is told before the kernel is installed to build a small
 # initramfs with just the drivers this guest boots from.
 include=$(IFS=,; echo "${packages[*]}")
+# mmdebstrap mounts /proc, /sys and /dev into the chroot for the maintainer
+# scripts; where mounting is not allowed (some containers) it goes without.
+mount_options=()
+probe=$(mktemp -d "$work/.mount-probe.XXXXXX")
+if ! unshare --mount sh -c 'mount -t proc proc "$1"' sh "$probe" 2>/dev/null; then
+	log "mounting is not allowed here: the chroot gets no /proc, /sys or /dev mounts (--skip=chroot/mount)"
+	mount_options=(--skip=chroot/mount)
+fi
+rmdir "$probe"
 log "mmdebstrap $suite (${packages[*]})"
-mmdebstrap --variant=apt --mode=root --format=directory --include="$include" \
+mmdebstrap --variant=apt --mode=root --format=directory --include="$include" "${mount_options[@]}" \
 	--dpkgopt='path-exclude=/usr/share/man/*' \
 	--dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
 	--dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
@@ -120,7 +142,7 @@ mmdebstrap --variant=apt --mode=root --format=directory --include="$include" \
 	--customize-hook="rm -rf '$cache/debs.new' && mkdir '$cache/debs.new'" \
 	--customize-hook="sync-out /var/cache/apt/archives '$cache/debs.new'" \
 	--customize-hook='rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*' \
-	"$suite" "$root" >"$outdir/mmdebstrap.log" 2>&1 \
+	"$suite" "$root" "${apt_sources[@]}" >"$outdir/mmdebstrap.log" 2>&1 \
 	|| { tail -n 30 "$outdir/mmdebstrap.log" >&2; fail "mmdebstrap failed (log above; all of it in $outdir/mmdebstrap.log)"; }
 rm -rf "$cache/debs" && mv "$cache/debs.new" "$cache/debs"
 rm -f "$cache/debs/lock" && rm -rf "$cache/debs/partial"
@@ -153,8 +175,9 @@ mcopy -i "$work/boot.img" "$work/vmlinuz" "$work/initrd.img" "$work/syslinux.cfg
 # ---- 4. Root partition: ext4 filled from the directory (owners, modes, links kept).
 root_start=$((boot_start + boot_mib * 2048))
 root_sectors=$((disk_mib * 2048 - root_start))
+truncate -s $((root_sectors * 512)) "$work/root.img"
 mkfs.ext4 -q -F -L "$root_label" -d "$root" -E lazy_itable_init=1,lazy_journal_init=1,nodiscard \
-	"$work/root.img" $((root_sectors / 2))k || fail "mkfs.ext4 -d failed"
+	"$work/root.img" || fail "mkfs.ext4 -d failed"
 
 # ---- 5. The disk: MBR (syslinux's boot code, boot partition active), both
 # partitions copied in at their offsets, syslinux installed into the first.
