@@ -244,6 +244,27 @@ TEST_CASE_FIXTURE(fixture, "the job's uploads go between the set-up exec, which 
   CHECK(result().status() == v1::SUCCEEDED);
 }
 
+TEST_CASE_FIXTURE(fixture, "cloud-init errors reported by the set-up are a notice; a failed set-up is an infrastructure error") {
+  SUBCASE("cloud-init ended with errors: the job goes on") {
+    setup_plan.exit_code = setup_cloud_init_failed_exit;
+    start(two_step_job());
+    drive();
+    CHECK(has_notice_containing("cloud-init finished with errors"));
+    CHECK(count("ssh", "exec") == 3);
+    CHECK(result().status() == v1::SUCCEEDED);
+  }
+  SUBCASE("the set-up itself failed: no step runs") {
+    setup_plan.exit_code = 1;
+    start(two_step_job());
+    drive();
+    CHECK_FALSE(has_notice_containing("cloud-init"));
+    CHECK(count("ssh", "exec") == 1);
+    CHECK(result().status() == v1::INFRASTRUCTURE_ERROR);
+    CHECK(result().error().find("cannot create the job's directories") != std::string::npos);
+  }
+  CHECK(has_phase(result(), "setup"));
+}
+
 TEST_CASE_FIXTURE(fixture, "a failing step fails the job and skips the rest") {
   step_plans[1].exit_code = 3;
   start(job_with_steps({make_step("one", "true"), make_step("two", "exit 3"),
