@@ -207,7 +207,10 @@ TEST_CASE("a job on the real cloud image: cloud-init's user and the seed's host 
             "echo \"sshd_restarts=$(sudo -n grep -c 'Restarted the SSH daemon' /var/log/cloud-init.log)\"\n"
             "echo \"host_key=$(sudo -n cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub)\"\n"
             "echo \"host_keys=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$')\"\n"
-            "echo \"greeting=$GREETING\"\n"}},
+            "echo \"greeting=$GREETING\"\n"
+            // For the log: sshd's logins and restarts this boot (on stderr).
+            "sudo -n journalctl -b -o short-monotonic --no-pager -u ssh.service "
+            "| grep -E 'Accepted publickey|Stopping|Started' >&2 || true\n"}},
       json{{"name", "artifact"},
            {"script", "mkdir -p /tmp/out && cp /tmp/in/payload.bin /tmp/out/copy.bin && echo copied >&2"}},
       json{{"name", "last"}, {"script", "echo the end; exit 7"}},
@@ -252,6 +255,7 @@ TEST_CASE("a job on the real cloud image: cloud-init's user and the seed's host 
   CHECK(read_file(result.artifacts(0)) == payload);
 
   auto seen = key_values(step_output(*events, 0, v1::STDOUT));
+  MESSAGE("sshd this boot (guest's monotonic clock):\n" << step_output(*events, 0, v1::STDERR));
   // The first step starts after cloud-init has finished, and it finished cleanly
   // (no notice of cloud-init errors).
   CHECK(seen["cloud_init"] == "done");
