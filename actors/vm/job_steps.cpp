@@ -294,7 +294,8 @@ void set_up_guest(supervisor_pointer self) {
         if (self->state.phase != phase::setup)
           return unexpected(self, "set-up failed");
         end_phase(self, "setup");
-        shell_failure(self, "cannot prepare the guest: " + error_text(err));
+        shell_failure(self, "cannot prepare the guest (the set-up first waits for cloud-init, "
+                            "where the guest runs it): " + error_text(err));
       });
 }
 
