@@ -265,14 +265,16 @@ TEST_CASE("a job on the real cloud image: cloud-init's user and the seed's host 
   // none), with the seed's shell and passwordless sudo.
   CHECK(seen["user"] == "runner uid=1000");
   CHECK(seen["passwd"] == "runner:x:1000:1000::/home/runner:/bin/sh");
-  CHECK(seen["created_by_cloud_init"] == "1");
+  CHECK_MESSAGE(seen["created_by_cloud_init"] == "1", "cloud-init.log does not say it added the user");
   CHECK(seen["sudo"] == "root");
   CHECK(seen["hostname"] == "solstice-" + result.job_id());
   CHECK(seen["greeting"] == "hello from the cloud image");
   // cloud-init restarted sshd during this boot (the case the runner must live
   // with); the key the guest serves after it is the one of the runner's seed,
   // which the runner pinned (it refuses any other), and the only one there is.
-  CHECK(seen["sshd_restarts"] == "1");
+  CHECK_MESSAGE(seen["sshd_restarts"] == "1",
+                "cloud-init did not restart sshd this boot, so the case this test is for did not "
+                "happen (cloud-init's set-passwords restarts it when ssh_pwauth changes sshd_config)");
   const auto seed_iso = seed_copy_dir / "seed.iso";
   REQUIRE_MESSAGE(fs::exists(seed_iso), "the QEMU wrapper kept no copy of the seed");
   CHECK(seen["host_key"] == seed_host_key(seed_iso, temp.path()));
