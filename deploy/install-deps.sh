@@ -18,6 +18,8 @@ packages=(
   cpio gzip dosfstools mtools syslinux syslinux-common dropbear-bin busybox-static
   # its UEFI twin (deploy/test-guest/uefi/build.sh: GPT via sfdisk; systemd-boot is apt-get download'ed)
   fdisk
+  # the cloud-image test guest (deploy/test-guest/cloud/build.sh: mmdebstrap, mkfs.ext4 -d)
+  mmdebstrap e2fsprogs
   # tests: ISO inspection, cloud-config schema check, OpenSSH as a reference client
   xorriso genisoimage cloud-init openssh-client
   # metrics endpoint (HTTP server library)

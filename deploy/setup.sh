@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One step for a fresh Debian bookworm machine (as root): dependencies, build,
-# test guest. Safe to run again: each part only redoes what changed.
+# test guests. Safe to run again: each part only redoes what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,3 +10,5 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_INSTALL_P
 cmake --build build -j 2
 deploy/test-guest/build.sh build/test-guest
 deploy/test-guest/uefi/build.sh build/test-guest
+# The real cloud image (Debian, cloud-init, OpenSSH) the real-guest tests boot.
+deploy/test-guest/cloud/build.sh build/test-guest/cloud

@@ -250,7 +250,8 @@ static void upload_file(supervisor_pointer self, int index) {
       });
 }
 
-// The first use of the guest shell: directories for the job's files and for
+// The first use of the guest shell: it waits for cloud-init where the guest runs
+// it (see setup_command), then makes directories for the job's files and for
 // every upload destination, and the environment file, written from the
 // command's stdin (secrets never appear in a command line). One round trip.
 void set_up_guest(supervisor_pointer self) {
@@ -258,20 +259,30 @@ void set_up_guest(supervisor_pointer self) {
   st.phase = phase::setup;
   end_phase(self, "console_handoff");
   set_state(self, v1::RUNNING);
+  // Its own phase: on a cloud-init guest it holds the wait for cloud-init.
+  begin_phase(self, "setup");
   std::vector<std::string> dirs;
   for (const auto& upload : st.job.uploads())
     dirs.push_back(fs::path(upload.destination()).parent_path().string());
   std::map<std::string, std::string> env(st.job.env().begin(), st.job.env().end());
   env["SOLSTICE_JOB_ID"] = st.job.id();
   std::map<std::string, std::string> secrets(st.job.secrets().begin(), st.job.secrets().end());
+  // The set-up waits for cloud-init to finish, which belongs to the boot: it gets
+  // the boot's time (boot_timeout_seconds), at least a minute.
+  const uint32_t boot_seconds = st.config.boot_timeout_seconds() ? st.config.boot_timeout_seconds() : 300;
+  const uint32_t setup_timeout_ms = std::max<uint32_t>(60, boot_seconds) * 1000;
   self->request(st.shell, st.timeouts.transfer, exec_atom::value, runner_setup_step,
-                setup_command(dirs), make_env_file(env, secrets), uint32_t{60000})
+                setup_command(dirs), make_env_file(env, secrets), setup_timeout_ms)
     .then(
       [=](v1::StepResult& result) {
         auto& st = self->state;
         if (st.phase != phase::setup)
           return unexpected(self, "set-up done");
-        if (result.exit_code() != 0)
+        end_phase(self, "setup");
+        if (result.exit_code() == setup_cloud_init_failed_exit)
+          notice(self, "cloud-init finished with errors in the guest (`cloud-init status --long` "
+                       "there says which); the job goes on");
+        else if (result.exit_code() != 0)
           return infrastructure_error(
             self, with_console_tail(st, "cannot create the job's directories and " +
                                           env_file_path() + " in the guest (exit code " +
@@ -282,7 +293,9 @@ void set_up_guest(supervisor_pointer self) {
       [=](caf::error& err) {
         if (self->state.phase != phase::setup)
           return unexpected(self, "set-up failed");
-        shell_failure(self, "cannot prepare the guest: " + error_text(err));
+        end_phase(self, "setup");
+        shell_failure(self, "cannot prepare the guest (the set-up first waits for cloud-init, "
+                            "where the guest runs it): " + error_text(err));
       });
 }
 

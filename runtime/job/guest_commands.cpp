@@ -34,7 +34,13 @@ std::string setup_command(const std::vector<std::string>& directories) {
     if (!directory.empty())
       dirs += " " + shell_quote(directory);
   const auto env = shell_quote(env_file_path());
-  return "umask 077 && mkdir -p " + dirs + " && cat > " + env + " && chmod 0600 " + env;
+  // cloud-init's own stdin is /dev/null: the command's stdin is the env file.
+  const std::string wait_for_cloud_init =
+    "cloud_init=0; if [ -e /run/cloud-init/enabled ] && command -v cloud-init >/dev/null 2>&1; then "
+    "cloud-init status --wait </dev/null >/dev/null 2>&1 || cloud_init=1; fi; ";
+  return wait_for_cloud_init + "umask 077 && mkdir -p " + dirs + " && cat > " + env +
+         " && chmod 0600 " + env + " && { [ $cloud_init = 0 ] || exit " +
+         std::to_string(setup_cloud_init_failed_exit) + "; }";
 }
 
 std::string step_command(unsigned index) {

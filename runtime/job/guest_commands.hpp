@@ -26,10 +26,20 @@ std::string make_step_script(const std::string& script);
 std::string step_script_path(unsigned index);
 std::string env_file_path();
 
-// The runner's set-up, one command: creates the job's directory and `directories`
-// (empty names are skipped) with mode 0700, then writes its stdin (the
-// make_env_file text) to env_file_path() with mode 0600.
+// The runner's set-up, one command: first, in a guest whose cloud-init runs this
+// boot (its generator made /run/cloud-init/enabled), waits for cloud-init to
+// finish (`cloud-init status --wait`), so no step starts while cloud-init still
+// creates users, writes files or restarts sshd; guests without cloud-init, or
+// with cloud-init disabled, do not wait. Then creates the job's directory and
+// `directories` (empty names are skipped) with mode 0700, and writes its stdin
+// (the make_env_file text) to env_file_path() with mode 0600. Exits 0, or
+// setup_cloud_init_failed_exit when all that was done but cloud-init ended with
+// errors, or the failing command's code.
 std::string setup_command(const std::vector<std::string>& directories);
+
+// setup_command's exit code when its work is done and cloud-init ended with
+// errors (`cloud-init status` says which): the job goes on, with a notice.
+inline constexpr int setup_cloud_init_failed_exit = 97;
 
 // The command that runs step `index`: writes its stdin (the make_step_script text)
 // to step_script_path(index) with mode 0755, then runs that script from $HOME

@@ -201,7 +201,7 @@ TEST_CASE_FIXTURE(fixture, "a two-step job succeeds through the whole protocol")
   CHECK(r.steps(1).name() == "test");
   CHECK(r.steps(1).outcome() == v1::STEP_SUCCEEDED);
   CHECK(r.steps(1).exit_code() == 0);
-  for (auto phase : {"prepare", "boot_to_ssh", "console_handoff", "step:build", "step:test",
+  for (auto phase : {"prepare", "boot_to_ssh", "console_handoff", "setup", "step:build", "step:test",
                      "shutdown"})
     CHECK_MESSAGE(has_phase(r, phase), phase);
   CHECK(r.summary().find("succeeded") != std::string::npos);
@@ -242,6 +242,27 @@ TEST_CASE_FIXTURE(fixture, "the job's uploads go between the set-up exec, which 
   CHECK(execs[0].seq < puts[0].seq);
   CHECK(puts[0].seq < execs[1].seq);
   CHECK(result().status() == v1::SUCCEEDED);
+}
+
+TEST_CASE_FIXTURE(fixture, "cloud-init errors reported by the set-up are a notice; a failed set-up is an infrastructure error") {
+  SUBCASE("cloud-init ended with errors: the job goes on") {
+    setup_plan.exit_code = setup_cloud_init_failed_exit;
+    start(two_step_job());
+    drive();
+    CHECK(has_notice_containing("cloud-init finished with errors"));
+    CHECK(count("ssh", "exec") == 3);
+    CHECK(result().status() == v1::SUCCEEDED);
+  }
+  SUBCASE("the set-up itself failed: no step runs") {
+    setup_plan.exit_code = 1;
+    start(two_step_job());
+    drive();
+    CHECK_FALSE(has_notice_containing("cloud-init"));
+    CHECK(count("ssh", "exec") == 1);
+    CHECK(result().status() == v1::INFRASTRUCTURE_ERROR);
+    CHECK(result().error().find("cannot create the job's directories") != std::string::npos);
+  }
+  CHECK(has_phase(result(), "setup"));
 }
 
 TEST_CASE_FIXTURE(fixture, "a failing step fails the job and skips the rest") {

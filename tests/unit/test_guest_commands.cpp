@@ -148,6 +148,53 @@ TEST_SUITE("guest_commands") {
     CHECK(read_file(env_file) == binary);
   }
 
+  TEST_CASE("set-up command waits for cloud-init where it runs this boot, and says when it failed") {
+    test::TempDir scratch{scratch_prefix};
+    const auto job_dir = scratch.path / "job";
+    const auto bin = scratch.path / "bin";
+    const auto enabled = scratch.path / "run-cloud-init-enabled";
+    const auto calls = scratch.path / "calls";
+    fs::create_directories(bin);
+    // A stand-in cloud-init: records its arguments, whether the env file existed
+    // yet and what it got on stdin; exits with the code in the file "rc".
+    scratch.write("bin/cloud-init",
+                  "#!/bin/sh\n"
+                  "echo \"args=$* env_before=$(test -e " + shell_quote((job_dir / "env").string()) +
+                    " && echo yes || echo no) stdin=$(cat)\" >> " + shell_quote(calls.string()) + "\n"
+                  "exit $(cat " + shell_quote((scratch.path / "rc").string()) + ")\n");
+    fs::permissions(bin / "cloud-init", fs::perms::owner_all);
+    // The guest's /run/cloud-init/enabled, moved into the scratch directory.
+    auto command = relocated(setup_command({}), job_dir);
+    const std::string marker = "/run/cloud-init/enabled";
+    REQUIRE(command.find(marker) != std::string::npos);
+    command.replace(command.find(marker), marker.size(), enabled.string());
+    command = "PATH=" + shell_quote(bin.string()) + ":$PATH; " + command;
+    const std::string env = "export A=1\n";
+
+    // cloud-init installed but not enabled this boot (a host, a disabled image): no wait.
+    scratch.write("rc", "0");
+    auto run = run_with_input(command, env, scratch.path, scratch);
+    REQUIRE_MESSAGE(exit_code(run) == 0, run.err);
+    CHECK_FALSE(fs::exists(calls));
+    CHECK(read_file(job_dir / "env") == env);
+
+    // Enabled: waited for before anything else, with stdin left for the env file.
+    fs::remove_all(job_dir);
+    scratch.write("run-cloud-init-enabled", "");
+    run = run_with_input(command, env, scratch.path, scratch);
+    REQUIRE_MESSAGE(exit_code(run) == 0, run.err);
+    CHECK(read_file(calls) == "args=status --wait env_before=no stdin=\n");
+    CHECK(read_file(job_dir / "env") == env);
+
+    // cloud-init ended with errors: the set-up is still done, and its exit code says so.
+    fs::remove_all(job_dir);
+    scratch.write("rc", "1");
+    run = run_with_input(command, env, scratch.path, scratch);
+    CHECK(exit_code(run) == setup_cloud_init_failed_exit);
+    CHECK(read_file(job_dir / "env") == env);
+    CHECK(mode_of(job_dir / "env") == 0600);
+  }
+
   TEST_CASE("set-up command fails when a directory cannot be made") {
     test::TempDir scratch{scratch_prefix};
     scratch.write("a-file", "x");

@@ -1,0 +1,292 @@
+// The runner against a real cloud image (deploy/test-guest/cloud/build.sh: Debian
+// bookworm, systemd, cloud-init, OpenSSH), configured by nothing but cloud-init from
+// the runner's NoCloud seed. One `solstice-runner run` of the real binary, one boot
+// (about a minute under TCG), and every assertion on that one job: steps, output,
+// exit code, upload and artifact; the user is the one cloud-init created from the
+// seed; the host key the runner pinned is the seed's, also after cloud-init
+// restarted sshd; the first step starts only once cloud-init is done.
+// ctest label `real-guest` (doctest suite real_guest), apart from `integration`.
+#include <doctest/doctest.h>
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <google/protobuf/util/json_util.h>
+#include <nlohmann/json.hpp>
+
+#include "runtime/base/child_process.hpp"
+#include "runtime/base/shell.hpp"
+#include "runtime/job/event_log.hpp"
+#include "solstice.pb.h"
+#include "tests/integration/guest_fixture.hpp"
+
+using namespace solstice;
+using namespace solstice::testing;
+using namespace std::chrono_literals;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A cold boot of the cloud image takes 40 s on a quiet 2-core host under TCG and
+// 90-170 s on a loaded one (over 300 s, the default boot timeout, at a load of
+// 11); cloud-init, the steps and the power-down follow.
+constexpr unsigned boot_timeout_seconds = 900;
+constexpr auto run_limit = 1500s;
+
+fs::path cloud_guest_directory() { return fs::path(SOLSTICE_TEST_GUEST_DIR) / "cloud"; }
+
+std::string read_file(const fs::path& path) {
+  std::ifstream file(path, std::ios::binary);
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+void write_file(const fs::path& path, const std::string& bytes, fs::perms perms = fs::perms::owner_read | fs::perms::owner_write) {
+  {
+    std::ofstream file(path, std::ios::binary);
+    file << bytes;
+    REQUIRE_MESSAGE(file.good(), "cannot write " << path.string());
+  }
+  fs::permissions(path, perms);
+}
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+// The cloud guest's disk from its manifest; a missing build says how to make it.
+fs::path cloud_guest_disk() {
+  const auto manifest = cloud_guest_directory() / "guest.json";
+  REQUIRE_MESSAGE(fs::exists(manifest),
+                  "the cloud-image test guest is not built: " << manifest.string()
+                    << " does not exist. Build it (as root) with: deploy/test-guest/cloud/build.sh "
+                    << cloud_guest_directory().string());
+  auto parsed = json::parse(read_file(manifest), nullptr, false);
+  REQUIRE_MESSAGE((parsed.is_object() && parsed.contains("disk")), manifest.string() << " has no \"disk\"");
+  auto disk = cloud_guest_directory() / parsed["disk"].get<std::string>();
+  REQUIRE_MESSAGE(fs::exists(disk), disk.string() << " is missing: rebuild the cloud-image test guest");
+  return disk;
+}
+
+struct RunnerRun {
+  std::optional<ExitStatus> status;
+  std::string out, err;
+  int exit_code() const { return status && !status->signaled ? status->code : -1; }
+  std::string describe() const {
+    return (status ? status->describe() : std::string("no exit within the limit")) +
+           "\n--- stdout (tail) ---\n" + out.substr(out.size() > 4000 ? out.size() - 4000 : 0) +
+           "\n--- stderr (tail) ---\n" + err.substr(err.size() > 4000 ? err.size() - 4000 : 0);
+  }
+};
+
+// Runs the runner binary of this build to its end (killed by PID at the limit),
+// reading both pipes as it goes.
+RunnerRun run_runner(const std::vector<std::string>& args) {
+  std::vector<std::string> argv{(fs::path(SOLSTICE_BINARY_DIR) / "solstice-runner").string()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  auto child = ChildProcess::spawn(argv);
+  REQUIRE_MESSAGE(child.has_value(), why(child));
+  RunnerRun run;
+  const auto deadline = std::chrono::steady_clock::now() + run_limit;
+  while (!run.status) {
+    pollfd fds[2] = {{child->stdout_fd(), POLLIN, 0}, {child->stderr_fd(), POLLIN, 0}};
+    ::poll(fds, 2, 200);
+    run.out += read_available(child->stdout_fd());
+    run.err += read_available(child->stderr_fd());
+    run.status = child->try_wait();
+    if (!run.status && std::chrono::steady_clock::now() > deadline) {
+      child->kill(SIGKILL);
+      child->wait_for(10s);
+      break;
+    }
+  }
+  run.out += read_available(child->stdout_fd());
+  run.err += read_available(child->stderr_fd());
+  return run;
+}
+
+// The bytes of step `step` on `stream`, from the job's events.
+std::string step_output(const std::vector<v1::JobEvent>& events, uint32_t step, v1::OutputStream stream) {
+  std::string bytes;
+  for (const auto& event : events)
+    if (event.has_output() && event.output().step_index() == step && event.output().stream() == stream)
+      bytes += event.output().data();
+  return bytes;
+}
+
+// "KEY=value" lines a step printed, as a map.
+std::map<std::string, std::string> key_values(const std::string& text) {
+  std::map<std::string, std::string> values;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);)
+    if (auto eq = line.find('='); eq != std::string::npos)
+      values[line.substr(0, eq)] = line.substr(eq + 1);
+  return values;
+}
+
+// The ed25519 host public key ("ssh-ed25519 BASE64") in the seed's user-data.
+std::string seed_host_key(const fs::path& iso, const fs::path& scratch) {
+  const auto out = scratch / "seed-user-data";
+  const std::string command = "xorriso -osirrox on -indev " + shell_quote(iso.string()) +
+                              " -extract /user-data " + shell_quote(out.string()) + " >/dev/null 2>&1";
+  REQUIRE_MESSAGE(std::system(command.c_str()) == 0, "cannot extract user-data from " << iso.string());
+  std::smatch match;
+  const auto user_data = read_file(out);
+  REQUIRE_MESSAGE(std::regex_search(user_data, match, std::regex("ed25519_public: (ssh-ed25519 [A-Za-z0-9+/=]+)")),
+                  "no ed25519_public in the seed's user-data:\n" << user_data);
+  return match[1];
+}
+
+}  // namespace
+
+TEST_SUITE("real_guest") {
+
+TEST_CASE("a job on the real cloud image: cloud-init's user and the seed's host key, steps after cloud-init, upload, artifact, exit code") {
+  const auto disk = cloud_guest_disk();
+  auto made = TempDir::make("solstice-real-guest-");
+  REQUIRE_MESSAGE(made.has_value(), why(made));
+  TempDir temp = std::move(*made);
+  const auto state_dir = temp.path() / "state";
+
+  // QEMU is started through this wrapper, which keeps a copy of the seed ISO the
+  // runner made (the runner removes its own with the VM). QEMU may run as another
+  // user (qemu_user), so the copy's directory is open to it.
+  const auto seed_copy_dir = temp.path() / "seed-copy";
+  fs::create_directory(seed_copy_dir);
+  fs::permissions(seed_copy_dir, fs::perms::all);
+  const auto wrapper = temp.path() / "qemu-keeping-the-seed";
+  write_file(wrapper,
+             "#!/bin/sh\n"
+             "for arg in \"$@\"; do\n"
+             "  case \"$arg\" in\n"
+             "    file=*,if=ide,media=cdrom,*) seed=${arg#file=}; cp \"${seed%%,if=ide,*}\" " +
+               shell_quote((seed_copy_dir / "seed.iso").string()) + " ;;\n"
+             "  esac\n"
+             "done\n"
+             "exec qemu-system-x86_64 \"$@\"\n",
+             fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec | fs::perms::others_read |
+               fs::perms::others_exec);
+
+  const auto config = temp.path() / "config.json";
+  write_file(config, json{{"qemu_binary", wrapper.string()},
+                          {"boot_timeout_seconds", boot_timeout_seconds},
+                          {"images", json::array({json{{"label", "debian-12-cloud"},
+                                                       {"disk", disk.string()},
+                                                       {"user", "runner"},
+                                                       {"memory_mib", 512}}})}}
+                       .dump(2));
+  std::string payload;
+  for (int i = 0; i < 200000; ++i) payload += static_cast<char>((i * 7919) & 0xff);
+  write_file(temp.path() / "payload.bin", payload);
+
+  const auto job_file = temp.path() / "job.json";
+  write_file(job_file, json{
+    {"name", "real guest"},
+    {"runs_on", "debian-12-cloud"},
+    {"env", {{"GREETING", "hello from the cloud image"}}},
+    {"uploads", json::array({json{{"source", (temp.path() / "payload.bin").string()},
+                                  {"destination", "/tmp/in/payload.bin"}}})},
+    {"steps", json::array({
+      json{{"name", "who and what"},
+           {"script",
+            // cloud-init's state as the first step finds it, then what cloud-init made.
+            "echo \"cloud_init=$(cloud-init status | sed -n 's/^status: //p')\"\n"
+            "echo \"user=$(id -un) uid=$(id -u)\"\n"
+            "echo \"passwd=$(getent passwd \"$(id -un)\")\"\n"
+            "echo \"hostname=$(hostname)\"\n"
+            "echo \"sudo=$(sudo -n id -un)\"\n"
+            "echo \"created_by_cloud_init=$(sudo -n grep -c \"Adding user $(id -un)\" /var/log/cloud-init.log)\"\n"
+            "echo \"sshd_restarts=$(sudo -n grep -c 'Restarted the SSH daemon' /var/log/cloud-init.log)\"\n"
+            "echo \"host_key=$(sudo -n cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub)\"\n"
+            "echo \"host_keys=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$')\"\n"
+            "echo \"greeting=$GREETING\"\n"
+            // For the log: sshd's logins and restarts this boot (on stderr).
+            "sudo -n journalctl -b -o short-monotonic --no-pager -u ssh.service "
+            "| grep -E 'Accepted publickey|Stopping|Started' >&2 || true\n"}},
+      json{{"name", "artifact"},
+           {"script", "mkdir -p /tmp/out && cp /tmp/in/payload.bin /tmp/out/copy.bin && echo copied >&2"}},
+      json{{"name", "last"}, {"script", "echo the end; exit 7"}},
+    })},
+    {"artifacts", json::array({json{{"path", "/tmp/out/copy.bin"}}})},
+  }.dump(2));
+
+  auto run = run_runner({"run", job_file.string(), "--config", config.string(), "--state-dir",
+                         state_dir.string(), "--accel", "tcg"});
+  INFO(run.describe());
+  REQUIRE(run.status.has_value());
+  // The last step's exit code is the job's.
+  CHECK(run.exit_code() == 7);
+
+  std::vector<fs::path> jobs;
+  for (const auto& entry : fs::directory_iterator(state_dir / "jobs")) jobs.push_back(entry.path());
+  REQUIRE(jobs.size() == 1);
+  const auto record = jobs.front();
+  v1::JobResult result;
+  REQUIRE(google::protobuf::util::JsonStringToMessage(read_file(record / "result.json"), &result).ok());
+  auto events = read_event_log(record / "events.jsonl");
+  REQUIRE_MESSAGE(events.has_value(), why(events));
+  INFO("console tail:\n" << file_tail(record / "console.log", 3000));
+
+  CHECK(result.status() == v1::FAILED);
+  CHECK(result.exit_code() == 7);
+  REQUIRE(result.steps_size() == 3);
+  CHECK(result.steps(0).outcome() == v1::STEP_SUCCEEDED);
+  CHECK(result.steps(1).outcome() == v1::STEP_SUCCEEDED);
+  CHECK(result.steps(2).outcome() == v1::STEP_FAILED);
+  CHECK(result.steps(2).exit_code() == 7);
+  CHECK(result.shutdown_method() == "powerdown");
+  // The wait for cloud-init has its own phase, between the boot and the steps.
+  bool setup_phase = false;
+  for (const auto& timing : result.phases()) setup_phase |= timing.phase() == "setup";
+  CHECK(setup_phase);
+  CHECK(step_output(*events, 1, v1::STDERR) == "copied\n");
+  CHECK(step_output(*events, 2, v1::STDOUT) == "the end\n");
+
+  // Upload in, artifact out (collected after the failing step), byte for byte.
+  REQUIRE(result.artifacts_size() == 1);
+  CHECK(read_file(result.artifacts(0)) == payload);
+
+  auto seen = key_values(step_output(*events, 0, v1::STDOUT));
+  MESSAGE("sshd this boot (guest's monotonic clock):\n" << step_output(*events, 0, v1::STDERR));
+  // The first step starts after cloud-init has finished, and it finished cleanly
+  // (no notice of cloud-init errors).
+  CHECK(seen["cloud_init"] == "done");
+  for (const auto& event : *events)
+    if (event.has_notice()) CHECK_FALSE(contains(event.notice().message(), "cloud-init"));
+  // The user the steps run as is the seed's, made by cloud-init (the image has
+  // none), with the seed's shell and passwordless sudo.
+  CHECK(seen["user"] == "runner uid=1000");
+  CHECK(seen["passwd"] == "runner:x:1000:1000::/home/runner:/bin/sh");
+  CHECK_MESSAGE(seen["created_by_cloud_init"] == "1", "cloud-init.log does not say it added the user");
+  CHECK(seen["sudo"] == "root");
+  CHECK(seen["hostname"] == "solstice-" + result.job_id());
+  CHECK(seen["greeting"] == "hello from the cloud image");
+  // cloud-init restarted sshd during this boot (the case the runner must live
+  // with); the key the guest serves after it is the one of the runner's seed,
+  // which the runner pinned (it refuses any other), and the only one there is.
+  CHECK_MESSAGE(seen["sshd_restarts"] == "1",
+                "cloud-init did not restart sshd this boot, so the case this test is for did not "
+                "happen (cloud-init's set-passwords restarts it when ssh_pwauth changes sshd_config)");
+  const auto seed_iso = seed_copy_dir / "seed.iso";
+  REQUIRE_MESSAGE(fs::exists(seed_iso), "the QEMU wrapper kept no copy of the seed");
+  CHECK(seen["host_key"] == seed_host_key(seed_iso, temp.path()));
+  CHECK(seen["host_keys"] == "1");
+
+  // Nothing of the VM is left.
+  CHECK(processes_mentioning(state_dir.string()).empty());
+  std::error_code ec;
+  CHECK((!fs::exists(state_dir / "run", ec) || fs::is_empty(state_dir / "run", ec)));
+}
+
+}  // TEST_SUITE
