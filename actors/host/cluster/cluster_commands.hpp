@@ -3,7 +3,10 @@
 // node_command.cpp, submit_command.cpp, status_command.cpp; their AMQP forms in
 // amqp_node_command.cpp and amqp_submit_command.cpp (what a node is, for either
 // intake: node_setup.cpp). Each returns the process's exit code.
+#include <optional>
 #include <string>
+
+#include <caf/scoped_actor.hpp>
 
 #include "actors/cluster/runner_node.hpp"
 #include "actors/host/cluster/cluster_support.hpp"
@@ -46,6 +49,13 @@ struct SubmitOptions {
   bool console = false;
 };
 
+struct FollowOptions {
+  std::string coordinator;
+  NetworkOptions net;
+  std::string job_id;
+  bool json = false;
+};
+
 struct StatusOptions {
   std::string to;
   AmqpOptions amqp;
@@ -85,5 +95,15 @@ int amqp_submit_command(const SubmitOptions& options);
 // The error names the job file.
 Result<v1::JobSpec> submittable_job(const std::string& job_file);
 int status_command(const StatusOptions& options);
+int follow_command(const FollowOptions& options);
+
+// Waits while a job runs and `printer` shows its events (submit_command.cpp, for
+// submit and follow). Returns nullopt once the printer is done (the job's result
+// has been shown), or the exit code when the wait ends otherwise: the coordinator
+// was lost, or an interrupt — which with `interrupt_cancels` first cancels the
+// job and gives up at the second, and otherwise only stops following.
+std::optional<int> follow_job(caf::scoped_actor& self, const event_sink_actor& printer,
+                              const coordinator_actor& coordinator, const std::string& job_id,
+                              BlockedSignals& signals, bool interrupt_cancels);
 
 }  // namespace solstice::cluster_cli

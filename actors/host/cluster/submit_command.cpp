@@ -20,15 +20,9 @@ namespace solstice::cluster_cli {
 
 using namespace std::chrono_literals;
 
-namespace {
-
-// Waits while the job runs and the printer shows its events. Returns nullopt once
-// the printer is done (the job's result has been shown), or the exit code when
-// the wait ends otherwise: the coordinator was lost, or a second interrupt gave up
-// waiting (the first one cancels the job).
 std::optional<int> follow_job(caf::scoped_actor& self, const event_sink_actor& printer,
                               const coordinator_actor& coordinator, const std::string& job_id,
-                              BlockedSignals& signals) {
+                              BlockedSignals& signals, bool interrupt_cancels) {
   int interrupts = 0;
   for (;;) {
     auto printer_done = false;
@@ -50,6 +44,10 @@ std::optional<int> follow_job(caf::scoped_actor& self, const event_sink_actor& p
       return exit_infrastructure_error;
     }
     if (signals.next_signal(0ms)) {
+      if (!interrupt_cancels) {
+        say("\nsolstice-runner: %s\n", "no longer following the job (it goes on running)");
+        return exit_cancelled;
+      }
       if (++interrupts == 1) {
         say("\nsolstice-runner: %s\n",
             "cancelling the job (interrupt again to stop waiting for it)");
@@ -62,8 +60,6 @@ std::optional<int> follow_job(caf::scoped_actor& self, const event_sink_actor& p
     }
   }
 }
-
-}  // namespace
 
 Result<v1::JobSpec> submittable_job(const std::string& job_file) {
   auto job = load_job_file(job_file);
@@ -135,7 +131,7 @@ int submit_command(const SubmitOptions& options) {
     say("solstice-runner: %s\n", problem);
     return finish(invalid ? exit_invalid_input : exit_infrastructure_error);
   }
-  if (auto ended = follow_job(self, printer, *coordinator_handle, job->id(), signals))
+  if (auto ended = follow_job(self, printer, *coordinator_handle, job->id(), signals, true))
     return finish(*ended);
   std::lock_guard<std::mutex> lock{*result_mutex};
   if (!*result) {
