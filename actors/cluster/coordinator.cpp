@@ -1,7 +1,11 @@
-// The coordinator: queue, dispatch, relays and their acknowledgements, node loss and
-// retries. Who may send what is asked of coordinator_permissions.
+// The coordinator: queue, dispatch, node loss and retries. Who may send what is
+// asked of coordinator_permissions; a dispatch's relay and how output is held
+// until the job's sinks acknowledge it live in coordinator_relay. About 600 lines:
+// intake, dispatch and loss all work on the one job and node table; the next
+// seam to split along is the intake (take_job, take_node).
 #include "actors/cluster/coordinator.hpp"
 #include "actors/cluster/coordinator_permissions.hpp"
+#include "actors/cluster/coordinator_relay.hpp"
 
 #include "runtime/job/job_result.hpp"
 
@@ -28,36 +32,11 @@ namespace solstice {
 namespace {
 
 using namespace coordinator_permissions;
+using namespace coordinator_relay;
 
 // Memory a job is assumed to need when neither it nor the node's image says
 // (the runner's own default, see resolve_image).
 constexpr uint32_t default_memory_mib = 512;
-
-// One dispatch's relay: tags the job's events with the dispatch id, so that
-// events of a dispatch given up on can never be mistaken for the current one's.
-// Under TLS it takes events only from the node the job was dispatched to. An
-// output event (a request) is answered when the coordinator has answered it.
-event_sink_actor::behavior_type relay(event_sink_actor::pointer self,
-                                      coordinator_actor coordinator, uint64_t dispatch,
-                                      std::string node, peer_identifier identify) {
-  return {
-    [=](event_atom, v1::JobEvent& event) -> caf::result<void> {
-      if (!from_dispatched_node(self, identify, node, event, dispatch))
-        return caf::unit;
-      const auto* element = self->current_mailbox_element();
-      if (!element || !element->mid.is_request()) {
-        self->send(coordinator, relay_atom::value, dispatch, std::move(event));
-        return caf::unit;
-      }
-      auto ack = self->make_response_promise();
-      // The coordinator is local: it answers, or it is gone and the error says so.
-      self->request(coordinator, caf::infinite, relay_atom::value, dispatch, std::move(event))
-        .then([ack]() mutable { ack.deliver(caf::unit); },
-              [ack](caf::error&) mutable { ack.deliver(caf::unit); });
-      return ack;
-    },
-  };
-}
 
 std::string lower_words(std::string text) {
   for (auto& c : text)
@@ -70,45 +49,6 @@ std::string node_name(coordinator_pointer self, const std::optional<caf::actor_a
     return "";
   auto i = self->state.nodes.find(*addr);
   return i == self->state.nodes.end() ? "" : i->second.offer.name;
-}
-
-// One output event on its way to the job's sinks: answered to the node (`ack`)
-// once every sink that is still there has answered it.
-struct held_output {
-  std::string job_id;
-  uint64_t dispatch = 0;
-  uint64_t node_sequence = 0;
-  size_t waiting = 0;  // sinks that have not answered yet
-  caf::response_promise ack;
-};
-
-void answered(coordinator_pointer self, const std::shared_ptr<held_output>& held) {
-  if (held->waiting > 0 && --held->waiting > 0)
-    return;
-  held->ack.deliver(caf::unit);
-  auto i = self->state.jobs.find(held->job_id);
-  if (i == self->state.jobs.end() || i->second.dispatch != held->dispatch)
-    return;
-  auto& job = i->second;
-  job.unacknowledged.erase(held->node_sequence);
-  auto [first, last] = job.repeats.equal_range(held->node_sequence);
-  for (auto r = first; r != last; ++r)
-    r->second.deliver(caf::unit);
-  job.repeats.erase(first, last);
-}
-
-// Asks one sink for its acknowledgement of `event`, again with a repeat after each
-// window without an answer while the sink stays connected. A sink that goes
-// away, or refuses, stops counting: the slowest live sink paces the job.
-void hold_at(coordinator_pointer self, event_sink_actor sink, v1::JobEvent event,
-             std::shared_ptr<held_output> held) {
-  self->request(sink, self->state.options.ack_window, event_atom::value, event)
-    .then([self, held]() { answered(self, held); },
-          [self, sink, event, held](caf::error& err) {
-            if (err == caf::sec::request_timeout && self->state.live_sinks.count(sink.address()))
-              return hold_at(self, sink, repeat_of(event), held);
-            answered(self, held);
-          });
 }
 
 // Sends one event of the job to its submitter and followers, in the job's own
@@ -445,18 +385,6 @@ cluster_job_info job_info(coordinator_pointer self, const std::string& job_id,
 }
 
 }  // namespace
-
-v1::JobEvent repeat_of(const v1::JobEvent& event) {
-  v1::JobEvent repeat;
-  repeat.set_job_id(event.job_id());
-  repeat.set_sequence(event.sequence());
-  repeat.set_timestamp_us(event.timestamp_us());
-  return repeat;
-}
-
-bool is_repeat(const v1::JobEvent& event) {
-  return event.kind_case() == v1::JobEvent::KIND_NOT_SET;
-}
 
 std::string peer_loss_text(const caf::error& reason) {
   if (reason == caf::exit_reason::remote_link_unreachable)
