@@ -1,6 +1,9 @@
 #include "actors/cluster/coordinator_relay.hpp"
 
 #include <caf/event_based_actor.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/runner_types.hpp"
 
 namespace solstice {
 
@@ -64,6 +67,9 @@ void hold_at(coordinator_pointer self, event_sink_actor sink, v1::JobEvent event
           [self, sink, event, held](caf::error& err) {
             if (err == caf::sec::request_timeout && self->state.live_sinks.count(sink.address()))
               return hold_at(self, sink, repeat_of(event), held);
+            spdlog::debug("job {}: event {} released by its sink ({}{})", held->job_id,
+                          event.sequence(), error_text(err),
+                          self->state.live_sinks.count(sink.address()) ? "" : ", the sink is gone");
             answered(self, held);
           });
 }

@@ -40,8 +40,11 @@ void forward_held(node_pointer self, const std::string& job_id, event_sink_actor
             auto i = self->state.jobs.find(job_id);
             bool waiting = i != self->state.jobs.end() && !i->second.sink_lost &&
                            i->second.sink == sink && err == caf::sec::request_timeout;
-            if (!waiting)
+            if (!waiting) {
+              log_job(spdlog::level::debug, job_id, "job {}: event {} released ({})", job_id,
+                      event.sequence(), error_text(err));
               return ack.deliver(caf::unit);  // the sink is gone: nothing holds the output
+            }
             log_job(spdlog::level::debug, job_id,
                     "job {}: event {} not yet acknowledged by its sink; still waiting", job_id,
                     event.sequence());
@@ -165,7 +168,8 @@ runner_node_actor::behavior_type runner_node(node_pointer self, std::string node
         return caf::unit;
       }
       auto ack = self->make_response_promise();
-      forward_held(self, event.job_id(), job.sink, std::move(event), ack);
+      auto job_id = event.job_id();  // a copy: `event` is moved in the same call
+      forward_held(self, job_id, job.sink, std::move(event), ack);
       return ack;
     },
   };
