@@ -21,7 +21,10 @@ inline constexpr uint32_t runner_setup_step = UINT32_MAX;
 /// Receives a job's events, in order.
 using event_sink_actor = caf::typed_actor<
   // One job event (state change, console line, output chunk, result, ...). Output
-  // events come as requests: the (empty) reply is the sink's acknowledgement.
+  // events come as requests: the (empty) reply is the sink's acknowledgement,
+  // and a sink replies only once it has handled the event (a relay: once its own
+  // sink has). An event without payload is a repeat asking again for the reply
+  // to an earlier one (cluster/coordinator.hpp: repeat_of): show nothing for it.
   caf::reacts_to<event_atom, v1::JobEvent>>;
 
 // ---------------------------------------------------------------------------

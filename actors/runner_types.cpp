@@ -21,6 +21,7 @@ const char* errc_name(uint8_t code) {
     case runner_errc::kvm_unusable: return "kvm_unusable";
     case runner_errc::not_released: return "not_released";
     case runner_errc::limit_exceeded: return "limit_exceeded";
+    case runner_errc::node_unavailable: return "node_unavailable";
   }
   return "unknown";
 }

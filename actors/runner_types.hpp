@@ -22,6 +22,7 @@ enum class runner_errc : uint8_t {
   kvm_unusable,       // KVM could not run the guest (QEMU died or stopped it while booting)
   not_released,       // a guest-shell request before the console hand-off: refused
   limit_exceeded,     // a download was larger than the bytes left for it (artifacts_max_bytes)
+  node_unavailable,   // a runner node cannot take a job now (busy, shutting down), whatever the job
 };
 
 // Adds the runner's message types and error category to `cfg`.

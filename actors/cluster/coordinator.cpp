@@ -1,8 +1,11 @@
-// The coordinator: queue, dispatch, relays, node loss and retries, and the per-message
-// role checks. About 650 lines: the role checks (added with certificate roles) are the
-// seam to split along next — into a coordinator_permissions file pair — which was left
-// for a session with time to re-run the cluster suite after the move.
+// The coordinator: queue, dispatch, node loss and retries. Who may send what is
+// asked of coordinator_permissions; a dispatch's relay and how output is held
+// until the job's sinks acknowledge it live in coordinator_relay. About 600 lines:
+// intake, dispatch and loss all work on the one job and node table; the next
+// seam to split along is the intake (take_job, take_node).
 #include "actors/cluster/coordinator.hpp"
+#include "actors/cluster/coordinator_permissions.hpp"
+#include "actors/cluster/coordinator_relay.hpp"
 
 #include "runtime/job/job_result.hpp"
 
@@ -28,90 +31,12 @@ namespace solstice {
 
 namespace {
 
-using coordinator_pointer = coordinator_actor::stateful_pointer<coordinator_state>;
+using namespace coordinator_permissions;
+using namespace coordinator_relay;
 
 // Memory a job is assumed to need when neither it nor the node's image says
 // (the runner's own default, see resolve_image).
 constexpr uint32_t default_memory_mib = 512;
-
-// One dispatch's relay: tags the job's events with the dispatch id, so that
-// events of a dispatch given up on can never be mistaken for the current one's.
-// Under TLS it takes events only from the node the job was dispatched to (by
-// its certificate): its handle is no secret, actor ids are sequential.
-event_sink_actor::behavior_type relay(event_sink_actor::pointer self,
-                                      coordinator_actor coordinator, uint64_t dispatch,
-                                      std::string node, peer_identifier identify) {
-  return {
-    [=](event_atom, v1::JobEvent& event) {
-      if (identify) {
-        const auto& sender = self->current_sender();
-        auto who = sender ? identify(sender->node()) : std::nullopt;
-        if (!who || who->role != peer_role::node || who->name != node) {
-          spdlog::warn("refused an event of job {} (dispatch {}) from {}: only node {} reports "
-                       "on it",
-                       event.job_id(), dispatch,
-                       who ? role_text(who->role) + " " + who->name : "an unidentified peer",
-                       node);
-          return;
-        }
-      }
-      self->send(coordinator, relay_atom::value, dispatch, std::move(event));
-    },
-  };
-}
-
-// Who sent the current message, or nullopt (logged) when it may not be served:
-// an anonymous or unidentified sender under TLS. The coordinator's own actors
-// count as operators, and so does everyone without TLS (no roles).
-std::optional<peer_identity> sender_identity(coordinator_pointer self, const char* what) {
-  const auto& identify = self->state.options.identify;
-  if (!identify)
-    return peer_identity{peer_role::operator_role, ""};
-  const auto& sender = self->current_sender();
-  if (!sender) {
-    spdlog::warn("refused {} from an anonymous sender", what);
-    return std::nullopt;
-  }
-  if (sender->node() == self->node())
-    return peer_identity{peer_role::operator_role, "(local)"};
-  auto who = identify(sender->node());
-  if (!who)
-    spdlog::warn("refused {} from an unidentified peer ({})", what, to_string(sender->node()));
-  return who;
-}
-
-std::string describe(const peer_identity& who) {
-  return role_text(who.role) + " " + who.name;
-}
-
-caf::error refuse(const peer_identity& who, const char* what, const std::string& why) {
-  spdlog::warn("refused {} from {}: {}", what, describe(who), why);
-  return caf::make_error(runner_errc::invalid_input, "refused: " + why);
-}
-
-// A submitter sees, follows and cancels its own jobs; an operator every job.
-bool may_see(const peer_identity& who, const coordinator_job& job) {
-  return who.role == peer_role::operator_role ||
-         (who.role == peer_role::submitter && who.name == job.owner);
-}
-
-// A handle a peer hands over (its sink, its node actor) must be its own: one
-// on another peer's process would let it act for that peer.
-bool lives_with_sender(coordinator_pointer self, const caf::actor_addr& handle) {
-  const auto& sender = self->current_sender();
-  return !self->state.options.identify || (sender && handle && handle.node() == sender->node());
-}
-
-// Internal messages (relays, ticks) come from the coordinator's own process only.
-bool from_itself(coordinator_pointer self, const char* what) {
-  const auto& sender = self->current_sender();
-  if (!self->state.options.identify || (sender && sender->node() == self->node()))
-    return true;
-  auto who = sender ? self->state.options.identify(sender->node()) : std::nullopt;
-  spdlog::warn("refused {} from {}: internal to the coordinator", what,
-               who ? describe(*who) : std::string{"an unidentified peer"});
-  return false;
-}
 
 std::string lower_words(std::string text) {
   for (auto& c : text)
@@ -126,16 +51,29 @@ std::string node_name(coordinator_pointer self, const std::optional<caf::actor_a
   return i == self->state.nodes.end() ? "" : i->second.offer.name;
 }
 
-// Sends one event of the job to its submitter, in the job's own sequence.
-void emit(coordinator_pointer self, coordinator_job& job, v1::JobEvent event) {
+// Sends one event of the job to its submitter and followers, in the job's own
+// sequence. With `held`, the event is output its node waits for: it goes to
+// each sink as a request, and the node hears back when all have answered.
+void emit(coordinator_pointer self, coordinator_job& job, v1::JobEvent event,
+          std::shared_ptr<held_output> held = nullptr) {
   event.set_job_id(job.spec.id());
   event.set_sequence(job.next_sequence++);
   if (event.timestamp_us() == 0)
     event.set_timestamp_us(unix_now_us());
-  for (const auto& follower : job.followers)
-    self->send(follower, event_atom::value, event);
+  std::vector<event_sink_actor> sinks = job.followers;
   if (job.submitter)
-    self->send(job.submitter, event_atom::value, std::move(event));
+    sinks.push_back(job.submitter);
+  if (!held) {
+    for (const auto& sink : sinks)
+      self->send(sink, event_atom::value, event);
+    return;
+  }
+  held->waiting = sinks.size();
+  if (sinks.empty())
+    return answered(self, held);
+  job.unacknowledged.insert(held->node_sequence);
+  for (const auto& sink : sinks)
+    hold_at(self, sink, event, held);
 }
 
 void notice(coordinator_pointer self, coordinator_job& job, const std::string& text) {
@@ -167,6 +105,11 @@ void end_dispatch(coordinator_pointer self, coordinator_job& job) {
   job.dispatch = 0;
   job.memory_mib = 0;
   job.last_node_sequence.reset();
+  // Nobody waits for these any more (the dispatch is over).
+  for (auto& [sequence, repeat] : job.repeats)
+    repeat.deliver(caf::unit);
+  job.repeats.clear();
+  job.unacknowledged.clear();
 }
 
 // The gauges of /metrics: the cluster's slots, VMs (dispatched jobs) and queue.
@@ -294,8 +237,12 @@ void dispatch(coordinator_pointer self, const std::string& job_id, const caf::ac
             // Already settled otherwise (node lost, cancelled, ...).
             if (i == self->state.jobs.end() || i->second.dispatch != dispatch_id)
               return;
-            end_job(self, job_id, v1::INFRASTRUCTURE_ERROR,
-                    "node " + name + " did not take the job: " + error_text(err));
+            // A refusal for what the job asks is the submitter's to fix (exit 2);
+            // anything else (busy, lost, no answer) is the cluster's.
+            auto refused = err == runner_errc::invalid_input;
+            end_job(self, job_id, refused ? v1::INVALID_INPUT : v1::INFRASTRUCTURE_ERROR,
+                    "node " + name + (refused ? " refused the job: " : " did not take the job: ") +
+                      error_text(err));
             dispatch_queued(self);
           });
 }
@@ -341,6 +288,7 @@ void node_lost(coordinator_pointer self, const caf::actor_addr& addr, const std:
 
 void submitter_lost(coordinator_pointer self, const caf::actor_addr& addr) {
   auto& st = self->state;
+  st.live_sinks.erase(addr);
   std::vector<std::string> gone;
   for (auto& [job_id, job] : st.jobs) {
     auto& followers = job.followers;
@@ -366,23 +314,34 @@ void submitter_lost(coordinator_pointer self, const caf::actor_addr& addr) {
   }
 }
 
-// One event of dispatch `dispatch_id`, relayed from its node.
-void on_relayed(coordinator_pointer self, uint64_t dispatch_id, v1::JobEvent& event) {
+// One event of dispatch `dispatch_id`, relayed from its node. Output (a
+// request) is answered once the job's sinks have answered it; a repeat of output
+// already relayed, once that has been answered.
+caf::result<void> on_relayed(coordinator_pointer self, uint64_t dispatch_id,
+                             v1::JobEvent& event) {
   auto& st = self->state;
   auto d = st.dispatches.find(dispatch_id);
   if (d == st.dispatches.end())
-    return;  // a dispatch given up on
+    return caf::unit;  // a dispatch given up on
   auto job_id = d->second;
   auto& job = st.jobs.at(job_id);
+  const auto* element = self->current_mailbox_element();
+  const bool is_request = element && element->mid.is_request();
   // In sequence: exactly the next one of this dispatch (its node numbers them
   // from 0); a repeat is dropped, a jump (a forged result, say) refused.
   uint64_t expected = job.last_node_sequence ? *job.last_node_sequence + 1 : 0;
-  if (event.sequence() < expected)
-    return;
-  if (event.sequence() > expected) {
-    spdlog::warn("refused event {} of job {} from node {}: out of sequence (expected {})",
-                 event.sequence(), job_id, node_name(self, job.node), expected);
-    return;
+  if (event.sequence() < expected) {
+    if (!is_request || !is_repeat(event) || !job.unacknowledged.count(event.sequence()))
+      return caf::unit;
+    auto ack = self->make_response_promise();
+    job.repeats.emplace(event.sequence(), ack);
+    return ack;
+  }
+  if (event.sequence() > expected || is_repeat(event)) {
+    spdlog::warn("refused event {} of job {} from node {}: {} (expected {})", event.sequence(),
+                 job_id, node_name(self, job.node),
+                 is_repeat(event) ? "a repeat of nothing" : "out of sequence", expected);
+    return caf::unit;
   }
   job.last_node_sequence = event.sequence();
   if (event.has_state())
@@ -394,12 +353,23 @@ void on_relayed(coordinator_pointer self, uint64_t dispatch_id, v1::JobEvent& ev
     log_job(spdlog::level::info, job_id, "job {} finished on node {}: {}", job_id,
             node_name(self, job.node), lower_words(v1::JobStatus_Name(event.result().status())));
   }
-  emit(self, job, std::move(event));
+  caf::result<void> reply = caf::unit;
+  std::shared_ptr<held_output> held;
+  if (is_request && event.has_output()) {
+    held = std::make_shared<held_output>();
+    held->job_id = job_id;
+    held->dispatch = dispatch_id;
+    held->node_sequence = event.sequence();
+    held->ack = self->make_response_promise();
+    reply = held->ack;
+  }
+  emit(self, job, std::move(event), held);
   if (done) {
     end_dispatch(self, job);
     forget_job(self, job_id);
     dispatch_queued(self);
   }
+  return reply;
 }
 
 cluster_job_info job_info(coordinator_pointer self, const std::string& job_id,
@@ -415,15 +385,6 @@ cluster_job_info job_info(coordinator_pointer self, const std::string& job_id,
 }
 
 }  // namespace
-
-std::string role_text(peer_role role) {
-  switch (role) {
-    case peer_role::node: return "node";
-    case peer_role::submitter: return "submitter";
-    case peer_role::operator_role: return "operator";
-  }
-  return "?";
-}
 
 std::string peer_loss_text(const caf::error& reason) {
   if (reason == caf::exit_reason::remote_link_unreachable)
@@ -447,8 +408,8 @@ caf::result<std::string> take_job(coordinator_pointer self, v1::JobSpec& spec,
   auto who = sender_identity(self, "a job");
   if (!who)
     return caf::make_error(runner_errc::invalid_input, "refused: unidentified peer");
-  if (who->role == peer_role::node)
-    return refuse(*who, "a job", "a node's certificate may not submit jobs");
+  if (who->role != peer_role::submitter && who->role != peer_role::operator_role)
+    return refuse(*who, "a job", "a " + role_text(who->role) + "'s certificate may not submit jobs");
   if (!lives_with_sender(self, submitter.address()))
     return refuse(*who, "a job", "its event sink is not the submitter's own");
   if (!submitter)
@@ -471,6 +432,7 @@ caf::result<std::string> take_job(coordinator_pointer self, v1::JobSpec& spec,
   job.since_us = unix_now_us();
   job.queued_at = std::chrono::steady_clock::now();
   self->monitor(job.submitter);
+  st.live_sinks.insert(job.submitter.address());
   st.queue.push_back(job_id);
   log_job(spdlog::level::info, job_id, "job {} queued ({}), position {}{}", job_id,
           job.spec.name().empty() ? "unnamed" : job.spec.name(), st.queue.size(),
@@ -599,6 +561,7 @@ coordinator_actor::behavior_type coordinator(coordinator_pointer self,
         return refuse(*who, "a follow", "the event sink is not the follower's own");
       i->second.followers.push_back(sink);
       self->monitor(sink);
+      st.live_sinks.insert(sink.address());
       return ok_atom::value;
     },
     [self](status_atom) -> caf::result<cluster_status> {
@@ -606,8 +569,9 @@ coordinator_actor::behavior_type coordinator(coordinator_pointer self,
       auto who = sender_identity(self, "a status");
       if (!who)
         return caf::make_error(runner_errc::invalid_input, "refused: unidentified peer");
-      if (who->role == peer_role::node)
-        return refuse(*who, "a status", "a node's certificate may not ask for the status");
+      if (who->role != peer_role::submitter && who->role != peer_role::operator_role)
+        return refuse(*who, "a status",
+                      "a " + role_text(who->role) + "'s certificate may not ask for the status");
       cluster_status status;
       for (const auto& [addr, node] : st.nodes) {
         cluster_node_info info;
@@ -624,10 +588,10 @@ coordinator_actor::behavior_type coordinator(coordinator_pointer self,
           status.running.push_back(job_info(self, job_id, job));
       return status;
     },
-    [self](relay_atom, uint64_t dispatch_id, v1::JobEvent& event) {
+    [self](relay_atom, uint64_t dispatch_id, v1::JobEvent& event) -> caf::result<void> {
       if (!from_itself(self, "a relayed event"))
-        return;
-      on_relayed(self, dispatch_id, event);
+        return caf::unit;
+      return on_relayed(self, dispatch_id, event);
     },
     [self](tick_atom) {
       if (!from_itself(self, "a tick"))

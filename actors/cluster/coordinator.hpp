@@ -18,6 +18,7 @@
 #include <vector>
 
 #include <caf/node_id.hpp>
+#include <caf/response_promise.hpp>
 
 #include "actors/actors.hpp"
 
@@ -27,7 +28,8 @@ namespace solstice {
 // peer_identity.cpp says which field): a node joins and reports on the jobs
 // dispatched to it; a submitter submits and sees, follows and cancels its own
 // jobs; an operator sees, follows and cancels every job (and may submit).
-enum class peer_role : uint8_t { node, submitter, operator_role };
+// A coordinator's own certificate has the coordinator role: its clients check it.
+enum class peer_role : uint8_t { node, submitter, operator_role, coordinator };
 
 struct peer_identity {
   peer_role role = peer_role::submitter;
@@ -40,6 +42,20 @@ std::string role_text(peer_role role);
 // nullopt when no live, identified connection speaks for it.
 using peer_identifier = std::function<std::optional<peer_identity>(const caf::node_id&)>;
 
+// How long a hop of the cluster waits for its sink to acknowledge one output
+// event before it asks again with a repeat (below): a sink across the network
+// that is slow but alive keeps holding the job's output, for as long as it stays
+// connected; one that is gone (its DOWN) releases it. Output is never dropped nor
+// shown twice for a timeout. A local sink answers or dies and has no window.
+inline constexpr std::chrono::milliseconds output_ack_window{std::chrono::seconds(20)};
+
+// An event with no payload, the same job and sequence as `event`: a repeat. A
+// sink shows nothing for it and answers it once it has handled everything
+// before it (the original came first on the same connection), so asking again
+// costs no bandwidth and shows no byte twice.
+v1::JobEvent repeat_of(const v1::JobEvent& event);
+bool is_repeat(const v1::JobEvent& event);
+
 struct coordinator_options {
   // Empty: no roles (insecure mode, no TLS): every peer may do everything.
   peer_identifier identify;
@@ -47,6 +63,9 @@ struct coordinator_options {
   std::chrono::milliseconds dispatch_timeout{std::chrono::seconds(30)};
   // How long a job may wait in the queue for a node that can take it.
   std::chrono::milliseconds queue_timeout{std::chrono::hours(1)};
+  // How long a submitter or follower has to acknowledge one output event before
+  // it is asked again (while it stays connected).
+  std::chrono::milliseconds ack_window{output_ack_window};
   // How often queue deadlines are checked.
   std::chrono::milliseconds tick_interval{std::chrono::seconds(1)};
 };
@@ -74,6 +93,11 @@ struct coordinator_job {
   uint64_t next_sequence = 0;
   // Highest node-side sequence relayed for the current dispatch.
   std::optional<uint64_t> last_node_sequence;
+  // Output of the current dispatch (by node-side sequence) that its node waits
+  // for, not yet acknowledged by every live sink; and the node's repeats of it,
+  // answered together with it.
+  std::set<uint64_t> unacknowledged;
+  std::multimap<uint64_t, caf::response_promise> repeats;
   std::string state = "QUEUED";
   int64_t since_us = 0;
   std::chrono::steady_clock::time_point queued_at;
@@ -88,6 +112,8 @@ struct coordinator_state {
   std::map<std::string, coordinator_job> jobs;  // queued and running, by id
   std::deque<std::string> queue;                // job ids waiting, in order
   std::map<uint64_t, std::string> dispatches;   // dispatch id -> job id
+  // Submitters' and followers' sinks still connected (monitored; gone at DOWN).
+  std::set<caf::actor_addr> live_sinks;
   uint64_t next_dispatch = 1;
   // Every relay alive, killed when the coordinator ends.
   std::shared_ptr<std::set<caf::actor>> relays = std::make_shared<std::set<caf::actor>>();

@@ -26,6 +26,32 @@ void cancel_job(node_pointer self, runner_node_job& job) {
   self->send(job.launched.supervisor, cancel_atom::value);
 }
 
+// Forwards one output event to the job's sink as a request and acknowledges it
+// to the supervisor (`ack`) only when the sink has: the acknowledgement travels
+// from whoever reads the job's output. Past a window without an answer, a remote
+// sink that is still there is asked again; one that is gone releases the output.
+void forward_held(node_pointer self, const std::string& job_id, event_sink_actor sink,
+                  v1::JobEvent event, caf::response_promise ack) {
+  auto remote = sink.node() != self->node();
+  auto window = remote ? caf::duration{output_ack_window} : caf::duration{caf::infinite};
+  self->request(sink, window, event_atom::value, event)
+    .then([ack]() mutable { ack.deliver(caf::unit); },
+          [self, job_id, sink, event, ack](caf::error& err) mutable {
+            auto i = self->state.jobs.find(job_id);
+            bool waiting = i != self->state.jobs.end() && !i->second.sink_lost &&
+                           i->second.sink == sink && err == caf::sec::request_timeout;
+            if (!waiting) {
+              log_job(spdlog::level::debug, job_id, "job {}: event {} released ({})", job_id,
+                      event.sequence(), error_text(err));
+              return ack.deliver(caf::unit);  // the sink is gone: nothing holds the output
+            }
+            log_job(spdlog::level::debug, job_id,
+                    "job {}: event {} not yet acknowledged by its sink; still waiting", job_id,
+                    event.sequence());
+            forward_held(self, job_id, sink, repeat_of(event), ack);
+          });
+}
+
 // A supervisor ended: its slot is free again. One that ended without reporting
 // a result (it crashed or was killed) gets one made for it, so its sink and its
 // record never wait for a result that will not come.
@@ -66,6 +92,7 @@ runner_node_actor::behavior_type runner_node(node_pointer self, std::string node
       // The sink is gone (the coordinator was lost or dropped the job): nobody
       // waits for this job any more.
       if (msg.source == job.sink.address()) {
+        job.sink_lost = true;
         cancel_job(self, job);
         return;
       }
@@ -76,7 +103,7 @@ runner_node_actor::behavior_type runner_node(node_pointer self, std::string node
            event_sink_actor sink) -> caf::result<ok_atom> {
       auto& st = self->state;
       if (st.stopping)
-        return caf::make_error(runner_errc::invalid_input,
+        return caf::make_error(runner_errc::node_unavailable,
                                "node " + st.node_name + " is shutting down");
       if (spec.id().empty() || !sink)
         return caf::make_error(runner_errc::invalid_input, "a dispatched job needs an id and a sink");
@@ -86,10 +113,10 @@ runner_node_actor::behavior_type runner_node(node_pointer self, std::string node
                                "node " + st.node_name + " refuses job " + spec.id() + ": " +
                                  self_contained.error().message);
       if (st.jobs.count(spec.id()))
-        return caf::make_error(runner_errc::invalid_input, "node " + st.node_name +
+        return caf::make_error(runner_errc::node_unavailable, "node " + st.node_name +
                                                              " is still running job " + spec.id());
       if (st.jobs.size() >= st.slots)
-        return caf::make_error(runner_errc::invalid_input,
+        return caf::make_error(runner_errc::node_unavailable,
                                "node " + st.node_name + " is busy (" +
                                  std::to_string(st.slots) + " of " + std::to_string(st.slots) +
                                  " slots used)");
@@ -120,20 +147,30 @@ runner_node_actor::behavior_type runner_node(node_pointer self, std::string node
         cancel_job(self, job);
       quit_when_drained(self);
     },
-    [self](event_atom, v1::JobEvent& event) {
+    [self](event_atom, v1::JobEvent& event) -> caf::result<void> {
       auto i = self->state.jobs.find(event.job_id());
       if (i == self->state.jobs.end())
-        return;
+        return caf::unit;
       auto& job = i->second;
       if (job.result_sent)
-        return;
+        return caf::unit;
       ++job.forwarded;
       job.result_sent = event.has_result();
       if (event.has_result())
         log_job(spdlog::level::info, event.job_id(), "job {} finished on node {}: {}, exit code {}",
                 event.job_id(), self->state.node_name,
                 v1::JobStatus_Name(event.result().status()), event.result().exit_code());
-      self->send(job.sink, event_atom::value, std::move(event));
+      // Output comes as a request (its reply paces the step): pass the sink's
+      // acknowledgement through. Other events are plain messages, sent on in order.
+      const auto* element = self->current_mailbox_element();
+      if (!element || !element->mid.is_request() || job.sink_lost) {
+        self->send(job.sink, event_atom::value, std::move(event));
+        return caf::unit;
+      }
+      auto ack = self->make_response_promise();
+      auto job_id = event.job_id();  // a copy: `event` is moved in the same call
+      forward_held(self, job_id, job.sink, std::move(event), ack);
+      return ack;
     },
   };
 }

@@ -2,7 +2,10 @@
 // A runner node: the actor a coordinator dispatches jobs to. Each job runs
 // exactly like a local run (job supervisor plus the job's record in the node's
 // state directory); its events are forwarded, in order, to the sink the
-// coordinator gave with the job. A job whose sink goes away (the coordinator was
+// coordinator gave with the job. Output events are requests all the way: the
+// node answers a supervisor's output event only once its sink has answered it,
+// so a submitter that stops reading holds the step (coordinator.hpp:
+// output_ack_window). A job whose sink goes away (the coordinator was
 // lost, or gave up on it) is cancelled, so nothing runs for nobody.
 #include <cstdint>
 #include <functional>
@@ -33,6 +36,7 @@ struct runner_node_job {
   uint64_t forwarded = 0;  // events forwarded so far
   bool result_sent = false;
   bool cancelled = false;
+  bool sink_lost = false;  // its DOWN came: nothing waits for its acknowledgements
 };
 
 struct runner_node_state {

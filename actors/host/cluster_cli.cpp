@@ -69,6 +69,19 @@ void add_cluster_commands(CLI::App& app, std::optional<int>& exit_code) {
   submit_app->callback(
     [&exit_code, submit_options] { exit_code = submit_command(*submit_options); });
 
+  auto follow_options = std::make_shared<FollowOptions>();
+  auto* follow_app = app.add_subcommand(
+    "follow", "show a queued or running job of a coordinator from now on, like `submit`, and "
+              "exit with its exit code");
+  follow_app->add_option("--coordinator", follow_options->coordinator, "the coordinator's HOST:PORT")
+    ->required();
+  add_network_options(*follow_app, follow_options->net);
+  follow_app->add_option("job_id", follow_options->job_id, "the job's id (as submit printed it)")
+    ->required();
+  follow_app->add_flag("--json", follow_options->json, "print every job event as one JSON line");
+  follow_app->callback(
+    [&exit_code, follow_options] { exit_code = follow_command(*follow_options); });
+
   auto status_options = std::make_shared<StatusOptions>();
   auto* status_app =
     app.add_subcommand("status", "show a coordinator's nodes, slots, queued and running jobs");

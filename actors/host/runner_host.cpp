@@ -128,6 +128,7 @@ std::string status_text(v1::JobStatus status) {
     case v1::FAILED: return "failed";
     case v1::TIMED_OUT: return "timed out";
     case v1::CANCELLED: return "cancelled";
+    case v1::INVALID_INPUT: return "invalid input";
     default: return "infrastructure error";
   }
 }

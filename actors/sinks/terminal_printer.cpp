@@ -200,6 +200,10 @@ void print_human(printer_pointer self, printed_job& job, const v1::JobEvent& eve
 event_sink_actor::behavior_type printer_behavior(printer_pointer self) {
   return {
     [=](event_atom, const v1::JobEvent& event) {
+      // A repeat (no payload) asks again for the acknowledgement of an event shown
+      // already (coordinator.hpp: repeat_of): answering it is all there is to do.
+      if (event.kind_case() == v1::JobEvent::KIND_NOT_SET)
+        return;
       auto& job = job_of(self, event);
       // A job has one result; anything after it (a late stand-in for a killed
       // job whose own result came first) is not shown.

@@ -4,7 +4,9 @@
 #include <sys/inotify.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 
 #include <caf/send.hpp>
 #include <spdlog/spdlog.h>
@@ -17,6 +19,9 @@ namespace {
 constexpr auto poll_interval = std::chrono::milliseconds(20);
 // Afterwards inotify says when it grows; this is a safety net.
 constexpr auto fallback_interval = std::chrono::milliseconds(250);
+// After the hand-off the capture is drained into the record this often (no
+// wake-up per console write while steps run).
+constexpr auto drain_interval = std::chrono::seconds(1);
 
 using tailer_pointer = console_tailer_internal::stateful_pointer<console_tailer_state>;
 
@@ -37,14 +42,54 @@ void copy_to_record(console_tailer_state& st, std::string_view bytes) {
   }
 }
 
+// Opens the capture: read-write when it may, to punch out what was read.
+bool open_capture(console_tailer_state& st) {
+  if (st.fd >= 0)
+    return true;
+  st.fd = ::open(st.path.c_str(), O_RDWR | O_CLOEXEC);
+  if (st.fd < 0)
+    st.fd = ::open(st.path.c_str(), O_RDONLY | O_CLOEXEC);
+  return st.fd >= 0;
+}
+
+// QEMU's capture is bounded on disk: once the record holds its bytes, they are
+// punched out of it (a hole: QEMU appends on, the file's blocks are freed). What
+// is left is at most what came since the last read. A file system that cannot
+// punch holes keeps the capture whole (it goes with the VM's work dir); that is
+// said once.
+void release_read_bytes(console_tailer_state& st) {
+  if (!st.record || st.fd < 0 || st.punch_unsupported)
+    return;
+  off_t read_up_to = ::lseek(st.fd, 0, SEEK_CUR);
+  if (read_up_to <= st.released)
+    return;
+  if (::fallocate(st.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, st.released,
+                  read_up_to - st.released) == 0) {
+    st.released = read_up_to;
+    return;
+  }
+  st.punch_unsupported = true;
+  spdlog::warn("console capture {}: cannot release what was read ({}); it grows until the VM "
+               "ends",
+               st.path, std::strerror(errno));
+}
+
+// Copies what the capture holds now into the record (after the hand-off).
+void drain_into_record(console_tailer_state& st) {
+  if (!st.record || st.fd < 0)
+    return;
+  char buf[16384];
+  ssize_t n;
+  while (st.record && (n = ::read(st.fd, buf, sizeof buf)) > 0)
+    copy_to_record(st, std::string_view(buf, static_cast<size_t>(n)));
+  release_read_bytes(st);
+}
+
 // Reads everything available now and emits the complete lines.
 void read_available(tailer_pointer self) {
   auto& st = self->state;
-  if (st.fd < 0) {
-    st.fd = ::open(st.path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (st.fd < 0)
-      return;  // QEMU has not created it yet
-  }
+  if (!open_capture(st))
+    return;  // QEMU has not created it yet
   char buf[16384];
   ssize_t n;
   while ((n = ::read(st.fd, buf, sizeof buf)) > 0) {
@@ -59,6 +104,7 @@ void read_available(tailer_pointer self) {
       st.partial.erase(0, console_line_limit);
     }
   }
+  release_read_bytes(st);
 }
 
 // Watches the opened log for growth. Without inotify the actor keeps polling.
@@ -108,14 +154,9 @@ console_tailer_state::~console_tailer_state() {
   // The attempt ends its children after QEMU is gone: the rest of the capture
   // (written after the hand-off) completes the record. The capture may have been
   // removed with the VM's work directory already; the open descriptor still reads it.
-  if (record && fd < 0)
-    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (record && fd >= 0) {
-    char buf[16384];
-    ssize_t n;
-    while (record && (n = ::read(fd, buf, sizeof buf)) > 0)
-      copy_to_record(*this, std::string_view(buf, static_cast<size_t>(n)));
-  }
+  if (record)
+    open_capture(*this);
+  drain_into_record(*this);
   if (record)
     if (auto ok = record->finish(); !ok)
       spdlog::warn("console record: {}", ok.error().message);
@@ -146,17 +187,25 @@ console_tailer(tailer_pointer self, console_observer_actor observer, console_cap
         if (!st.partial.empty())
           emit_line(self, std::move(st.partial));
         st.partial.clear();
-        if (st.record)
+        if (st.record) {
           stop_following(st);
-        else
+          // The record goes on: the capture is drained into it now and then.
+          self->delayed_send(self, drain_interval, tick_atom::value);
+        } else {
           close_all(st);
+        }
       }
       return stopped_atom::value;
     },
     [=](tick_atom) {
       auto& st = self->state;
-      if (st.stopped)
+      if (st.stopped) {
+        if (st.record) {
+          drain_into_record(st);
+          self->delayed_send(self, drain_interval, tick_atom::value);
+        }
         return;
+      }
       if (st.waiter) {
         drain_notifications(st.inotify_fd);  // before reading: later growth wakes us again
         read_available(self);

@@ -1,4 +1,6 @@
 #pragma once
+#include <sys/types.h>
+
 #include <memory>
 #include <optional>
 #include <string>
@@ -17,9 +19,12 @@ namespace solstice {
 // in QEMU's order (kernel messages, /dev/console writes of steps) with no second
 // path through the events. Lines are emitted only until `stop` (the hand-off, so
 // no console line follows step output); the record goes on: the tailer keeps the
-// capture open and copies what came after the hand-off when it ends with its VM
-// attempt, after QEMU has exited. Not following it live during the steps saves a
-// wake-up per console write; the live view is the events and the terminal.
+// capture open and copies what came after the hand-off every second, and the rest
+// when it ends with its VM attempt, after QEMU has exited. Not following it live
+// during the steps saves a wake-up per console write; the live view is the events
+// and the terminal. What the record holds is punched out of the capture (QEMU
+// appends on), so the capture on disk stays small whatever a step writes to the
+// console; the record itself is capped by console_max_bytes.
 struct console_capture {
   std::string raw_path;     // what QEMU writes
   std::string record_path;  // the job's console.log; empty: no record
@@ -43,6 +48,9 @@ struct console_tailer_state {
   bool stopped = false;
   // The job's console.log (see console_capture).
   std::optional<RedactedFile> record;
+  // Bytes at the capture's start already copied to the record and punched out.
+  off_t released = 0;
+  bool punch_unsupported = false;
   ~console_tailer_state();
 };
 

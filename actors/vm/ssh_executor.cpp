@@ -192,6 +192,12 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
           });
         }
         uint64_t sequence[2] = {0, 0};
+        // The step's timeout holds while its output is held too: the worker stops
+        // waiting for credit at the deadline, and the exec call then ends the
+        // command as timed out.
+        const auto step_deadline = timeout_ms == 0
+                                     ? std::chrono::steady_clock::time_point::max()
+                                     : std::chrono::steady_clock::now() + milliseconds(timeout_ms);
         auto on_output = [&](SshStream stream, std::string_view bytes) {
           v1::OutputChunk chunk;
           chunk.set_step_index(step);
@@ -200,7 +206,7 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
           chunk.set_sequence(sequence[index]++);
           chunk.set_data(bytes.data(), bytes.size());
           // Blocks this worker (never an actor thread) while the observer lags.
-          credit->take(bytes.size(), cancel);
+          credit->take(bytes.size(), cancel, step_deadline);
           caf::anon_send(me, output_atom::value, std::move(chunk));
         };
         auto started = std::chrono::steady_clock::now();

@@ -4,16 +4,20 @@
 
 namespace solstice {
 
-bool ByteCredit::take(size_t bytes, const std::atomic<bool>& cancel) {
+bool ByteCredit::take(size_t bytes, const std::atomic<bool>& cancel,
+                      std::chrono::steady_clock::time_point deadline) {
   std::unique_lock<std::mutex> lock{mutex_};
+  bool granted = true;
   while (in_flight_ > 0 && in_flight_ + bytes > limit_) {
-    if (cancel.load())
-      return false;
+    if (cancel.load() || std::chrono::steady_clock::now() >= deadline) {
+      granted = false;
+      break;
+    }
     // Wake up now and then to notice a cancel flag nobody notifies about.
     freed_.wait_for(lock, std::chrono::milliseconds(50));
   }
   in_flight_ += bytes;
-  return true;
+  return granted;
 }
 
 void ByteCredit::give_back(size_t bytes) {

@@ -3,6 +3,7 @@
 // credit for the bytes it hands over and blocks while `limit` bytes are still
 // unacknowledged, so a flood of output never piles up in memory.
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <mutex>
@@ -14,8 +15,12 @@ class ByteCredit {
   explicit ByteCredit(size_t limit) : limit_(limit) {}
 
   // Blocks until `bytes` more fit (a single chunk larger than the limit passes
-  // alone), or `cancel` becomes true. Returns false when cancelled.
-  bool take(size_t bytes, const std::atomic<bool>& cancel);
+  // alone), `cancel` becomes true or `deadline` passes. Returns false when
+  // cancelled or past the deadline: the bytes are then counted as taken anyway
+  // (they are handed over, not lost), and the producer stops soon after.
+  bool take(size_t bytes, const std::atomic<bool>& cancel,
+            std::chrono::steady_clock::time_point deadline =
+              std::chrono::steady_clock::time_point::max());
   // The consumer has handled `bytes`.
   void give_back(size_t bytes);
   size_t in_flight() const;

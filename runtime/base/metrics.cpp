@@ -55,11 +55,13 @@ const std::vector<double> job_buckets{1, 5, 10, 30, 60, 120, 300, 600, 1800, 360
 const std::vector<double> phase_buckets{0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600};
 
 // Job statuses as metric labels, in the order they are printed.
-constexpr std::array<std::pair<v1::JobStatus, const char*>, 5> statuses{{
+// The last one also counts statuses it does not know.
+constexpr std::array<std::pair<v1::JobStatus, const char*>, 6> statuses{{
   {v1::SUCCEEDED, "succeeded"},
   {v1::FAILED, "failed"},
   {v1::TIMED_OUT, "timed_out"},
   {v1::CANCELLED, "cancelled"},
+  {v1::INVALID_INPUT, "invalid_input"},
   {v1::INFRASTRUCTURE_ERROR, "infrastructure_error"},
 }};
 

@@ -14,6 +14,7 @@ int exit_code_for(v1::JobStatus status, int failing_step_code) {
     case v1::FAILED: return failing_step_code != 0 ? failing_step_code : 1;
     case v1::TIMED_OUT: return exit_timed_out;
     case v1::CANCELLED: return exit_cancelled;
+    case v1::INVALID_INPUT: return exit_invalid_input;
     default: return exit_infrastructure_error;
   }
 }

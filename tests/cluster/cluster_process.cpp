@@ -1,11 +1,16 @@
 #include "tests/cluster/cluster_process.hpp"
 
+#include <dirent.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <doctest/doctest.h>
 
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <regex>
 #include <stdexcept>
 #include <thread>
@@ -117,6 +122,49 @@ std::string RunnerProcess::describe() {
   return (status_ ? status_->describe() : std::string{"still running"}) +
          (start_error.empty() ? "" : " (" + start_error + ")") + "\n--- stdout ---\n" +
          tail(out_) + "\n--- stderr ---\n" + tail(err_);
+}
+
+OneNodeCluster::OneNodeCluster()
+    : coordinator{{"coordinator", "--listen", "127.0.0.1:0", "--insecure"}},
+      state(dir.path() / "state") {
+  auto found = coordinator_endpoint(coordinator, 20s);
+  REQUIRE_MESSAGE(found, coordinator.describe());
+  endpoint = *found;
+  node.emplace(std::vector<std::string>{
+    "node", "--join", endpoint, "--insecure", "--name", "node-1", "--slots", "1", "--memory-mib",
+    "2048", "--state-dir", state.string(), "--accel", "tcg"});
+  REQUIRE_MESSAGE(node->wait_for_output("joined the coordinator", 30s), node->describe());
+}
+
+OneNodeCluster::~OneNodeCluster() {
+  if (node) {
+    node->kill(SIGTERM);
+    CHECK_MESSAGE(node->wait_exit(60s), node->describe());
+  }
+  coordinator.kill(SIGTERM);
+  CHECK_MESSAGE(coordinator.wait_exit(20s), coordinator.describe());
+}
+
+RunnerProcess OneNodeCluster::submit(const fs::path& job) {
+  return RunnerProcess{{"submit", "--to", endpoint, "--insecure", job.string()}};
+}
+
+bool qemu_mentions(const std::string& needle) {
+  DIR* proc = ::opendir("/proc");
+  if (!proc)
+    return false;
+  bool found = false;
+  while (auto* entry = ::readdir(proc)) {
+    std::string name = entry->d_name;
+    if (name.find_first_not_of("0123456789") != std::string::npos)
+      continue;
+    std::ifstream file{"/proc/" + name + "/cmdline", std::ios::binary};
+    std::string cmdline((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+    if (cmdline.find("qemu") != std::string::npos && cmdline.find(needle) != std::string::npos)
+      found = true;
+  }
+  ::closedir(proc);
+  return found;
 }
 
 std::optional<std::string> coordinator_endpoint(RunnerProcess& coordinator,

@@ -71,6 +71,24 @@ class RunnerProcess {
   std::optional<ExitStatus> status_;
 };
 
+// A plain (--insecure) coordinator and one node, node-1, with one slot on TCG and
+// its state in dir/state; both stopped with SIGTERM by the destructor.
+struct OneNodeCluster {
+  TempDir dir;
+  RunnerProcess coordinator;
+  std::string endpoint;
+  std::optional<RunnerProcess> node;
+  std::filesystem::path state;
+
+  OneNodeCluster();
+  ~OneNodeCluster();
+  // `submit` of a job file, as a process whose output is read only when asked.
+  RunnerProcess submit(const std::filesystem::path& job);
+};
+
+// Whether a QEMU process still names `needle` (a state dir) on its command line.
+bool qemu_mentions(const std::string& needle);
+
 // The "HOST:PORT" a coordinator printed on its first line, once it is listening.
 std::optional<std::string> coordinator_endpoint(RunnerProcess& coordinator,
                                                 std::chrono::milliseconds timeout);

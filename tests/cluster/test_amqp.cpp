@@ -144,26 +144,6 @@ size_t count_of(const std::string& text, const std::string& needle) {
   return n;
 }
 
-// Whether a QEMU with `needle` (its node's state dir) on its command line runs.
-bool qemu_mentions(const std::string& needle) {
-  DIR* proc = ::opendir("/proc");
-  bool found = false;
-  while (proc && !found) {
-    auto* entry = ::readdir(proc);
-    if (!entry)
-      break;
-    std::string name = entry->d_name;
-    if (name.find_first_not_of("0123456789") != std::string::npos)
-      continue;
-    std::ifstream file{"/proc/" + name + "/cmdline", std::ios::binary};
-    std::string cmdline((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-    found = cmdline.find("qemu") != std::string::npos && cmdline.find(needle) != std::string::npos;
-  }
-  if (proc)
-    ::closedir(proc);
-  return found;
-}
-
 }  // namespace
 
 TEST_CASE("AMQP: two nodes with two slots share eight jobs; each runs once; exit codes pass "

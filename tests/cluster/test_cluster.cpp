@@ -151,30 +151,10 @@ std::vector<std::string> dispatched_to(const std::vector<v1::JobEvent>& events) 
   return nodes;
 }
 
-// Whether any process still has `needle` on its command line (QEMU of a VM of
-// that state directory).
-bool process_mentions(const std::string& needle) {
-  DIR* proc = ::opendir("/proc");
-  if (!proc)
-    return false;
-  bool found = false;
-  while (auto* entry = ::readdir(proc)) {
-    std::string name = entry->d_name;
-    if (name.find_first_not_of("0123456789") != std::string::npos)
-      continue;
-    std::ifstream file{"/proc/" + name + "/cmdline", std::ios::binary};
-    std::string cmdline((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-    if (cmdline.find("qemu") != std::string::npos && cmdline.find(needle) != std::string::npos)
-      found = true;
-  }
-  ::closedir(proc);
-  return found;
-}
-
 bool eventually_no_process_mentions(const std::string& needle, std::chrono::seconds limit) {
   auto deadline = Clock::now() + limit;
   while (Clock::now() < deadline) {
-    if (!process_mentions(needle))
+    if (!qemu_mentions(needle))
       return true;
     std::this_thread::sleep_for(200ms);
   }
@@ -419,5 +399,33 @@ TEST_CASE("queued jobs: one no node can take ends within the queue timeout; Ctrl
   RunnerProcess status{{"status", "--to", cluster.endpoint, "--insecure"}};
   REQUIRE(status.wait_exit(30s));
   CHECK_MESSAGE(status.out().find("0 queued, 0 running") != std::string::npos, status.describe());
+  cluster.stop();
+}
+
+TEST_CASE("follow shows a running job from then on, like submit, and exits with the job's exit "
+          "code; an unknown job is invalid input") {
+  Cluster cluster;
+  cluster.start_coordinator();
+  cluster.start_node("node-a");
+  auto job = cluster.job_file(
+    "followed", R"({"id": "followed-job", "name": "followed", "runs_on": "solstice-test-guest",
+      "steps": [{"name": "work", "script": "echo step-begins; sleep 25; echo followed-output; exit 3"}]})");
+  auto submit = cluster.submit(job, false);
+  REQUIRE_MESSAGE(submit.wait_for_output("step-begins", job_limit), submit.describe());
+
+  RunnerProcess follow{{"follow", "--coordinator", cluster.endpoint, "--insecure", "followed-job"}};
+  REQUIRE_MESSAGE(follow.wait_exit(180s), follow.describe());
+  CHECK_MESSAGE(follow.exit_code() == 3, follow.describe());
+  CHECK(follow.out().find("following job followed-job") != std::string::npos);
+  CHECK_MESSAGE(follow.out().find("followed-output") != std::string::npos, follow.describe());
+  // From then on: what came before it attached is not shown again.
+  CHECK(follow.out().find("step-begins") == std::string::npos);
+  REQUIRE_MESSAGE(submit.wait_exit(60s), submit.describe());
+  CHECK_MESSAGE(submit.exit_code() == 3, submit.describe());
+
+  RunnerProcess unknown{{"follow", "--coordinator", cluster.endpoint, "--insecure", "no-such-job"}};
+  REQUIRE_MESSAGE(unknown.wait_exit(60s), unknown.describe());
+  CHECK_MESSAGE(unknown.exit_code() == 2, unknown.describe());
+  CHECK_MESSAGE(unknown.err().find("no job no-such-job") != std::string::npos, unknown.describe());
   cluster.stop();
 }

@@ -39,6 +39,7 @@
 #include "actors/actors.hpp"
 #include "actors/host/cluster_cli.hpp"
 #include "actors/runner_types.hpp"
+#include "tests/cluster/cluster_clients.hpp"
 #include "tests/cluster/cluster_process.hpp"
 
 using namespace solstice;
@@ -70,65 +71,6 @@ std::vector<std::string> concat(std::vector<std::string> a, const std::vector<st
   return a;
 }
 
-struct TlsClientConfig : caf::actor_system_config {
-  TlsClientConfig(const fs::path& dir, const std::string& who) {
-    add_runner_types(*this);
-    load<caf::io::middleman>();
-    load<caf::openssl::manager>();
-    openssl_certificate = (dir / (who + ".pem")).string();
-    openssl_key = (dir / (who + ".key")).string();
-    openssl_cafile = (dir / "cluster-ca.pem").string();
-    set("middleman.app-identifiers", std::vector<std::string>{cluster_protocol});
-    set("middleman.heartbeat-interval", caf::timespan{std::chrono::seconds(1)});
-  }
-};
-
-// Ends the actors it holds when it goes out of scope, also when a REQUIRE
-// fails: an actor system waits for its actors before it can be destroyed.
-struct EndActors {
-  std::vector<caf::actor> actors;
-  template <class Handle>
-  Handle operator()(Handle handle) {
-    actors.push_back(caf::actor_cast<caf::actor>(handle));
-    return handle;
-  }
-  ~EndActors() {
-    for (auto& actor : actors)
-      caf::anon_send_exit(actor, caf::exit_reason::kill);
-  }
-};
-
-// What a sink received.
-struct Received {
-  std::mutex mutex;
-  std::vector<v1::JobEvent> events;
-  bool has(const std::function<bool(const v1::JobEvent&)>& match) {
-    std::lock_guard<std::mutex> lock{mutex};
-    for (const auto& event : events)
-      if (match(event))
-        return true;
-    return false;
-  }
-  bool wait_for(const std::function<bool(const v1::JobEvent&)>& match,
-                std::chrono::milliseconds timeout) {
-    auto deadline = Clock::now() + timeout;
-    while (!has(match) && Clock::now() < deadline)
-      std::this_thread::sleep_for(100ms);
-    return has(match);
-  }
-  bool has_result() { return has([](const v1::JobEvent& e) { return e.has_result(); }); }
-};
-
-event_sink_actor::behavior_type collector(event_sink_actor::pointer,
-                                          std::shared_ptr<Received> received) {
-  return {
-    [received](event_atom, v1::JobEvent& event) {
-      std::lock_guard<std::mutex> lock{received->mutex};
-      received->events.push_back(std::move(event));
-    },
-  };
-}
-
 // A node that runs nothing: it keeps the relay of the job dispatched to it.
 struct FakeNodeState {
   std::mutex mutex;
@@ -153,7 +95,7 @@ runner_node_actor::behavior_type fake_node(runner_node_actor::pointer,
 
 // One peer process's worth of CAF: its own actor system with its certificate.
 struct Peer {
-  TlsClientConfig cfg;
+  ClientConfig cfg;
   caf::actor_system sys;
   coordinator_actor coordinator;
 
@@ -526,4 +468,39 @@ TEST_CASE("roles from certificates: submitters see, follow and cancel only their
   CHECK_MESSAGE(node.wait_exit(60s), node.describe());
   coordinator.kill(SIGTERM);
   CHECK_MESSAGE(coordinator.wait_exit(20s), coordinator.describe());
+}
+
+// The other direction: a client (node, submitter, status, follow) talks only to a
+// peer whose certificate has the coordinator role. An impostor with a cluster
+// certificate of another role (a submitter's stolen key, say) learns no job and
+// gets no node.
+TEST_CASE("nodes and clients refuse a peer whose certificate is not a coordinator's") {
+  TempDir dir;
+  auto& d = dir.path();
+  make_role_certificates(d);
+  RunnerProcess impostor{concat({"coordinator", "--listen", "127.0.0.1:0"}, tls_args(d, "alice"))};
+  auto endpoint = coordinator_endpoint(impostor, 20s);
+  REQUIRE_MESSAGE(endpoint, impostor.describe());
+  const std::string why = "is not a coordinator: its certificate 'alice' has the submitter role";
+
+  RunnerProcess status{concat({"status", "--to", *endpoint}, tls_args(d, "ops"))};
+  REQUIRE_MESSAGE(status.wait_exit(60s), status.describe());
+  CHECK_MESSAGE(status.exit_code() != 0, status.describe());
+  CHECK_MESSAGE(status.err().find(why) != std::string::npos, status.describe());
+
+  RunnerProcess follow{concat({"follow", "--coordinator", *endpoint, "some-job"}, tls_args(d, "ops"))};
+  REQUIRE_MESSAGE(follow.wait_exit(60s), follow.describe());
+  CHECK_MESSAGE(follow.exit_code() != 0, follow.describe());
+  CHECK_MESSAGE(follow.err().find(why) != std::string::npos, follow.describe());
+
+  // A node keeps trying (the real coordinator may come back), and never joins.
+  RunnerProcess node{concat({"node", "--join", *endpoint, "--slots", "1", "--state-dir",
+                             (d / "state").string(), "--accel", "tcg"},
+                            tls_args(d, "node-1"))};
+  CHECK_MESSAGE(node.wait_for_output(why, 60s), node.describe());
+  CHECK(node.err().find("joined the coordinator") == std::string::npos);
+  node.kill(SIGTERM);
+  CHECK_MESSAGE(node.wait_exit(30s), node.describe());
+  impostor.kill(SIGTERM);
+  CHECK_MESSAGE(impostor.wait_exit(20s), impostor.describe());
 }

@@ -26,6 +26,7 @@
 #include "actors/actors.hpp"
 #include "actors/host/cluster_cli.hpp"
 #include "actors/runner_types.hpp"
+#include "tests/cluster/cluster_clients.hpp"
 #include "tests/cluster/cluster_process.hpp"
 
 using namespace solstice;
@@ -35,56 +36,10 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct PlainClientConfig : caf::actor_system_config {
-  PlainClientConfig() {
-    add_runner_types(*this);
-    load<caf::io::middleman>();
-    set("middleman.app-identifiers", std::vector<std::string>{cluster_protocol});
-  }
-};
-
-// Ends the actors it holds when it goes out of scope, also when a REQUIRE
-// fails: an actor system waits for its actors before it can be destroyed.
-struct EndActors {
-  std::vector<caf::actor> actors;
-  template <class Handle>
-  Handle operator()(Handle handle) {
-    actors.push_back(caf::actor_cast<caf::actor>(handle));
-    return handle;
-  }
-  ~EndActors() {
-    for (auto& actor : actors)
-      caf::anon_send_exit(actor, caf::exit_reason::kill);
-  }
-};
-
-// The events a raw client's sink received.
-struct Received {
-  std::mutex mutex;
-  std::vector<v1::JobEvent> events;
-  std::optional<v1::JobResult> result() {
-    std::lock_guard<std::mutex> lock{mutex};
-    for (const auto& event : events)
-      if (event.has_result())
-        return event.result();
-    return std::nullopt;
-  }
-};
-
-event_sink_actor::behavior_type collector(event_sink_actor::pointer,
-                                          std::shared_ptr<Received> received) {
-  return {
-    [received](event_atom, v1::JobEvent& event) {
-      std::lock_guard<std::mutex> lock{received->mutex};
-      received->events.push_back(std::move(event));
-    },
-  };
-}
-
 // Submits `spec` as a client that does not go through `submit` (which would
 // pack the files), and waits for the job's result.
 v1::JobResult submit_raw(const std::string& endpoint, const v1::JobSpec& spec) {
-  PlainClientConfig cfg;
+  ClientConfig cfg;
   caf::actor_system sys{cfg};
   auto port = static_cast<uint16_t>(std::stoul(endpoint.substr(endpoint.rfind(':') + 1)));
   auto coordinator = caf::io::remote_actor<coordinator_actor>(sys, "127.0.0.1", port);
@@ -105,34 +60,6 @@ v1::JobResult submit_raw(const std::string& endpoint, const v1::JobSpec& spec) {
   REQUIRE_MESSAGE(result, "no result within 60 s");
   return *result;
 }
-
-struct PlainCluster {
-  TempDir dir;
-  RunnerProcess coordinator{{"coordinator", "--listen", "127.0.0.1:0", "--insecure"}};
-  std::string endpoint;
-  std::optional<RunnerProcess> node;
-
-  PlainCluster() {
-    auto found = coordinator_endpoint(coordinator, 20s);
-    REQUIRE_MESSAGE(found, coordinator.describe());
-    endpoint = *found;
-    node.emplace(std::vector<std::string>{
-      "node", "--join", endpoint, "--insecure", "--name", "node-1", "--slots", "1",
-      "--memory-mib", "2048", "--state-dir", (dir.path() / "state").string(), "--accel", "tcg"});
-    REQUIRE_MESSAGE(node->wait_for_output("joined the coordinator", 30s), node->describe());
-  }
-
-  ~PlainCluster() {
-    node->kill(SIGTERM);
-    CHECK_MESSAGE(node->wait_exit(60s), node->describe());
-    coordinator.kill(SIGTERM);
-    CHECK_MESSAGE(coordinator.wait_exit(20s), coordinator.describe());
-  }
-
-  RunnerProcess submit(const fs::path& job) {
-    return RunnerProcess{{"submit", "--to", endpoint, "--insecure", job.string()}};
-  }
-};
 
 // `size` bytes of every value (zeros, newlines, high bytes), written to `path`.
 void write_random_file(const fs::path& path, size_t size) {
@@ -158,7 +85,7 @@ std::string sha256_of(const fs::path& path) {
 }  // namespace
 
 TEST_CASE("a submitted job's uploads are packed into it and arrive byte-identical in the guest") {
-  PlainCluster cluster;
+  OneNodeCluster cluster;
   auto& d = cluster.dir.path();
   write_random_file(d / "payload.bin", 3u << 20);
   auto hash = sha256_of(d / "payload.bin");
@@ -204,7 +131,7 @@ TEST_CASE("submit refuses uploads over 16 MiB in all, naming the file, and an im
 }
 
 TEST_CASE("a node refuses a job from the network that names a path on the node") {
-  PlainCluster cluster;
+  OneNodeCluster cluster;
   // A node file a hostile submitter would like in its guest (any readable one).
   const std::string node_file = "/etc/hostname";
 
@@ -216,7 +143,9 @@ TEST_CASE("a node refuses a job from the network that names a path on the node")
     upload->set_source(node_file);
     upload->set_destination("/tmp/stolen");
     auto result = submit_raw(cluster.endpoint, spec);
-    CHECK(result.status() != v1::SUCCEEDED);
+    // The submitter's to fix, not the cluster's: invalid input, exit code 2.
+    CHECK(result.status() == v1::INVALID_INPUT);
+    CHECK(result.exit_code() == 2);
     CHECK_MESSAGE(result.error().find("uploads[0].source \"" + node_file +
                                       "\" names a file on the node") != std::string::npos,
                   result.error());
@@ -228,7 +157,8 @@ TEST_CASE("a node refuses a job from the network that names a path on the node")
     spec.set_image(node_file);
     spec.add_steps()->set_script("true");
     auto result = submit_raw(cluster.endpoint, spec);
-    CHECK(result.status() != v1::SUCCEEDED);
+    CHECK(result.status() == v1::INVALID_INPUT);
+    CHECK(result.exit_code() == 2);
     CHECK_MESSAGE(result.error().find("image \"" + node_file + "\" names a file on the node") !=
                     std::string::npos,
                   result.error());

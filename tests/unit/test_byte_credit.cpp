@@ -47,4 +47,20 @@ TEST_SUITE("byte_credit") {
     producer.join();
     CHECK(result.load() == 0);
   }
+
+  // A step's timeout must fire while its output is held: the producer (the SSH
+  // worker) gives up waiting at the step's deadline and then stops the command.
+  TEST_CASE("a deadline releases a blocked producer, counting its bytes as handed over") {
+    ByteCredit credit{10};
+    std::atomic<bool> cancel{false};
+    CHECK(credit.take(10, cancel));
+    auto started = std::chrono::steady_clock::now();
+    CHECK_FALSE(credit.take(5, cancel, started + 200ms));
+    auto waited = std::chrono::steady_clock::now() - started;
+    CHECK(waited >= 200ms);
+    CHECK(waited < 5s);
+    CHECK(credit.in_flight() == 15);
+    credit.give_back(15);
+    CHECK(credit.in_flight() == 0);
+  }
 }

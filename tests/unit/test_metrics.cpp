@@ -49,6 +49,7 @@ TEST_CASE("metrics: a job's result fills the counters and histograms") {
   CHECK(has_line(text, "# TYPE solstice_jobs_total counter"));
   CHECK(has_line(text, "solstice_jobs_total{status=\"failed\"} 1"));
   CHECK(has_line(text, "solstice_jobs_total{status=\"succeeded\"} 0"));
+  CHECK(has_line(text, "solstice_jobs_total{status=\"invalid_input\"} 0"));
   CHECK(has_line(text, "solstice_jobs_running 1"));
   CHECK(has_line(text, "solstice_vms_running 0"));
   CHECK(has_line(text, "solstice_vm_slots_free 3"));

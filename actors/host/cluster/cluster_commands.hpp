@@ -1,9 +1,13 @@
 #pragma once
 // The cluster subcommands, one file each: coordinator_command.cpp,
-// node_command.cpp, submit_command.cpp, status_command.cpp; their AMQP forms in
-// amqp_node_command.cpp and amqp_submit_command.cpp (what a node is, for either
-// intake: node_setup.cpp). Each returns the process's exit code.
+// node_command.cpp, submit_command.cpp, follow_command.cpp, status_command.cpp;
+// their AMQP forms in amqp_node_command.cpp and amqp_submit_command.cpp (what a
+// node is, for either intake: node_setup.cpp). Each returns the process's exit code.
+#include <functional>
+#include <optional>
 #include <string>
+
+#include <caf/scoped_actor.hpp>
 
 #include "actors/cluster/runner_node.hpp"
 #include "actors/host/cluster/cluster_support.hpp"
@@ -46,6 +50,13 @@ struct SubmitOptions {
   bool console = false;
 };
 
+struct FollowOptions {
+  std::string coordinator;
+  NetworkOptions net;
+  std::string job_id;
+  bool json = false;
+};
+
 struct StatusOptions {
   std::string to;
   AmqpOptions amqp;
@@ -85,5 +96,30 @@ int amqp_submit_command(const SubmitOptions& options);
 // The error names the job file.
 Result<v1::JobSpec> submittable_job(const std::string& job_file);
 int status_command(const StatusOptions& options);
+int follow_command(const FollowOptions& options);
+
+// How show_job prints: like `run` (--json, --console; the step count if known, else 0).
+struct Printing {
+  bool json = false;
+  bool console = false;
+  uint32_t step_count = 0;
+};
+
+// What asking the coordinator for a job's events gave: "" or why not, and
+// whether that is the user's to fix (exit 2).
+struct Attached {
+  std::string problem;
+  bool invalid = false;
+};
+
+// Shows a job on the terminal until its result, for submit and follow
+// (submit_command.cpp): `attach` asks the coordinator to send the job's events to
+// the printer. Returns the exit code: the job's, or why the wait ended otherwise
+// (the coordinator lost; an interrupt, which with `interrupt_cancels` first
+// cancels the job and gives up at the second, and otherwise only stops following).
+int show_job(caf::actor_system& sys, const coordinator_actor& coordinator,
+             const std::string& job_id, const Printing& printing, BlockedSignals& signals,
+             bool interrupt_cancels,
+             const std::function<Attached(caf::scoped_actor&, const event_sink_actor&)>& attach);
 
 }  // namespace solstice::cluster_cli

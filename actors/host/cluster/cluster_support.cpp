@@ -111,6 +111,8 @@ Result<coordinator_actor> connect_to_coordinator(caf::actor_system& sys, const E
                                                  const NetworkOptions& net,
                                                  std::chrono::milliseconds timeout) {
   auto manager = net.tls() ? sys.openssl_manager().actor_handle() : sys.middleman().actor_handle();
+  if (net.tls())
+    expect_coordinator_certificate();
   caf::scoped_actor self{sys};
   Result<coordinator_actor> result = fail("no answer");
   self->request(manager, timeout, caf::connect_atom::value, to.host, to.port)
@@ -124,7 +126,11 @@ Result<coordinator_actor> connect_to_coordinator(caf::actor_system& sys, const E
         else
           result = caf::actor_cast<coordinator_actor>(std::move(ptr));
       },
-      [&](caf::error& err) { result = fail(connect_error_text(sys, err, to, net)); });
+      [&](caf::error& err) {
+        auto refusal = net.tls() ? coordinator_certificate_refusal() : std::string{};
+        result = fail(refusal.empty() ? connect_error_text(sys, err, to, net)
+                                      : to.text() + " is not a coordinator: " + refusal);
+      });
   return result;
 }
 

@@ -106,6 +106,12 @@ Result<peer_identity> certificate_file_identity(const std::string& pem_path);
 // for a peer's node id. Call it once, after the actor system is up.
 peer_identifier watch_peer_identities(caf::actor_system& sys);
 
+// For a client under TLS: every connection it makes from now on must meet a
+// certificate with the coordinator role, or is closed; why the last one did not
+// ("" if none was refused). connect_to_coordinator calls it.
+void expect_coordinator_certificate();
+std::string coordinator_certificate_refusal();
+
 // `format` with one %s for `text`, on stderr, flushed.
 void say(const char* format, const std::string& text);
 

@@ -1,8 +1,9 @@
 // Cluster roles from certificates, and which certificate speaks for which peer.
 //
 // The field: each certificate carries exactly one role as a subjectAltName URI,
-// `solstice:role/node`, `solstice:role/submitter` or `solstice:role/operator`,
-// and its name as the subject's CN. A SAN URI, because the CA signs it with the
+// `solstice:role/node`, `solstice:role/submitter`, `solstice:role/operator` or
+// `solstice:role/coordinator`, and its name as the subject's CN. Clients check
+// that what they connected to holds a coordinator's certificate. A SAN URI, because the CA signs it with the
 // rest (a holder cannot change it), it needs no private OID (an extended key
 // usage would), `openssl req -addext subjectAltName=URI:...` writes it and
 // `openssl x509 -text` shows it. A certificate with no role URI, or several,
@@ -87,6 +88,10 @@ struct connection {
 struct registry {
   std::mutex mutex;
   bool enabled = false;
+  // A client (node, submitter, status, follow): the peer it connects to must
+  // hold a coordinator's certificate; why the last one did not.
+  bool expect_coordinator = false;
+  std::string coordinator_refusal;
   bytes own_node_id;
   std::map<const SSL*, connection> connections;
 };
@@ -257,13 +262,16 @@ Result<peer_identity> certificate_identity(X509* cert) {
   GENERAL_NAMES_free(alt_names);
   if (roles.size() != 1)
     return fail("certificate '" + name + "' carries " + std::to_string(roles.size()) +
-                " role URIs (" + role_uri_prefix + "node, submitter or operator); it needs one");
+                " role URIs (" + role_uri_prefix +
+                "node, submitter, operator or coordinator); it needs one");
   if (roles[0] == "node")
     return peer_identity{peer_role::node, name};
   if (roles[0] == "submitter")
     return peer_identity{peer_role::submitter, name};
   if (roles[0] == "operator")
     return peer_identity{peer_role::operator_role, name};
+  if (roles[0] == "coordinator")
+    return peer_identity{peer_role::coordinator, name};
   return fail("certificate '" + name + "' has the unknown role '" + roles[0] + "'");
 }
 
@@ -298,12 +306,55 @@ peer_identifier watch_peer_identities(caf::actor_system& sys) {
   };
 }
 
+void expect_coordinator_certificate() {
+  auto& r = peers();
+  std::lock_guard<std::mutex> lock{r.mutex};
+  r.expect_coordinator = true;
+  r.coordinator_refusal.clear();
+}
+
+std::string coordinator_certificate_refusal() {
+  auto& r = peers();
+  std::lock_guard<std::mutex> lock{r.mutex};
+  return r.coordinator_refusal;
+}
+
+namespace {
+
+// A client's connection: its peer's certificate must say coordinator. Called
+// with the registry locked; false: refuse the connection.
+bool follow_client_read(registry& r, SSL* ssl) {
+  if (!r.expect_coordinator)
+    return true;
+  auto& c = r.connections[ssl];
+  if (!c.checked_certificate)
+    check_certificate(ssl, c);
+  if (c.closed)
+    return false;
+  if (c.identity && c.identity->role == peer_role::coordinator)
+    return true;
+  c.closed = true;
+  r.coordinator_refusal =
+    c.identity ? "its certificate '" + c.identity->name + "' has the " +
+                   role_text(c.identity->role) + " role, not coordinator (" + role_uri_prefix +
+                   "coordinator)"
+               : "its certificate carries no coordinator role (" + c.why_no_identity + ")";
+  spdlog::warn("closed the connection to {}: not a coordinator", peer_text(c));
+  return false;
+}
+
+}  // namespace
+
 // Called by the process's SSL_read (openssl_error_queue.cpp) after every read
 // that returned bytes; false: refuse the connection.
 bool follow_tls_read(SSL* ssl, const void* data, int size) {
   auto& r = peers();
-  if (size <= 0 || !SSL_is_server(ssl))
+  if (size <= 0)
     return true;
+  if (!SSL_is_server(ssl)) {
+    std::lock_guard<std::mutex> lock{r.mutex};
+    return follow_client_read(r, ssl);
+  }
   std::lock_guard<std::mutex> lock{r.mutex};
   if (!r.enabled)
     return true;

@@ -1,5 +1,6 @@
 // `solstice-runner submit`: sends a job to a coordinator and streams its events like `run`.
 #include <cstdio>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -24,11 +25,12 @@ namespace {
 
 // Waits while the job runs and the printer shows its events. Returns nullopt once
 // the printer is done (the job's result has been shown), or the exit code when
-// the wait ends otherwise: the coordinator was lost, or a second interrupt gave up
-// waiting (the first one cancels the job).
+// the wait ends otherwise: the coordinator was lost, or an interrupt — which with
+// `interrupt_cancels` first cancels the job and gives up at the second, and
+// otherwise only stops following.
 std::optional<int> follow_job(caf::scoped_actor& self, const event_sink_actor& printer,
                               const coordinator_actor& coordinator, const std::string& job_id,
-                              BlockedSignals& signals) {
+                              BlockedSignals& signals, bool interrupt_cancels) {
   int interrupts = 0;
   for (;;) {
     auto printer_done = false;
@@ -50,6 +52,10 @@ std::optional<int> follow_job(caf::scoped_actor& self, const event_sink_actor& p
       return exit_infrastructure_error;
     }
     if (signals.next_signal(0ms)) {
+      if (!interrupt_cancels) {
+        say("\nsolstice-runner: %s\n", "no longer following the job (it goes on running)");
+        return exit_cancelled;
+      }
       if (++interrupts == 1) {
         say("\nsolstice-runner: %s\n",
             "cancelling the job (interrupt again to stop waiting for it)");
@@ -107,39 +113,51 @@ int submit_command(const SubmitOptions& options) {
                 job->name().empty() ? "(unnamed)" : job->name().c_str(), to->text().c_str());
     std::fflush(stdout);
   }
+  return show_job(sys, *coordinator_handle, job->id(),
+                  {options.json, options.console, static_cast<uint32_t>(job->steps_size())},
+                  signals, true, [&](caf::scoped_actor& self, const event_sink_actor& printer) {
+                    Attached attached;
+                    self->request(*coordinator_handle, std::chrono::milliseconds(30s),
+                                  submit_atom::value, *job, printer)
+                      .receive([](const std::string&) {},
+                               [&](caf::error& err) {
+                                 attached.invalid = err.category() == caf::atom("solstice");
+                                 attached.problem =
+                                   "the coordinator did not take the job: " + error_text(err);
+                               });
+                    return attached;
+                  });
+}
+
+int show_job(caf::actor_system& sys, const coordinator_actor& coordinator,
+             const std::string& job_id, const Printing& printing, BlockedSignals& signals,
+             bool interrupt_cancels,
+             const std::function<Attached(caf::scoped_actor&, const event_sink_actor&)>& attach) {
   auto result = std::make_shared<std::optional<v1::JobResult>>();
   auto result_mutex = std::make_shared<std::mutex>();
   auto printer = sys.spawn<caf::detached>(
-    terminal_printer, options.json, options.console, static_cast<uint32_t>(job->steps_size()),
+    terminal_printer, printing.json, printing.console, printing.step_count,
     [result, result_mutex](const v1::JobResult& r) {
       std::lock_guard<std::mutex> lock{*result_mutex};
       *result = r;
     });
   caf::scoped_actor self{sys};
   self->monitor(printer);
-  self->monitor(*coordinator_handle);
-  std::string problem;
-  auto invalid = false;
-  self->request(*coordinator_handle, std::chrono::milliseconds(30s), submit_atom::value, *job,
-                printer)
-    .receive([](const std::string&) {},
-             [&](caf::error& err) {
-               invalid = err.category() == caf::atom("solstice");
-               problem = "the coordinator did not take the job: " + error_text(err);
-             });
+  self->monitor(coordinator);
+  auto attached = attach(self, printer);
   auto finish = [&](int code) {
     self->send_exit(printer, caf::exit_reason::user_shutdown);
     return code;
   };
-  if (!problem.empty()) {
-    say("solstice-runner: %s\n", problem);
-    return finish(invalid ? exit_invalid_input : exit_infrastructure_error);
+  if (!attached.problem.empty()) {
+    say("solstice-runner: %s\n", attached.problem);
+    return finish(attached.invalid ? exit_invalid_input : exit_infrastructure_error);
   }
-  if (auto ended = follow_job(self, printer, *coordinator_handle, job->id(), signals))
+  if (auto ended = follow_job(self, printer, coordinator, job_id, signals, interrupt_cancels))
     return finish(*ended);
   std::lock_guard<std::mutex> lock{*result_mutex};
   if (!*result) {
-    say("solstice-runner: job %s ended without a result\n", job->id());
+    say("solstice-runner: job %s ended without a result\n", job_id);
     return exit_infrastructure_error;
   }
   return exit_code_for(**result);
