@@ -133,6 +133,12 @@ runner_node_actor::behavior_type runner_node(node_pointer self, std::string node
         log_job(spdlog::level::info, event.job_id(), "job {} finished on node {}: {}, exit code {}",
                 event.job_id(), self->state.node_name,
                 v1::JobStatus_Name(event.result().status()), event.result().exit_code());
+      // An output request is answered by the job's sink, so its flow control
+      // reaches the supervisor (and through it the guest).
+      if (event.has_output() && self->current_mailbox_element()->mid.is_request()) {
+        self->delegate(job.sink, event_atom::value, std::move(event));
+        return;
+      }
       self->send(job.sink, event_atom::value, std::move(event));
     },
   };
