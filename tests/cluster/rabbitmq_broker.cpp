@@ -117,7 +117,8 @@ std::string RabbitBroker::url() const {
 }
 
 std::string RabbitBroker::amqps_url() const {
-  return "amqps://guest@127.0.0.1:" + std::to_string(amqps_port_);
+  // By name: rabbitmq-c checks the certificate's DNS names, not its IP addresses.
+  return "amqps://guest@localhost:" + std::to_string(amqps_port_);
 }
 
 fs::path RabbitBroker::password_file() const { return dir_ / "password"; }

@@ -31,7 +31,7 @@ class RabbitBroker {
   // amqp://guest@127.0.0.1:PORT (vhost "/"; the password is "guest": password_file()).
   std::string url() const;
   std::filesystem::path password_file() const;
-  // amqps://guest@127.0.0.1:PORT (only with a TLS listener).
+  // amqps://guest@localhost:PORT (only with a TLS listener; it listens on 127.0.0.1).
   std::string amqps_url() const;
 
   // SIGTERM and wait (SIGKILL after 30 s); start() again keeps the data dir.
