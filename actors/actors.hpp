@@ -27,6 +27,13 @@ using event_sink_actor = caf::typed_actor<
   // to an earlier one (cluster/coordinator.hpp: repeat_of): show nothing for it.
   caf::reacts_to<event_atom, v1::JobEvent>>;
 
+/// An event sink in front of a publisher outside the actors (the AMQP node's
+/// loop, actors/cluster/event_outbox.hpp): it answers an output request only while
+/// that publisher has room.
+using outbox_sink_actor = event_sink_actor::extend<
+  // Internal: its look-again timer while it holds answers back.
+  caf::reacts_to<tick_atom>>;
+
 // ---------------------------------------------------------------------------
 // One VM attempt's children. Each reports to its own kind of observer, so a
 // child can only send what it owns: the tailer no output, the executor no

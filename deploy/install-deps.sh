@@ -28,6 +28,8 @@ packages=(
   dpkg-dev man-db bash-completion
   # runner nodes on RabbitMQ: the tests start their own brokers
   rabbitmq-server
+  # certificates the TLS tests make (make-cluster-certs.sh, the amqps:// test)
+  openssl
   # benchmarks (bench/run.sh); stand-in QEMUs of the reliability tests (QMP clients)
   python3
 )

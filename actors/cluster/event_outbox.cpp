@@ -1,11 +1,48 @@
 #include "actors/cluster/event_outbox.hpp"
 
+#include <chrono>
+
 namespace solstice {
 
-event_sink_actor::behavior_type event_outbox_sink(event_sink_actor::pointer,
-                                                  std::shared_ptr<EventOutbox> outbox) {
+namespace {
+
+// How often a sink that holds answers back looks at the outbox again: short
+// against a TCG step's pace, long enough to cost nothing while a broker is away.
+constexpr auto look_again = std::chrono::milliseconds(20);
+
+void answer_while_room(outbox_sink_actor::stateful_pointer<outbox_sink_state> self) {
+  auto& st = self->state;
+  while (!st.held.empty() && st.outbox->has_room()) {
+    st.held.front().deliver(caf::unit);
+    st.held.pop_front();
+  }
+  if (!st.held.empty())
+    self->delayed_send(self, look_again, tick_atom::value);
+}
+
+}  // namespace
+
+uint64_t held_bytes_of(const v1::JobEvent& event) {
+  return event.has_output() ? event.output().data().size() : 0;
+}
+
+outbox_sink_actor::behavior_type event_outbox_sink(
+  outbox_sink_actor::stateful_pointer<outbox_sink_state> self,
+  std::shared_ptr<EventOutbox> outbox) {
+  self->state.outbox = std::move(outbox);
   return {
-    [outbox](event_atom, v1::JobEvent& event) { outbox->push(std::move(event)); },
+    [self](event_atom, v1::JobEvent& event) {
+      auto& st = self->state;
+      const bool output = event.has_output();
+      st.outbox->push(std::move(event));
+      const bool request = self->current_mailbox_element()->mid.is_request();
+      if (!output || !request || (st.held.empty() && st.outbox->has_room()))
+        return;  // answered now (an empty reply)
+      st.held.push_back(self->make_response_promise());
+      if (st.held.size() == 1)
+        self->delayed_send(self, look_again, tick_atom::value);
+    },
+    [self](tick_atom) { answer_while_room(self); },
   };
 }
 

@@ -1,33 +1,78 @@
 #pragma once
 // The sink that hands a runner node's job events to a thread outside the actor
-// system (the AMQP connection's loop): the actor only appends to a locked queue,
-// so it never blocks a scheduler thread; the loop takes everything queued.
+// system (the AMQP connection's loop), with flow control: the sink only appends
+// to a locked queue, so it never blocks a scheduler thread, and it answers an
+// output event (sent as a request, actors/actors.hpp) only while the output held
+// between the guest and the broker stays under a bound. Held means: in the outbox,
+// waiting to be published, or published and not yet confirmed by the broker. The
+// loop releases an event's bytes once the broker confirmed it. So a broker that
+// pushes back (connection.blocked, a full confirm window, no connection at all)
+// stops the guest's output at its source, as a slow terminal does, and the node
+// never buffers more than the bound (plus what one request in flight carries).
+#include <atomic>
+#include <cstdint>
 #include <deque>
 #include <memory>
 #include <mutex>
+
+#include <caf/response_promise.hpp>
 
 #include "actors/actors.hpp"
 
 namespace solstice {
 
+// 4 MiB of output per node: enough to keep a confirm window of a few hundred
+// chunks busy, small against any job's output flood.
+inline constexpr uint64_t default_max_held_output_bytes = 4ull << 20;
+
+// The bytes an event counts against the bound (output data only: the other
+// events are few and small, and a job's result must never wait).
+uint64_t held_bytes_of(const v1::JobEvent& event);
+
 class EventOutbox {
  public:
+  explicit EventOutbox(uint64_t max_held_output_bytes = default_max_held_output_bytes)
+      : max_held_(max_held_output_bytes) {}
+
+  // The sink's side.
   void push(v1::JobEvent event) {
+    held_ += held_bytes_of(event);
     std::lock_guard<std::mutex> lock{mutex_};
     events_.push_back(std::move(event));
   }
+  bool has_room() const { return !holding_.load() || held_.load() < max_held_; }
+  // No more holding back (a node that shuts down without a broker: its jobs
+  // must be able to end, and nothing will be published any more).
+  void stop_holding() { holding_ = false; }
+
+  // The publishing loop's side: takes everything queued; gives back the bytes of
+  // events the broker confirmed (or that were dropped).
   std::deque<v1::JobEvent> take_all() {
     std::lock_guard<std::mutex> lock{mutex_};
     return std::exchange(events_, {});
   }
+  void release(uint64_t bytes) { held_ -= std::min<uint64_t>(bytes, held_.load()); }
+  uint64_t held_bytes() const { return held_.load(); }
 
  private:
+  const uint64_t max_held_;
+  std::atomic<uint64_t> held_{0};
+  std::atomic<bool> holding_{true};
   std::mutex mutex_;
   std::deque<v1::JobEvent> events_;
 };
 
-// Appends every event it receives to `outbox`.
-event_sink_actor::behavior_type event_outbox_sink(event_sink_actor::pointer self,
-                                                  std::shared_ptr<EventOutbox> outbox);
+struct outbox_sink_state {
+  std::shared_ptr<EventOutbox> outbox;
+  // Answers to output requests not given yet, oldest first.
+  std::deque<caf::response_promise> held;
+};
+
+// Appends every event it receives to `outbox`; answers an output request only
+// while the outbox has room (it looks again every few milliseconds while it
+// holds answers back). An event sent without a request is only appended.
+outbox_sink_actor::behavior_type event_outbox_sink(
+  outbox_sink_actor::stateful_pointer<outbox_sink_state> self,
+  std::shared_ptr<EventOutbox> outbox);
 
 }  // namespace solstice

@@ -170,8 +170,19 @@ Result<std::unique_ptr<Client>> Client::connect(const Endpoint& endpoint,
   auto tv = timeval_of(std::chrono::duration_cast<std::chrono::milliseconds>(timeout));
   if (int rc = amqp_socket_open_noblock(socket, info.host, info.port, &tv); rc != AMQP_STATUS_OK)
     return fail("cannot connect to the AMQP broker at " + where + ": " + amqp_error_string2(rc));
-  auto login = amqp_login(state->conn, info.vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN,
-                          info.user, endpoint.password.c_str());
+  // Without this capability the broker never says it blocked us.
+  amqp_table_entry_t capability{};
+  capability.key = amqp_cstring_bytes("connection.blocked");
+  capability.value.kind = AMQP_FIELD_KIND_BOOLEAN;
+  capability.value.value.boolean = 1;
+  amqp_table_entry_t property{};
+  property.key = amqp_cstring_bytes("capabilities");
+  property.value.kind = AMQP_FIELD_KIND_TABLE;
+  property.value.value.table = amqp_table_t{1, &capability};
+  amqp_table_t properties{1, &property};
+  auto login = amqp_login_with_properties(state->conn, info.vhost, 0, 131072, 0, &properties,
+                                          AMQP_SASL_METHOD_PLAIN, info.user,
+                                          endpoint.password.c_str());
   if (login.reply_type != AMQP_RESPONSE_NORMAL)
     return fail("cannot log in to the AMQP broker at " + where + " as " + info.user + ": " +
                 reply_text(login));
@@ -238,6 +249,32 @@ Result<std::string> Client::declare_private_queue(
       return tl::unexpected(checked.error());
   }
   return name;
+}
+
+Result<void> Client::declare_follow_queue(
+  const std::string& name, const std::map<std::string, std::string>& exchange_to_key,
+  std::chrono::milliseconds unused_for) {
+  amqp_table_entry_t expires{};
+  expires.key = amqp_cstring_bytes("x-expires");
+  expires.value.kind = AMQP_FIELD_KIND_I64;
+  expires.value.value.i64 = unused_for.count();
+  amqp_queue_declare(state_->conn, consume_channel, bytes_of(name), 0, 1, 0, 0,
+                     amqp_table_t{1, &expires});
+  if (auto checked = state_->check(("cannot declare queue " + name).c_str()); !checked)
+    return checked;
+  for (const auto& [exchange, key] : exchange_to_key) {
+    amqp_queue_bind(state_->conn, consume_channel, bytes_of(name), bytes_of(exchange),
+                    bytes_of(key), amqp_empty_table);
+    if (auto checked = state_->check(("cannot bind queue " + name + " to " + exchange).c_str());
+        !checked)
+      return checked;
+  }
+  return {};
+}
+
+Result<void> Client::delete_queue(const std::string& name) {
+  amqp_queue_delete(state_->conn, consume_channel, bytes_of(name), 0, 0);
+  return state_->check(("cannot delete queue " + name).c_str());
 }
 
 Result<void> Client::consume(const std::string& queue, uint16_t prefetch, bool no_ack) {
@@ -339,7 +376,9 @@ Result<Frame> Client::next(std::chrono::milliseconds wait) {
       return fail("the broker closed a channel: " + to_string(close->reply_text));
     }
     case AMQP_CONNECTION_BLOCKED_METHOD:
+      return Blocked{true};
     case AMQP_CONNECTION_UNBLOCKED_METHOD:
+      return Blocked{false};
     default:
       return Timeout{};
   }

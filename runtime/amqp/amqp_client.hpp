@@ -60,9 +60,15 @@ struct Confirm {
   bool ack = true;
 };
 
+// The broker stopped (blocked) or resumed (unblocked) reading what this
+// connection publishes (a resource alarm: memory or disk).
+struct Blocked {
+  bool blocked = true;
+};
+
 struct Timeout {};
 
-using Frame = std::variant<Delivery, Confirm, Timeout>;
+using Frame = std::variant<Delivery, Confirm, Blocked, Timeout>;
 
 struct Message {
   std::string exchange, routing_key, body;
@@ -75,7 +81,8 @@ class Client {
  public:
   // Connects, logs in and opens the consuming channel (1) and the publishing
   // channel (2, in confirm mode). No heartbeats: a peer that dies closes its TCP
-  // connection, which the broker sees at once.
+  // connection, which the broker sees at once. The client tells the broker it
+  // understands connection.blocked (a Blocked frame from next()).
   static Result<std::unique_ptr<Client>> connect(const Endpoint& endpoint,
                                                  std::chrono::seconds timeout);
   ~Client();
@@ -88,6 +95,13 @@ class Client {
   // the keys; returns its name.
   Result<std::string> declare_private_queue(
     const std::map<std::string, std::string>& exchange_to_key);
+  // A durable queue of this name bound to `exchange` with each key, that the
+  // broker deletes after `unused_for` without a consumer (a follower's queue
+  // that outlives a broker restart). Declaring it again is harmless.
+  Result<void> declare_follow_queue(const std::string& name,
+                                    const std::map<std::string, std::string>& exchange_to_key,
+                                    std::chrono::milliseconds unused_for);
+  Result<void> delete_queue(const std::string& name);
   // Starts consuming `queue` on channel 1, at most `prefetch` unacknowledged.
   Result<void> consume(const std::string& queue, uint16_t prefetch, bool no_ack = false);
 

@@ -53,7 +53,7 @@ std::vector<std::string> broker_env(const fs::path& dir, const std::string& node
 
 }  // namespace
 
-RabbitBroker::RabbitBroker(const fs::path& dir) : dir_(dir) {
+RabbitBroker::RabbitBroker(const fs::path& dir, std::optional<BrokerTls> tls) : dir_(dir) {
   fs::create_directories(dir_ / "home");
   fs::create_directories(dir_ / "mnesia");
   fs::create_directories(dir_ / "log");
@@ -62,8 +62,17 @@ RabbitBroker::RabbitBroker(const fs::path& dir) : dir_(dir) {
   epmd_port_ = free_port();
   node_name_ = "solstice-test-" + std::to_string(::getpid()) + "-" + std::to_string(amqp_port_) +
                "@localhost";
-  write_text(dir_ / "rabbitmq.conf", "listeners.tcp.1 = 127.0.0.1:" + std::to_string(amqp_port_) +
-                                       "\nloopback_users = none\n");
+  std::string conf = "listeners.tcp.1 = 127.0.0.1:" + std::to_string(amqp_port_) +
+                     "\nloopback_users = none\n";
+  if (tls) {
+    amqps_port_ = free_port();
+    conf += "listeners.ssl.1 = 127.0.0.1:" + std::to_string(amqps_port_) +
+            "\nssl_options.cacertfile = " + tls->ca.string() +
+            "\nssl_options.certfile = " + tls->cert.string() +
+            "\nssl_options.keyfile = " + tls->key.string() +
+            "\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n";
+  }
+  write_text(dir_ / "rabbitmq.conf", conf);
   write_text(dir_ / "enabled_plugins", "[].\n");
   write_text(dir_ / "password", "guest\n");
   epmd_.emplace(fs::path("/usr/bin/epmd"),
@@ -105,6 +114,11 @@ void RabbitBroker::stop() {
 
 std::string RabbitBroker::url() const {
   return "amqp://guest@127.0.0.1:" + std::to_string(amqp_port_);
+}
+
+std::string RabbitBroker::amqps_url() const {
+  // By name: rabbitmq-c checks the certificate's DNS names, not its IP addresses.
+  return "amqps://guest@localhost:" + std::to_string(amqps_port_);
 }
 
 fs::path RabbitBroker::password_file() const { return dir_ / "password"; }

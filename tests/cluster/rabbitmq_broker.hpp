@@ -14,15 +14,25 @@ namespace solstice::cluster_testing {
 // A free TCP port of 127.0.0.1 (bound and released).
 uint16_t free_port();
 
+// A TLS listener's files (PEM): the broker's certificate and key, and the CA
+// that client certificates must be signed by (a client without one is refused).
+struct BrokerTls {
+  std::filesystem::path ca, cert, key;
+};
+
 class RabbitBroker {
  public:
   // Starts the broker in `dir`; waits until it accepts connections. REQUIREs it.
-  explicit RabbitBroker(const std::filesystem::path& dir);
+  // With `tls` it listens for amqps:// too.
+  explicit RabbitBroker(const std::filesystem::path& dir,
+                        std::optional<BrokerTls> tls = std::nullopt);
   ~RabbitBroker();
 
   // amqp://guest@127.0.0.1:PORT (vhost "/"; the password is "guest": password_file()).
   std::string url() const;
   std::filesystem::path password_file() const;
+  // amqps://guest@localhost:PORT (only with a TLS listener; it listens on 127.0.0.1).
+  std::string amqps_url() const;
 
   // SIGTERM and wait (SIGKILL after 30 s); start() again keeps the data dir.
   void stop();
@@ -34,7 +44,7 @@ class RabbitBroker {
 
  private:
   std::filesystem::path dir_;
-  uint16_t amqp_port_ = 0, dist_port_ = 0, epmd_port_ = 0;
+  uint16_t amqp_port_ = 0, amqps_port_ = 0, dist_port_ = 0, epmd_port_ = 0;
   std::string node_name_;
   std::optional<RunnerProcess> epmd_;
   std::optional<RunnerProcess> broker_;

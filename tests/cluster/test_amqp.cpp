@@ -1,9 +1,9 @@
-// Runner nodes on RabbitMQ end to end: a real broker (tests/cluster/rabbitmq_broker),
-// `solstice-runner node --amqp` and `submit --amqp` as real processes, real QEMU
-// and the built test guest on TCG.
+// Runner nodes on RabbitMQ end to end: a real broker (tests/cluster/rabbitmq_broker,
+// one shared by these cases), `solstice-runner node --amqp` and `submit --amqp` as
+// real processes, real QEMU and the built test guest on TCG. A lost broker, flow
+// control and amqps:// are in test_amqp_resilience.cpp.
 #include <doctest/doctest.h>
 
-#include <dirent.h>
 #include <signal.h>
 
 #include <fstream>
@@ -17,134 +17,12 @@
 #include "runtime/amqp/amqp_client.hpp"
 #include "runtime/job/event_log.hpp"
 #include "solstice.pb.h"
-#include "tests/cluster/cluster_process.hpp"
-#include "tests/cluster/rabbitmq_broker.hpp"
+#include "tests/cluster/amqp_bus.hpp"
 
 using namespace solstice;
 using namespace solstice::cluster_testing;
 using namespace std::chrono_literals;
 namespace fs = std::filesystem;
-
-namespace {
-
-// One TCG boot takes 5-40 s on a loaded 2-core host; four at once take longer.
-constexpr auto job_limit = std::chrono::seconds(600);
-
-struct Bus {
-  TempDir dir;
-  RabbitBroker broker{dir.path() / "broker"};
-  std::map<std::string, RunnerProcess> nodes;
-
-  std::vector<std::string> amqp_args() const {
-    return {"--amqp", broker.url(), "--amqp-password-file", broker.password_file().string()};
-  }
-
-  fs::path state_dir(const std::string& node) const { return dir.path() / ("state-" + node); }
-
-  RunnerProcess& start_node(const std::string& name, unsigned slots) {
-    std::vector<std::string> args{"node", "--name", name, "--slots", std::to_string(slots),
-                                  "--memory-mib", "4096", "--state-dir",
-                                  state_dir(name).string(), "--accel", "tcg"};
-    auto amqp = amqp_args();
-    args.insert(args.end(), amqp.begin(), amqp.end());
-    auto [i, added] = nodes.emplace(name, RunnerProcess{args});
-    REQUIRE_MESSAGE(i->second.wait_for_output("takes jobs from queue", 60s), i->second.describe());
-    return i->second;
-  }
-
-  fs::path job_file(const std::string& name, const std::string& json) {
-    auto path = dir.path() / (name + ".json");
-    write_text(path, json);
-    return path;
-  }
-
-  RunnerProcess submit(const fs::path& job, bool json = true) {
-    std::vector<std::string> args{"submit"};
-    auto amqp = amqp_args();
-    args.insert(args.end(), amqp.begin(), amqp.end());
-    args.push_back(job.string());
-    if (json)
-      args.push_back("--json");
-    return RunnerProcess{args};
-  }
-
-  std::unique_ptr<amqp::Client> client() {
-    auto client = amqp::Client::connect(amqp::Endpoint{broker.url(), "guest", {}, {}, {}}, 30s);
-    REQUIRE_MESSAGE(client, client.error().message);
-    REQUIRE((*client)->declare(amqp::Names{}));
-    return std::move(*client);
-  }
-
-  void stop_nodes() {
-    for (auto& [name, node] : nodes) {
-      node.kill(SIGTERM);
-      CHECK_MESSAGE(node.wait_exit(60s), node.describe());
-    }
-  }
-};
-
-std::string job_json(const std::string& id, const std::string& script) {
-  std::string quoted;
-  for (char c : script) {
-    if (c == '"' || c == '\\')
-      quoted += '\\';
-    quoted += c == '\n' ? std::string{"\\n"} : std::string(1, c);
-  }
-  return "{\"id\": \"" + id + "\", \"name\": \"" + id +
-         "\", \"runs_on\": \"solstice-test-guest\", \"steps\": [{\"name\": \"work\", "
-         "\"script\": \"" +
-         quoted + "\"}]}";
-}
-
-std::vector<v1::JobEvent> printed_events(const std::string& out) {
-  std::vector<v1::JobEvent> events;
-  std::istringstream lines{out};
-  std::string line;
-  while (std::getline(lines, line))
-    if (!line.empty() && line.front() == '{')
-      if (auto event = event_from_json_line(line))
-        events.push_back(*event);
-  return events;
-}
-
-std::string stdout_of_steps(const std::vector<v1::JobEvent>& events) {
-  std::string text;
-  for (const auto& event : events)
-    if (event.has_output() && event.output().stream() == v1::STDOUT)
-      text += event.output().data();
-  return text;
-}
-
-std::vector<v1::JobResult> results(const std::vector<v1::JobEvent>& events) {
-  std::vector<v1::JobResult> out;
-  for (const auto& event : events)
-    if (event.has_result())
-      out.push_back(event.result());
-  return out;
-}
-
-// Waits until a `submit --json` has shown `text` in a step's stdout (its output
-// events carry the bytes base64-encoded).
-bool wait_for_step_output(RunnerProcess& submit, const std::string& text,
-                          std::chrono::seconds limit) {
-  auto deadline = Clock::now() + limit;
-  while (Clock::now() < deadline) {
-    if (stdout_of_steps(printed_events(submit.out())).find(text) != std::string::npos)
-      return true;
-    if (submit.wait_exit(200ms))
-      return false;
-  }
-  return false;
-}
-
-size_t count_of(const std::string& text, const std::string& needle) {
-  size_t n = 0;
-  for (auto at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1))
-    ++n;
-  return n;
-}
-
-}  // namespace
 
 TEST_CASE("AMQP: two nodes with two slots share eight jobs; each runs once; exit codes pass "
           "through submit --amqp") {
@@ -171,7 +49,7 @@ TEST_CASE("AMQP: two nodes with two slots share eight jobs; each runs once; exit
     CHECK_FALSE(answers[0].redelivered());
   }
   // Every job was taken exactly once, and both nodes took some.
-  auto a_out = bus.nodes.at("a").out(), b_out = bus.nodes.at("b").out();
+  auto a_out = bus.node("a").out(), b_out = bus.node("b").out();
   for (int i = 0; i < 8; ++i) {
     auto taken = "job share-" + std::to_string(i) + " taken";
     CHECK_MESSAGE(count_of(a_out + b_out, taken) == 1, a_out << "\n---\n" << b_out);
@@ -249,15 +127,15 @@ TEST_CASE("AMQP: kill -9 of a node mid-step: its job is delivered again and fini
     "long", job_json("redelivered-job", "echo step-begins; sleep 25; echo step-ends; exit 4")));
   REQUIRE_MESSAGE(wait_for_step_output(submit, "step-begins", job_limit), submit.describe());
   // Whichever node took it first is killed.
-  std::string doomed = bus.nodes.at("first").out().find("job redelivered-job taken") !=
+  std::string doomed = bus.node("first").out().find("job redelivered-job taken") !=
                            std::string::npos
                          ? "first"
                          : "second";
   std::string other = doomed == "first" ? "second" : "first";
-  REQUIRE_MESSAGE(bus.nodes.at(doomed).out().find("job redelivered-job taken") != std::string::npos,
-                  bus.nodes.at(doomed).describe());
-  bus.nodes.at(doomed).kill(SIGKILL);
-  REQUIRE(bus.nodes.at(doomed).wait_exit(10s));
+  REQUIRE_MESSAGE(bus.node(doomed).out().find("job redelivered-job taken") != std::string::npos,
+                  bus.node(doomed).describe());
+  bus.node(doomed).kill(SIGKILL);
+  REQUIRE(bus.node(doomed).wait_exit(10s));
   // Its QEMU died with it.
   auto gone_by = Clock::now() + 15s;
   while (qemu_mentions(bus.state_dir(doomed).string()) && Clock::now() < gone_by)
@@ -266,7 +144,7 @@ TEST_CASE("AMQP: kill -9 of a node mid-step: its job is delivered again and fini
 
   REQUIRE_MESSAGE(submit.wait_exit(job_limit), submit.describe());
   CHECK_MESSAGE(submit.exit_code() == 4, submit.describe());
-  CHECK(bus.nodes.at(other).out().find("job redelivered-job taken (redelivered)") !=
+  CHECK(bus.node(other).out().find("job redelivered-job taken (redelivered)") !=
         std::string::npos);
   auto events = printed_events(submit.out());
   auto answers = results(events);
@@ -274,7 +152,7 @@ TEST_CASE("AMQP: kill -9 of a node mid-step: its job is delivered again and fini
   CHECK(answers[0].redelivered());
   CHECK(stdout_of_steps(events).find("step-ends") != std::string::npos);
   CHECK(submit.err().find("delivered again") != std::string::npos);
-  bus.nodes.erase(doomed);
+  bus.forget_node(doomed);
   bus.stop_nodes();
 }
 
@@ -302,7 +180,7 @@ TEST_CASE("AMQP: a jobrequest.v1 from the bus runs and is answered as jobresult.
     if (auto* delivery = std::get_if<amqp::Delivery>(&*frame))
       answer = *delivery;
   }
-  REQUIRE_MESSAGE(answer, bus.nodes.at("ci").describe());
+  REQUIRE_MESSAGE(answer, bus.node("ci").describe());
   CHECK(answer->correlation_id == request_id);
   CHECK(answer->headers["x-solstice-schema"] == "jobresult.v1");
   auto body = answer->body;
@@ -312,25 +190,5 @@ TEST_CASE("AMQP: a jobrequest.v1 from the bus runs and is answered as jobresult.
   CHECK_MESSAGE(body.find("\"exit_code\":1") != std::string::npos, body);
   CHECK_MESSAGE(body.find("\"repo_name\":\"demo\"") != std::string::npos, body);
   CHECK_MESSAGE(body.find("\"completed_at\":\"20") != std::string::npos, body);
-  bus.stop_nodes();
-}
-
-TEST_CASE("AMQP: the broker restarts: the node reconnects with back-off and runs the next "
-          "job") {
-  Bus bus;
-  auto& node = bus.start_node("steady", 1);
-  bus.broker.stop();
-  REQUIRE_MESSAGE(node.wait_for_output("lost the AMQP broker", 30s), node.describe());
-  REQUIRE_MESSAGE(node.wait_for_output("retrying in", 30s), node.describe());
-  CHECK_FALSE(node.status());
-  bus.broker.start();
-  auto deadline = Clock::now() + 120s;
-  while (count_of(node.out(), "takes jobs from queue") < 2 && Clock::now() < deadline)
-    std::this_thread::sleep_for(200ms);
-  REQUIRE_MESSAGE(count_of(node.out(), "takes jobs from queue") == 2, node.describe());
-  auto submit = bus.submit(bus.job_file("again", job_json("after-restart", "echo reconnected")));
-  REQUIRE_MESSAGE(submit.wait_exit(job_limit), submit.describe());
-  CHECK_MESSAGE(submit.exit_code() == 0, submit.describe());
-  CHECK(stdout_of_steps(printed_events(submit.out())).find("reconnected") != std::string::npos);
   bus.stop_nodes();
 }

@@ -1,6 +1,8 @@
 // `solstice-runner submit --amqp URL job.json`: publishes the job to the jobs
 // queue (persistent, confirmed by the broker), then follows its events and its
 // result on the bus and shows them like `run` does; `--detach` only publishes.
+// The job's events come through a durable queue of its own, so a broker restart
+// loses none of them: the submitter reconnects and goes on where it was.
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -13,10 +15,10 @@
 #include <caf/send.hpp>
 #include <caf/spawn_options.hpp>
 #include <caf/system_messages.hpp>
-#include <google/protobuf/util/json_util.h>
 
 #include "actors/host/cluster/cluster_commands.hpp"
 #include "actors/runner_types.hpp"
+#include "runtime/amqp/job_follower.hpp"
 #include "actors/sinks/terminal_printer.hpp"
 #include "runtime/job/event_log.hpp"
 #include "runtime/job/job_file.hpp"
@@ -28,61 +30,107 @@ using namespace std::chrono_literals;
 
 namespace {
 
-Result<v1::JobResult> result_from_json(const std::string& text) {
-  v1::JobResult result;
-  google::protobuf::util::JsonParseOptions options;
-  options.ignore_unknown_fields = true;
-  if (!google::protobuf::util::JsonStringToMessage(text, &result, options).ok())
-    return fail("a result on the bus is not JobResult JSON");
-  return result;
+// A follower's queue outlives its connection (a broker restart): the broker
+// drops it only after this long without a consumer.
+constexpr auto follow_queue_unused_for = std::chrono::milliseconds(30min);
+
+std::string follow_queue_name(const std::string& job_id) { return "solstice.follow." + job_id; }
+
+// Connects and declares the runner's names and the job's own durable queue,
+// bound to its events and result (before the job is published, so nothing of
+// it can be missed; again after a reconnect, which finds the queue as it was).
+Result<std::unique_ptr<amqp::Client>> connect_follower(const amqp::Endpoint& endpoint,
+                                                       const amqp::Names& names,
+                                                       const std::string& job_id) {
+  auto client = amqp::Client::connect(endpoint, 30s);
+  if (!client)
+    return client;
+  const auto key = amqp::job_routing_key(job_id);
+  if (auto declared = (*client)->declare(names); !declared)
+    return tl::unexpected(declared.error());
+  if (auto queue = (*client)->declare_follow_queue(
+        follow_queue_name(job_id), {{names.events_exchange, key}, {names.results_exchange, key}},
+        follow_queue_unused_for);
+      !queue)
+    return tl::unexpected(queue.error());
+  return client;
 }
 
-// Feeds the job's events and result from `queue` to the printer until the
-// printer is done (nullopt) or the wait ends otherwise (the exit code).
-std::optional<int> follow_job(amqp::Client& client, const amqp::Names& names,
-                              caf::scoped_actor& self, const event_sink_actor& printer,
-                              BlockedSignals& signals) {
-  uint64_t next_sequence = 0;
-  bool told_redelivered = false;
+enum class Following { printer_done, connection_lost, signalled };
+
+// Feeds the job's events and result from its queue to the printer (one run,
+// each event once: amqp::JobFollower) until the printer is done or the
+// connection fails. Each message is acknowledged once handed on, so a broker
+// restart keeps what the follower has not seen yet.
+Following follow_job(amqp::Client& client, amqp::JobFollower& follower, caf::scoped_actor& self,
+                     const event_sink_actor& printer, BlockedSignals& signals,
+                     std::string& why) {
   for (;;) {
     auto frame = client.next(200ms);
     if (!frame) {
-      say("solstice-runner: %s\n", frame.error().message + "; the job's result is unknown here "
-                                   "(it is still published to the results exchange)");
-      return exit_infrastructure_error;
+      why = frame.error().message;
+      return Following::connection_lost;
     }
     if (auto* delivery = std::get_if<amqp::Delivery>(&*frame)) {
-      if (delivery->headers.count("x-solstice-redelivered") && !told_redelivered) {
-        told_redelivered = true;
-        say("solstice-runner: %s\n", "note: the job was delivered again (the node that had it "
-                                     "was lost); it runs again from the start");
-      }
-      v1::JobEvent event;
-      if (delivery->exchange == names.results_exchange) {
-        auto result = result_from_json(delivery->body);
-        if (!result) {
-          say("solstice-runner: %s\n", result.error().message);
-          continue;
-        }
-        event.set_job_id(result->job_id());
-        event.set_sequence(next_sequence);
-        *event.mutable_result() = std::move(*result);
-      } else if (auto parsed = event_from_json_line(delivery->body)) {
-        event = std::move(*parsed);
-        next_sequence = event.sequence() + 1;
-      } else {
-        continue;
-      }
-      self->send(printer, event_atom::value, std::move(event));
+      auto verdict = follower.accept(*delivery);
+      if (!verdict.note.empty())
+        say("solstice-runner: %s\n", verdict.note);
+      if (verdict.event)
+        self->send(printer, event_atom::value, std::move(*verdict.event));
+      (void)client.ack(delivery->tag);
     }
     auto printer_done = false;
     self->receive([&](caf::down_msg&) { printer_done = true; }, caf::after(0ms) >> [] {});
     if (printer_done)
+      return Following::printer_done;
+    if (signals.next_signal(0ms))
+      return Following::signalled;
+  }
+}
+
+// Follows until the printer is done (nullopt) or the exit code says otherwise;
+// a lost connection is made again with a growing back-off.
+std::optional<int> follow_until_done(std::unique_ptr<amqp::Client> client,
+                                     const amqp::Endpoint& endpoint, const amqp::Names& names,
+                                     const std::string& job_id, caf::scoped_actor& self,
+                                     const event_sink_actor& printer, BlockedSignals& signals) {
+  amqp::JobFollower follower{names};
+  auto backoff = std::chrono::milliseconds(500ms);
+  for (;;) {
+    std::string why;
+    auto consuming = client ? client->consume(follow_queue_name(job_id), 64, false)
+                            : Result<void>{};
+    auto how = Following::connection_lost;
+    if (client && consuming) {
+      backoff = 500ms;
+      how = follow_job(*client, follower, self, printer, signals, why);
+    } else if (client) {
+      why = consuming.error().message;
+    }
+    if (how == Following::printer_done) {
+      (void)client->delete_queue(follow_queue_name(job_id));
       return std::nullopt;
-    if (signals.next_signal(0ms)) {
+    }
+    if (how == Following::signalled) {
       say("\nsolstice-runner: %s\n",
           "no longer following the job; it stays on the bus and runs to its end");
       return exit_cancelled;
+    }
+    client.reset();
+    if (!why.empty())
+      say("solstice-runner: %s\n", "lost the AMQP broker (" + why + "); reconnecting in " +
+                                     std::to_string(backoff.count()) + " ms");
+    for (auto until = std::chrono::steady_clock::now() + backoff;
+         std::chrono::steady_clock::now() < until;)
+      if (signals.next_signal(100ms))
+        return exit_cancelled;
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(30s));
+    auto again = connect_follower(endpoint, names, job_id);
+    if (again) {
+      client = std::move(*again);
+      say("solstice-runner: %s\n", "reconnected to the AMQP broker; following job " + job_id);
+    } else {
+      say("solstice-runner: %s\n", again.error().message);
     }
   }
 }
@@ -101,27 +149,23 @@ int amqp_submit_command(const SubmitOptions& options) {
     return exit_invalid_input;
   }
   BlockedSignals signals;
-  auto client = amqp::Client::connect(*endpoint, 30s);
+  const auto& names = options.amqp.names;
+  // A detached job has no follower: nothing binds a queue to its events.
+  auto client = options.detach ? amqp::Client::connect(*endpoint, 30s)
+                               : connect_follower(*endpoint, names, job->id());
+  if (client && options.detach)
+    if (auto declared = (*client)->declare(names); !declared)
+      client = tl::unexpected(declared.error());
   if (!client) {
     say("solstice-runner: %s\n", client.error().message);
-    return exit_infrastructure_error;
-  }
-  const auto& names = options.amqp.names;
-  const auto key = amqp::job_routing_key(job->id());
-  // The job's own queue is bound before the job is published, so no event of
-  // it can be missed.
-  auto declared = (*client)->declare(names);
-  auto queue = declared ? (*client)->declare_private_queue(
-                            {{names.events_exchange, key}, {names.results_exchange, key}})
-                        : tl::unexpected(declared.error());
-  if (!queue) {
-    say("solstice-runner: %s\n", queue.error().message);
     return exit_infrastructure_error;
   }
   amqp::Message message{names.jobs_exchange, names.jobs_queue, message_to_json(*job), {},
                         job->id(), true};
   if (auto published = (*client)->publish_confirmed(message, 30s); !published) {
     say("solstice-runner: %s\n", "cannot submit job " + job->id() + ": " + published.error().message);
+    if (!options.detach)
+      (void)(*client)->delete_queue(follow_queue_name(job->id()));
     return exit_infrastructure_error;
   }
   if (options.detach) {
@@ -132,10 +176,6 @@ int amqp_submit_command(const SubmitOptions& options) {
     std::printf("job %s: %s\n  published to queue %s\n", job->id().c_str(),
                 job->name().empty() ? "(unnamed)" : job->name().c_str(), names.jobs_queue.c_str());
     std::fflush(stdout);
-  }
-  if (auto consuming = (*client)->consume(*queue, 0, true); !consuming) {
-    say("solstice-runner: %s\n", consuming.error().message);
-    return exit_infrastructure_error;
   }
   caf::actor_system_config cfg;
   add_runner_types(cfg);
@@ -150,7 +190,8 @@ int amqp_submit_command(const SubmitOptions& options) {
     });
   caf::scoped_actor self{sys};
   self->monitor(printer);
-  if (auto ended = follow_job(**client, names, self, printer, signals)) {
+  if (auto ended = follow_until_done(std::move(*client), *endpoint, names, job->id(), self,
+                                     printer, signals)) {
     self->send_exit(printer, caf::exit_reason::user_shutdown);
     return *ended;
   }

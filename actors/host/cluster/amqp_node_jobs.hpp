@@ -1,0 +1,113 @@
+#pragma once
+// The jobs of a node on AMQP and their events on the way to the broker, across
+// connections: a lost connection does not touch a running job. Its events wait
+// here (and its output waits in the guest: the outbox's bound, event_outbox.hpp)
+// until a connection is back; events the broker had not confirmed are published
+// again (a follower drops the copies it already has by their sequence numbers).
+//
+// Why back-pressure and not a disk buffer: the guest holds its own output when
+// nobody reads it (as with a slow terminal), so the node's memory stays bounded
+// without writing a second copy of every byte to disk, and a job's events.jsonl
+// (capped by events_max_bytes) stays a record, not a queue.
+//
+// A job is acknowledged only once its result is confirmed. A connection lost
+// before that gives the job back to the broker (its delivery tag dies with the
+// channel). If the broker delivers it to this node again, the node takes the new
+// delivery for the job it is still running (or already answered) and runs
+// nothing twice. If another node got it meanwhile, both run it: every event and
+// result carries a dispatch identity (x-solstice-dispatch), the other node's
+// result says `redelivered`, and a follower shows one run only.
+//
+// Everything here runs on the command's own thread (rabbitmq-c blocks), never on
+// an actor scheduler thread.
+#include <chrono>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+
+#include <caf/actor_system.hpp>
+#include <caf/scoped_actor.hpp>
+#include <nlohmann/json.hpp>
+
+#include "actors/cluster/event_outbox.hpp"
+#include "actors/cluster/runner_node.hpp"
+#include "runtime/amqp/amqp_client.hpp"
+
+namespace solstice::cluster_cli {
+
+class AmqpNodeJobs {
+ public:
+  AmqpNodeJobs(caf::actor_system& sys, const amqp::Names& names, runner_node_actor node,
+               std::shared_ptr<EventOutbox> outbox, event_sink_actor sink,
+               std::string node_name, uint32_t slots);
+
+  // A delivery on the current connection: a new job starts (or waits for a
+  // slot), a job of this node's comes back, anything else is dead-lettered.
+  void take(amqp::Client& client, const amqp::Delivery& delivery);
+  // Starts waiting deliveries while there are free slots.
+  void start_waiting(amqp::Client& client);
+  // Publishes what the jobs produced, as far as the confirm window and the
+  // broker allow; an error: the connection is unusable.
+  Result<void> publish(amqp::Client& client);
+  // The broker confirmed (or refused) publishes.
+  void settle(amqp::Client& client, const amqp::Confirm& confirm);
+  void set_blocked(bool blocked) { blocked_ = blocked; }
+  // The connection is gone: delivery tags die with it, unconfirmed events go
+  // back to the front of the line, deliveries that waited for a slot are the
+  // broker's again.
+  void connection_lost();
+
+  // Shutting down: the node's jobs end cancelled; their deliveries go back to
+  // the broker instead of being answered.
+  void stop();
+  bool stopping() const { return stopping_; }
+  size_t running() const { return jobs_.size(); }
+  // Nothing left to publish or to confirm.
+  bool drained() const { return pending_.empty() && unconfirmed_.empty(); }
+
+ private:
+  struct Job {
+    std::optional<uint64_t> delivery_tag;  // on the current connection only
+    bool redelivered = false;
+    bool has_result = false;  // the result was seen (published or waiting to be)
+    std::string correlation_id;
+    std::string dispatch;  // this node's run of the job: <node>/<start time in µs>
+    nlohmann::json request;  // a jobrequest.v1 (answered as jobresult.v1); null for a JobSpec
+  };
+  // A publish the broker has not confirmed yet.
+  struct Unconfirmed {
+    std::optional<v1::JobEvent> event;      // an event or result (published again if lost)
+    std::optional<uint64_t> dead_lettered;  // or the copy of a poison delivery
+  };
+
+  void start(amqp::Client& client, const amqp::Delivery& delivery, v1::JobSpec job);
+  void dead_letter(amqp::Client& client, const amqp::Delivery& delivery,
+                   const std::string& reason);
+  // A job whose result the broker confirmed: acknowledged if its delivery is
+  // known, else remembered for when the broker delivers it here again.
+  void answered(amqp::Client& client, const std::string& job_id);
+  amqp::Message message_for(const v1::JobEvent& event, const Job& job) const;
+  uint32_t jobs_without_result() const;
+
+  caf::actor_system& sys_;
+  const amqp::Names& names_;
+  runner_node_actor node_;
+  std::shared_ptr<EventOutbox> outbox_;
+  event_sink_actor sink_;
+  std::string node_name_;
+  uint32_t slots_;
+  caf::scoped_actor self_;
+  bool blocked_ = false;
+  bool stopping_ = false;
+  std::map<std::string, Job> jobs_;  // by job id
+  std::deque<amqp::Delivery> waiting_;  // deliveries waiting for a free slot
+  std::chrono::steady_clock::time_point retry_at_{};
+  std::deque<v1::JobEvent> pending_;  // in order, not published yet
+  std::map<uint64_t, Unconfirmed> unconfirmed_;  // by publish sequence number
+  std::set<std::string> answered_;  // answered here, the delivery not acknowledged
+};
+
+}  // namespace solstice::cluster_cli

@@ -1,0 +1,93 @@
+// What `submit --amqp` makes of the messages of its job's queue: one run of the
+// job, each event once, in order; copies (published again after a lost
+// connection) dropped by sequence number, an older run's messages dropped.
+#include <doctest/doctest.h>
+
+#include "runtime/amqp/job_follower.hpp"
+#include "runtime/job/event_log.hpp"
+
+using namespace solstice;
+
+namespace {
+
+amqp::Delivery event_message(const std::string& run, uint64_t sequence, bool redelivered = false) {
+  v1::JobEvent event;
+  event.set_v(1);
+  event.set_job_id("j");
+  event.set_sequence(sequence);
+  event.mutable_output()->set_data("chunk " + std::to_string(sequence));
+  amqp::Delivery delivery;
+  delivery.exchange = amqp::Names{}.events_exchange;
+  delivery.body = event_to_json_line(event);
+  delivery.headers = {{"x-solstice-dispatch", run}, {"x-solstice-node", run.substr(0, 1)}};
+  if (redelivered)
+    delivery.headers["x-solstice-redelivered"] = "true";
+  return delivery;
+}
+
+amqp::Delivery result_message(const std::string& run, int exit_code) {
+  amqp::Delivery delivery;
+  delivery.exchange = amqp::Names{}.results_exchange;
+  delivery.body = "{\"jobId\": \"j\", \"status\": \"FAILED\", \"exitCode\": " +
+                  std::to_string(exit_code) + "}";
+  delivery.headers = {{"x-solstice-dispatch", run}};
+  return delivery;
+}
+
+std::optional<uint64_t> shown(amqp::JobFollower& follower, const amqp::Delivery& delivery) {
+  auto verdict = follower.accept(delivery);
+  if (!verdict.event)
+    return std::nullopt;
+  return verdict.event->sequence();
+}
+
+}  // namespace
+
+TEST_CASE("job follower: copies published again are dropped; a gap is counted") {
+  amqp::JobFollower follower{amqp::Names{}};
+  CHECK(shown(follower, event_message("a/1", 0)) == 0);
+  CHECK(shown(follower, event_message("a/1", 1)) == 1);
+  CHECK(shown(follower, event_message("a/1", 2)) == 2);
+  // The node lost its connection before 1 and 2 were confirmed: it sends them again.
+  CHECK_FALSE(shown(follower, event_message("a/1", 1)));
+  CHECK_FALSE(shown(follower, event_message("a/1", 2)));
+  CHECK(shown(follower, event_message("a/1", 3)) == 3);
+  CHECK(follower.duplicates_dropped() == 2);
+  CHECK(follower.missing() == 0);
+  auto verdict = follower.accept(event_message("a/1", 6));
+  REQUIRE(verdict.event);
+  CHECK(follower.missing() == 2);
+  CHECK(verdict.note.find("2 event(s)") != std::string::npos);
+  auto result = follower.accept(result_message("a/1", 3));
+  REQUIRE(result.event);
+  REQUIRE(result.event->has_result());
+  CHECK(result.event->result().exit_code() == 3);
+  CHECK(result.event->sequence() == 7);
+}
+
+TEST_CASE("job follower: a second run of the job replaces the first; the first's late "
+          "messages and result are dropped") {
+  amqp::JobFollower follower{amqp::Names{}};
+  CHECK(shown(follower, event_message("a/1", 0)) == 0);
+  CHECK(shown(follower, event_message("a/1", 1)) == 1);
+  auto switched = follower.accept(event_message("b/2", 0, true));
+  REQUIRE(switched.event);
+  CHECK(switched.note.find("delivered again") != std::string::npos);
+  CHECK(switched.note.find("node b") != std::string::npos);
+  // The first node got its connection back and publishes the rest of its run.
+  CHECK_FALSE(shown(follower, event_message("a/1", 2)));
+  CHECK_FALSE(follower.accept(result_message("a/1", 0)).event);
+  CHECK(follower.older_run_dropped() == 2);
+  CHECK(shown(follower, event_message("b/2", 1)) == 1);
+  auto result = follower.accept(result_message("b/2", 4));
+  REQUIRE(result.event);
+  CHECK(result.event->result().exit_code() == 4);
+}
+
+TEST_CASE("job follower: a run that is a redelivery from its first message says so") {
+  amqp::JobFollower follower{amqp::Names{}};
+  auto first = follower.accept(event_message("b/2", 0, true));
+  REQUIRE(first.event);
+  CHECK(first.note.find("delivered again") != std::string::npos);
+  CHECK(follower.accept(event_message("b/2", 1, true)).note.empty());
+}
