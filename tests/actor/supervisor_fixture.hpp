@@ -564,7 +564,11 @@ fake_tailer_actor::behavior_type fake_tailer(fake_tailer_actor::pointer self, fi
 // The fake counts the output bytes the supervisor acknowledges (flow control).
 template <class... Handlers>
 fake_ssh_actor::behavior_type ssh_behavior(fixture* fx, Handlers... handlers) {
-  return {handlers..., [=](ack_atom, uint64_t bytes) { fx->acked_bytes += bytes; }};
+  return {handlers..., [=](ack_atom, uint64_t bytes) { fx->acked_bytes += bytes; },
+          [=](rekey_atom, const v1::VmHandle& handle, uint32_t) -> caf::result<ok_atom> {
+            fx->note("ssh", "rekey", std::to_string(handle.ssh_port()));
+            return ok_atom::value;
+          }};
 }
 
 fake_ssh_actor::behavior_type fake_ssh(fake_ssh_actor::pointer self, fixture* fx,

@@ -1,0 +1,37 @@
+#pragma once
+// Building a template (see template_store.hpp): boot the image once with a template
+// identity, wait until SSH works (and cloud-init is done where there is one), quiet
+// the guest (sync), `stop` it, save its device and RAM state with QMP `migrate`
+// into the store, freeze its overlay. Blocking, seconds to minutes: run it on a
+// worker thread or a detached actor, never on CAF's scheduler threads.
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "runtime/base/error.hpp"
+#include "runtime/vm/template_store.hpp"
+#include "solstice.pb.h"
+
+namespace solstice {
+
+// Builds template `key` of `image` (run with `accel`) and publishes it. The caller
+// holds the template's lock. Everything made is removed again when it fails; the
+// error says what failed, with the guest console's last lines.
+Result<TemplateInfo> build_template(const v1::ImageSpec& image, const v1::RunnerConfig& config,
+                                    const TemplateKey& key, const std::string& accel);
+
+struct EnsuredTemplate {
+  v1::RestoreFrom restore;
+  TemplateInfo info;
+  bool built = false;  // this call built it (else it was ready, or another built it meanwhile)
+};
+
+// The ready template for `image` run with `accel`: found, or built now under the
+// template's lock (another runner or job building it is waited for and its
+// template used). `on_build` is called just before a build starts (for a notice).
+Result<EnsuredTemplate> ensure_template(const v1::ImageSpec& image, const v1::RunnerConfig& config,
+                                        const std::string& accel,
+                                        const std::function<void(const TemplateKey&)>& on_build = {});
+
+}  // namespace solstice
