@@ -35,7 +35,9 @@ void boot_cold(supervisor_pointer self, const std::string& note) {
   st.image.clear_restore_from();
   st.result.set_start("cold");
   st.result.set_start_note(note);
-  notice(self, "start: cold boot" + (note.empty() ? std::string{} : " (" + note + ")"));
+  // A plain cold start (or the user's own choice) is said by the result alone.
+  if (!note.empty() && note != "snapshots off")
+    notice(self, "start: cold boot (" + note + ")");
   start_attempt(self);
 }
 
