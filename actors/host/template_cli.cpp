@@ -75,7 +75,7 @@ int build_command(const TemplateOptions& options) {
   auto ensured = ensure_template(*image, *config, accel, [&](const TemplateKey& key) {
     std::fprintf(stderr, "building template %s of image '%s' (%s)...\n", key.id.c_str(),
                  image->label().c_str(), shape_text(key.inputs).c_str());
-  });
+  }, /*retry_failed=*/true);
   if (!ensured)
     return report_error(ensured.error().message, exit_build_failed);
   const auto& info = ensured->info;

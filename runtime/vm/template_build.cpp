@@ -185,16 +185,26 @@ Result<void> run_template_vm(const v1::ImageSpec& image, const v1::RunnerConfig&
   auto child = start_qemu(*spec, image, config, dir);
   if (!child)
     return fail("cannot start QEMU: " + child.error().message);
-  auto gone = [&] { return child->try_wait().has_value(); };
+  bool stopped = false;  // QEMU paused the guest (as it does on a KVM internal error)
+  std::optional<QmpClient>* qmp_seen = nullptr;
+  auto gone = [&] {
+    if (qmp_seen && *qmp_seen)
+      while (auto event = (*qmp_seen)->next_event(std::chrono::milliseconds(0)))
+        stopped |= event->event == "STOP";
+    return stopped || child->try_wait().has_value();
+  };
   auto failed = [&](const std::string& what) {
     child->kill(SIGKILL);
     child->wait_for(5s);
     auto err = stderr_of(*child);
     return fail(what + (err.empty() ? "" : " (QEMU: " + err + ")") + file_tail(spec->console_log, 15));
   };
-  auto qmp = QmpClient::connect(spec->qmp_socket, 30s, gone);
-  if (!qmp)
-    return failed("QMP: " + qmp.error().message);
+  auto connected = QmpClient::connect(spec->qmp_socket, 30s, gone);
+  if (!connected)
+    return failed("QMP: " + connected.error().message);
+  std::optional<QmpClient> qmp_client(std::move(*connected));
+  qmp_seen = &qmp_client;
+  auto& qmp = qmp_client;
   auto usernet = qmp->human_command("info usernet");
   auto port = usernet ? parse_usernet_host_port(*usernet) : Result<uint16_t>(fail(usernet.error().message));
   if (!port)
@@ -204,7 +214,9 @@ Result<void> run_template_vm(const v1::ImageSpec& image, const v1::RunnerConfig&
   auto session = SshSession::wait_until_ready(
     target, Clock::now() + std::chrono::seconds(boot_seconds), 20ms, gone);
   if (!session)
-    return failed("the template's guest did not get to SSH: " + session.error().message);
+    return failed(stopped ? "QEMU stopped the template's guest while it booted (a KVM that "
+                            "cannot run it?)"
+                          : "the template's guest did not get to SSH: " + session.error().message);
   auto quiet = session->exec(quiet_command, [](SshStream, std::string_view) {},
                              ExecOptions{std::chrono::seconds(boot_seconds), nullptr, {}});
   if (!quiet || quiet->exit_code != 0)
@@ -244,7 +256,8 @@ Result<TemplateInfo> build_template(const v1::ImageSpec& image, const v1::Runner
 
 Result<EnsuredTemplate> ensure_template(const v1::ImageSpec& image, const v1::RunnerConfig& config,
                                         const std::string& accel,
-                                        const std::function<void(const TemplateKey&)>& on_build) {
+                                        const std::function<void(const TemplateKey&)>& on_build,
+                                        bool retry_failed) {
   auto key = template_key_for(image, config, accel);
   if (!key)
     return tl::unexpected(key.error());
@@ -260,11 +273,16 @@ Result<EnsuredTemplate> ensure_template(const v1::ImageSpec& image, const v1::Ru
     if (auto ready = store.find_ready(key->id)) {
       out.info = *ready;
     } else {
+      if (!retry_failed)
+        if (auto failed = store.recent_failed_build(key->id, failed_build_pause_us))
+          return fail("no template for image '" + image.label() + "': " + *failed);
       if (on_build)
         on_build(*key);
       auto built = build_template(image, config, *key, accel);
-      if (!built)
+      if (!built) {
+        (void)store.note_failed_build(key->id, built.error().message);
         return tl::unexpected(built.error());
+      }
       out.info = *built;
       out.built = true;
     }

@@ -27,11 +27,17 @@ struct EnsuredTemplate {
   bool built = false;  // this call built it (else it was ready, or another built it meanwhile)
 };
 
+// How long after a failed build jobs boot cold without trying to build again.
+inline constexpr int64_t failed_build_pause_us = int64_t{10} * 60 * 1000000;
+
 // The ready template for `image` run with `accel`: found, or built now under the
 // template's lock (another runner or job building it is waited for and its
 // template used). `on_build` is called just before a build starts (for a notice).
+// A build that failed less than `failed_build_pause_us` ago is not tried again
+// (the error says why it failed) unless `retry_failed`.
 Result<EnsuredTemplate> ensure_template(const v1::ImageSpec& image, const v1::RunnerConfig& config,
                                         const std::string& accel,
-                                        const std::function<void(const TemplateKey&)>& on_build = {});
+                                        const std::function<void(const TemplateKey&)>& on_build = {},
+                                        bool retry_failed = false);
 
 }  // namespace solstice

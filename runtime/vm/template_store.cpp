@@ -334,6 +334,7 @@ Result<void> TemplateStore::remove(const std::string& id) const {
   if (ec)
     return fail("cannot remove " + dir_of(id).string() + ": " + ec.message());
   fs::remove(templates_dir(state_dir_) / (id + ".lock"), ec);
+  fs::remove(templates_dir(state_dir_) / (id + ".failed"), ec);
   return {};
 }
 
@@ -341,13 +342,39 @@ Result<fs::path> TemplateStore::make_build_dir(const std::string& id) const {
   static std::atomic<unsigned> counter{0};
   if (auto ok = make_searchable_dir(templates_dir(state_dir_)); !ok)
     return tl::unexpected(ok.error());
+  // The caller holds the template's lock: any other build directory of this id is
+  // what a killed runner left.
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(templates_dir(state_dir_), ec))
+    if (entry.path().filename().string().rfind(".build-" + id + "-", 0) == 0)
+      fs::remove_all(entry.path(), ec);
   auto dir = templates_dir(state_dir_) /
              (".build-" + id + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-  std::error_code ec;
   fs::remove_all(dir, ec);
   if (auto ok = make_searchable_dir(dir); !ok)
     return tl::unexpected(ok.error());
   return dir;
+}
+
+Result<void> TemplateStore::note_failed_build(const std::string& id, const std::string& why) const {
+  if (auto ok = make_searchable_dir(templates_dir(state_dir_)); !ok)
+    return ok;
+  nlohmann::json record = {{"at_us", unix_now_us()}, {"error", why}};
+  return write_text_atomic(templates_dir(state_dir_) / (id + ".failed"), record.dump() + "\n", 0600);
+}
+
+std::optional<std::string> TemplateStore::recent_failed_build(const std::string& id,
+                                                              int64_t within_us) const {
+  auto record = nlohmann::json::parse(read_text(templates_dir(state_dir_) / (id + ".failed")),
+                                      nullptr, false);
+  if (!record.is_object())
+    return std::nullopt;
+  auto age_us = unix_now_us() - record.value("at_us", int64_t{0});
+  if (age_us < 0 || age_us > within_us)
+    return std::nullopt;
+  return "its build failed " + std::to_string(age_us / 1000000) + " s ago (tried again " +
+         std::to_string((within_us - age_us) / 1000000 + 1) + " s from now, or at once by "
+         "solstice-runner template build): " + record.value("error", std::string{});
 }
 
 Result<TemplateInfo> TemplateStore::publish(const fs::path& build_dir, const TemplateKey& key,
@@ -357,6 +384,10 @@ Result<TemplateInfo> TemplateStore::publish(const fs::path& build_dir, const Tem
   // Frozen: nothing writes to a clone's backing file again.
   if (fs::exists(overlay) && ::chmod(overlay.c_str(), 0444) != 0)
     return fail(errno_message("cannot freeze " + overlay.string(), errno));
+  // The template's key pair never leaves the host: readable by the runner only.
+  for (const char* secret : {"key", "key.pub"})
+    if (fs::exists(build_dir / secret) && ::chmod((build_dir / secret).c_str(), 0600) != 0)
+      return fail(errno_message("cannot set mode 0600 on " + (build_dir / secret).string(), errno));
   auto host_key = read_text(build_dir / "host_key.blob");
   nlohmann::json manifest = {
     {"id", key.id},
@@ -384,6 +415,7 @@ Result<TemplateInfo> TemplateStore::publish(const fs::path& build_dir, const Tem
   fs::rename(build_dir, target, ec);
   if (ec)
     return fail("cannot publish the template as " + target.string() + ": " + ec.message());
+  fs::remove(templates_dir(state_dir_) / (key.id + ".failed"), ec);
   auto info = read_info(target);
   if (!info)
     return fail("template " + key.id + ": its manifest cannot be read back");

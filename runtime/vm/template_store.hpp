@@ -10,6 +10,8 @@
 //       key, key.pub                   the template's SSH key pair (0600; never leaves the host)
 //       stale                          present once a restore failed: never restored again
 //   state_dir/templates/<id>.lock      flock: one build at a time, across runner processes
+//   state_dir/templates/<id>.failed    when and why the last build failed (jobs then boot
+//                                      cold for a while instead of failing the same way)
 //   state_dir/templates/hashes/        content hashes of images by (device, inode, size, mtime)
 //
 // A template's id is a hash of everything a restore depends on: the image's content
@@ -99,6 +101,11 @@ class TemplateStore {
   Result<void> remove(const std::string& id) const;
   // A fresh private directory for a build of `id` (templates/.build-<id>-<pid>-<n>).
   Result<std::filesystem::path> make_build_dir(const std::string& id) const;
+  // A failed build is remembered (templates/<id>.failed), so that the jobs after it
+  // boot cold at once instead of each paying for the same failure again.
+  Result<void> note_failed_build(const std::string& id, const std::string& why) const;
+  // Why the last build of `id` failed, when that was less than `within_us` ago.
+  std::optional<std::string> recent_failed_build(const std::string& id, int64_t within_us) const;
   // Writes the manifest into `build_dir`, freezes its overlay and renames it to
   // dir_of(key.id), replacing a stale or older one. The caller holds the lock.
   Result<TemplateInfo> publish(const std::filesystem::path& build_dir, const TemplateKey& key,

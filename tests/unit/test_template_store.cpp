@@ -152,6 +152,7 @@ TEST_SUITE("template_store") {
     REQUIRE(ready);
     CHECK(mode_of(store.dir_of(key.id) / "overlay.qcow2") == 0444);
     CHECK(mode_of(store.dir_of(key.id) / "key") == 0600);
+    CHECK(mode_of(store.dir_of(key.id) / "key.pub") == 0600);
 
     auto from = store.restore_spec(key.id);
     REQUIRE(from);
@@ -207,6 +208,36 @@ TEST_SUITE("template_store") {
     // And a lock of another template is independent.
     auto other = TemplateLock::acquire(state.path.string(), "def");
     CHECK(other);
+  }
+
+  TEST_CASE("a failed build is remembered for a while, and forgotten once one succeeds") {
+    test::TempDir state;
+    TemplateStore store(state.path.string());
+    const std::string id = "bbbbbbbbbbbbbbbbbbbbbbbb";
+    CHECK_FALSE(store.recent_failed_build(id, 600000000));
+    REQUIRE(store.note_failed_build(id, "the guest did not get to SSH"));
+    auto failed = store.recent_failed_build(id, 600000000);
+    REQUIRE(failed);
+    CHECK(failed->find("the guest did not get to SSH") != std::string::npos);
+    CHECK_FALSE(store.recent_failed_build(id, 0));  // longer ago than asked about
+    auto dir = store.make_build_dir(id);
+    REQUIRE(dir);
+    fill_build_dir(state, *dir);
+    REQUIRE(store.publish(*dir, TemplateKey{id, {}}, "img", 1));
+    CHECK_FALSE(store.recent_failed_build(id, 600000000));
+  }
+
+  TEST_CASE("a build directory a killed runner left is removed by the next build") {
+    test::TempDir state;
+    TemplateStore store(state.path.string());
+    const std::string id = "cccccccccccccccccccccccc";
+    auto left = templates_dir(state.path.string()) / (".build-" + id + "-99999-0");
+    fs::create_directories(left);
+    std::ofstream(left / "state") << "half written";
+    auto dir = store.make_build_dir(id);
+    REQUIRE(dir);
+    CHECK_FALSE(fs::exists(left));
+    CHECK(fs::is_directory(*dir));
   }
 
   TEST_CASE("jobs the template cannot serve boot cold, saying why") {
