@@ -44,6 +44,12 @@ void boot_cold(supervisor_pointer self, const std::string& note) {
 void restore(supervisor_pointer self, v1::ImageSpec image, const std::string& note) {
   auto& st = self->state;
   st.image = std::move(image);
+  // A clone runs on what its template ran on (TCG when "auto" found KVM unusable).
+  // (One small file read, like mark_stale's write.)
+  TemplateStore store(st.config.state_dir());
+  if (auto info = store.find_ready(st.image.restore_from().template_id()); info && info->inputs.is_object())
+    if (auto accel = info->inputs.value("accel", std::string{}); !accel.empty())
+      st.config.set_accel(accel);
   st.result.set_start("restored");
   st.result.set_start_note(note);
   notice(self, "start: restored from template " + st.image.restore_from().template_id() +

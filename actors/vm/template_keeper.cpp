@@ -11,16 +11,11 @@ template_keeper_actor::behavior_type template_keeper(template_keeper_actor::poin
         const std::string& accel, bool build) -> caf::result<v1::ImageSpec, bool> {
       image.clear_restore_from();
       if (!build) {
-        auto key = template_key_for(image, config, accel);
-        if (!key)
-          return caf::make_error(runner_errc::prepare_failed, key.error().message);
-        TemplateStore store(config.state_dir());
-        if (!store.find_ready(key->id))
-          return {std::move(image), false};
-        auto from = store.restore_spec(key->id);
-        if (!from)
-          return caf::make_error(runner_errc::prepare_failed, from.error().message);
-        *image.mutable_restore_from() = std::move(*from);
+        auto found = find_template(image, config, accel);
+        if (!found)
+          return caf::make_error(runner_errc::prepare_failed, found.error().message);
+        if (*found)
+          *image.mutable_restore_from() = std::move(**found);
         return {std::move(image), false};
       }
       auto ensured = ensure_template(image, config, accel);

@@ -254,10 +254,12 @@ Result<TemplateInfo> build_template(const v1::ImageSpec& image, const v1::Runner
   return published;
 }
 
-Result<EnsuredTemplate> ensure_template(const v1::ImageSpec& image, const v1::RunnerConfig& config,
-                                        const std::string& accel,
-                                        const std::function<void(const TemplateKey&)>& on_build,
-                                        bool retry_failed) {
+namespace {
+
+Result<EnsuredTemplate> ensure_on(const v1::ImageSpec& image, const v1::RunnerConfig& config,
+                                  const std::string& accel,
+                                  const std::function<void(const TemplateKey&)>& on_build,
+                                  bool retry_failed) {
   auto key = template_key_for(image, config, accel);
   if (!key)
     return tl::unexpected(key.error());
@@ -292,6 +294,45 @@ Result<EnsuredTemplate> ensure_template(const v1::ImageSpec& image, const v1::Ru
     return tl::unexpected(restore.error());
   out.restore = *restore;
   return out;
+}
+
+}  // namespace
+
+Result<std::optional<v1::RestoreFrom>> find_template(const v1::ImageSpec& image,
+                                                     const v1::RunnerConfig& config,
+                                                     const std::string& accel) {
+  TemplateStore store(config.state_dir());
+  auto key = template_key_for(image, config, accel);
+  if (!key)
+    return tl::unexpected(key.error());
+  if (!store.find_ready(key->id)) {
+    const bool automatic = config.accel().empty() || config.accel() == "auto";
+    // The KVM template could not be built lately: "auto" uses the TCG one.
+    if (accel == "kvm" && automatic && store.recent_failed_build(key->id, failed_build_pause_us))
+      return find_template(image, config, "tcg");
+    return std::optional<v1::RestoreFrom>{};
+  }
+  auto from = store.restore_spec(key->id);
+  if (!from)
+    return tl::unexpected(from.error());
+  return std::optional<v1::RestoreFrom>{*from};
+}
+
+Result<EnsuredTemplate> ensure_template(const v1::ImageSpec& image, const v1::RunnerConfig& config,
+                                        const std::string& accel,
+                                        const std::function<void(const TemplateKey&)>& on_build,
+                                        bool retry_failed) {
+  auto ensured = ensure_on(image, config, accel, on_build, retry_failed);
+  // accel "auto" chose KVM, and KVM could not run the template's guest (now, or at
+  // the build before): the template is made and restored on TCG, as a cold boot
+  // would fall back to TCG.
+  const bool automatic = config.accel().empty() || config.accel() == "auto";
+  if (ensured || accel != "kvm" || !automatic)
+    return ensured;
+  auto on_tcg = ensure_on(image, config, "tcg", on_build, retry_failed);
+  if (!on_tcg)
+    return fail(ensured.error().message + "; on TCG: " + on_tcg.error().message);
+  return on_tcg;
 }
 
 }  // namespace solstice

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "runtime/base/error.hpp"
@@ -20,6 +21,12 @@ namespace solstice {
 // error says what failed, with the guest console's last lines.
 Result<TemplateInfo> build_template(const v1::ImageSpec& image, const v1::RunnerConfig& config,
                                     const TemplateKey& key, const std::string& accel);
+
+// The ready template for `image` run with `accel`, if there is one (with accel
+// "auto", the TCG one when KVM's could not be built lately). Reads only.
+Result<std::optional<v1::RestoreFrom>> find_template(const v1::ImageSpec& image,
+                                                     const v1::RunnerConfig& config,
+                                                     const std::string& accel);
 
 struct EnsuredTemplate {
   v1::RestoreFrom restore;
