@@ -384,8 +384,12 @@ Result<TemplateInfo> TemplateStore::publish(const fs::path& build_dir, const Tem
   // Frozen: nothing writes to a clone's backing file again.
   if (fs::exists(overlay) && ::chmod(overlay.c_str(), 0444) != 0)
     return fail(errno_message("cannot freeze " + overlay.string(), errno));
-  // The template's key pair never leaves the host: readable by the runner only.
-  for (const char* secret : {"key", "key.pub"})
+  // QEMU's user had the build directory's group while the template booted; from now
+  // on it may only reach the frozen overlay through it (a clone's QEMU gets the seed's
+  // group again, as every VM does). The key pair never leaves the host: runner only.
+  if (::chmod(build_dir.c_str(), 0711) != 0)
+    return fail(errno_message("cannot set mode 0711 on " + build_dir.string(), errno));
+  for (const char* secret : {"key", "key.pub", "seed.iso", "state"})
     if (fs::exists(build_dir / secret) && ::chmod((build_dir / secret).c_str(), 0600) != 0)
       return fail(errno_message("cannot set mode 0600 on " + (build_dir / secret).string(), errno));
   auto host_key = read_text(build_dir / "host_key.blob");

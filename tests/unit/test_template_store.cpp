@@ -153,6 +153,8 @@ TEST_SUITE("template_store") {
     CHECK(mode_of(store.dir_of(key.id) / "overlay.qcow2") == 0444);
     CHECK(mode_of(store.dir_of(key.id) / "key") == 0600);
     CHECK(mode_of(store.dir_of(key.id) / "key.pub") == 0600);
+    CHECK(mode_of(store.dir_of(key.id) / "state") == 0600);
+    CHECK(mode_of(store.dir_of(key.id)) == 0711);
 
     auto from = store.restore_spec(key.id);
     REQUIRE(from);
