@@ -6,6 +6,8 @@
 // `template build`) and copied into each test's state directory.
 #include <doctest/doctest.h>
 
+#include <signal.h>
+
 #include <chrono>
 #include <algorithm>
 #include <cstdlib>
@@ -282,6 +284,33 @@ TEST_SUITE("templates") {
       INFO(job << ": guest " << guest_s << " host " << host_s);
       CHECK(std::llabs(guest_s - host_s) <= 2);
     }
+    check_nothing_left(sandbox);
+  }
+
+  TEST_CASE("debug access to a failed restored job hands out the job's own key, never the template's") {
+    Sandbox sandbox;
+    give_template(sandbox);
+    auto id = template_id(sandbox);
+    auto job_json = guest_job("debugged", {"exit 3"});
+    job_json["debug_on_failure"] = {{"enabled", true}, {"keep_seconds", 300}};
+    auto job = sandbox.write_json("job.json", job_json);
+    auto runner = Runner::start(sandbox.snapshot_run_args(job, "tcg"));
+    auto held = [&] { return any_contains(sandbox.notices("debugged"), "debug-on-failure: the VM stays up"); };
+    REQUIRE_MESSAGE(runner.wait_until(held, 300s), runner.output());
+    auto where = sandbox.state_detail("debugged", v1::WAITING_FOR_SSH);
+    REQUIRE(where);
+    SshTarget target;
+    target.user = "runner";
+    target.port = static_cast<uint16_t>(std::stoi(where->substr(where->rfind(':') + 1)));
+    // The key handed out gets in, and it is not the template's.
+    target.private_key = file_text(sandbox.job_dir("debugged") / "debug-key");
+    CHECK(target.private_key != file_text(sandbox.state() / "templates" / id / "key"));
+    auto in = SshSession::connect(target, 30s);
+    CHECK_MESSAGE(in, (in ? "" : in.error().message));
+    target.private_key = file_text(sandbox.state() / "templates" / id / "key");
+    CHECK_FALSE(SshSession::connect(target, 30s));
+    runner.signal(SIGINT);
+    REQUIRE(runner.wait(120s));
     check_nothing_left(sandbox);
   }
 
