@@ -106,7 +106,11 @@ using guest_shell_actor = caf::typed_actor<
   // Cancels the operation in progress (it then fails or reports cancelled).
   caf::reacts_to<cancel_atom>,
   // The observer has handled this many bytes of output: the worker may read on.
-  caf::reacts_to<ack_atom, uint64_t>>;
+  caf::reacts_to<ack_atom, uint64_t>,
+  // The guest has the handle's own identity now (a restored clone after its set-up):
+  // drops the session and connects again with the handle's key, checking its host
+  // key (polling up to the timeout in ms); every later request uses that identity.
+  caf::replies_to<rekey_atom, v1::VmHandle, uint32_t>::with<ok_atom>>;
 
 /// Owns one libssh2 session to the guest; blocking work runs on its own worker.
 /// It starts gated: every guest-shell request is refused until `release`.
@@ -115,6 +119,16 @@ using ssh_executor_actor = guest_shell_actor::extend<
   caf::replies_to<ready_atom, v1::VmHandle, uint32_t>::with<ok_atom>,
   // The console hand-off is done: guest-shell requests are served from now on.
   caf::reacts_to<release_atom>>;
+
+/// Finds or builds the template a job's VM is restored from (runtime/vm/
+/// template_build.hpp). Blocking work: spawned detached, one per job that asks.
+using template_keeper_actor = caf::typed_actor<
+  // (image, config, accel "kvm"/"tcg", build): the image with restore_from set to
+  // its ready template — with `build`, made first when there is none (under the
+  // template's lock, shared with other jobs and runners waiting for it); without,
+  // restore_from left unset when there is none. The bool: this request built it.
+  caf::replies_to<template_atom, v1::ImageSpec, v1::RunnerConfig, std::string, bool>::with<
+    v1::ImageSpec, bool>>;
 
 // ---------------------------------------------------------------------------
 // One boot attempt and the job around it.

@@ -236,7 +236,10 @@ class Bench:
             json.dump(spec, f)
         job_dir = os.path.join(self.state_dir, "jobs", job_id)
         out_path = os.path.join(self.work, f"{job_id}.out")
-        command = [self.runner, "run", job_file, "--state-dir", self.state_dir, "--accel", "tcg"]
+        # Cold boots: these rows compare the runner's boot with the baseline's (restored
+        # jobs are measured by bench/restore.py).
+        command = [self.runner, "run", job_file, "--state-dir", self.state_dir, "--accel", "tcg",
+                   "--cold"]
         started_us = now_us()
         out_file = open(out_path, "wb")
         process = subprocess.Popen(command, stdout=subprocess.PIPE if stream_to else out_file,
@@ -297,7 +300,7 @@ class Bench:
             json.dump({"max_concurrent_vms": n}, f)
         out_path = os.path.join(self.work, f"{run_id}.out")
         command = [self.runner, "run", *job_files, "--config", config_file,
-                   "--state-dir", self.state_dir, "--accel", "tcg"]
+                   "--state-dir", self.state_dir, "--accel", "tcg", "--cold"]
         started_us = now_us()
         with open(out_path, "wb") as out_file:
             process = subprocess.Popen(command, stdout=out_file, stderr=subprocess.STDOUT,

@@ -18,6 +18,7 @@
 #include "actors/host/metrics_server.hpp"
 #include "actors/host/prune_cli.hpp"
 #include "actors/host/runner_host.hpp"
+#include "actors/host/template_cli.hpp"
 #include "runtime/base/clock.hpp"
 #include "runtime/base/logging.hpp"
 #include "runtime/base/metrics.hpp"
@@ -68,6 +69,7 @@ struct RunOptions {
   bool json = false;
   bool console = false;
   bool replace = false;
+  bool cold = false;
   std::string metrics_listen;
 };
 
@@ -154,6 +156,8 @@ int run_command(const CommonOptions& common, const RunOptions& run) {
     report_invalid(run.json, config.error().message);
     return exit_invalid_input;
   }
+  if (run.cold)
+    config->set_snapshots("off");
   // Every job is checked before any starts: one bad file runs nothing.
   std::vector<std::string> files = run.job_files;
   if (files.empty())
@@ -297,6 +301,8 @@ int run_cli(int argc, char** argv) {
                     "keep a failed VM up for a while and print how to get in");
   run_app->add_flag("--json", run.json, "print every job event as one JSON line");
   run_app->add_flag("--console", run.console, "show the guest's serial console while it boots");
+  run_app->add_flag("--cold", run.cold,
+                    "boot every VM cold, never from a template (as snapshots: off does)");
   run_app->add_flag("--replace", run.replace,
                     "run a job whose id has a record already, removing that record first (a "
                     "job id in use by a running job is refused all the same)");
@@ -313,6 +319,8 @@ int run_cli(int argc, char** argv) {
   add_image_commands(app, image_exit);
   std::optional<int> prune_exit;
   add_prune_command(app, prune_exit);
+  std::optional<int> template_exit;
+  add_template_commands(app, template_exit);
 
   // Diagnostics (not the jobs' output): on the program and on every command.
   std::string log_level = "info", log_format = "text";
@@ -338,6 +346,8 @@ int run_cli(int argc, char** argv) {
     return *image_exit;
   if (prune_exit)
     return *prune_exit;
+  if (template_exit)
+    return *template_exit;
   if (run_app->parsed())
     return run_command(common, run);
   return exit_invalid_input;

@@ -47,6 +47,8 @@ void add_cluster_commands(CLI::App& app, std::optional<int>& exit_code) {
                        "where job records and VM work files live");
   node_app->add_option("--accel", node_options->accel, "accelerator: auto, kvm or tcg")
     ->check(CLI::IsMember({"auto", "kvm", "tcg"}));
+  node_app->add_flag("--cold", node_options->cold,
+                     "boot every job's VM cold, never from a template (as snapshots: off does)");
   node_app->add_option("--metrics-listen", node_options->metrics_listen,
                        "HOST:PORT to serve Prometheus metrics (/metrics) and /healthz on");
   node_app->callback([&exit_code, node_options] { exit_code = node_command(*node_options); });

@@ -254,6 +254,9 @@ std::string format_summary(const v1::JobResult& result) {
                 seconds_text(phase.duration_ms());
   if (!phases.empty())
     out += "  phases: " + phases + "\n";
+  if (!result.start().empty())
+    out += "  start: " + result.start() +
+           (result.start_note().empty() ? "" : " (" + result.start_note() + ")") + "\n";
   if (!result.shutdown_method().empty())
     out += "  VM ended by: " + result.shutdown_method() + "\n";
   for (const auto& artifact : result.artifacts())

@@ -3,6 +3,7 @@
 // the SSH reader. The lifecycle around it is in job_supervisor.cpp.
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <map>
 
 #include <caf/send.hpp>
@@ -24,6 +25,13 @@ namespace {
 namespace fs = std::filesystem;
 using std::chrono::milliseconds;
 using phase = job_phase;
+
+std::string host_random_bytes(size_t count) {
+  std::string bytes(count, '\0');
+  std::ifstream random("/dev/urandom", std::ios::binary);
+  random.read(bytes.data(), static_cast<std::streamsize>(count));
+  return bytes;
+}
 
 }  // namespace
 
@@ -250,15 +258,70 @@ static void upload_file(supervisor_pointer self, int index) {
       });
 }
 
-// The first use of the guest shell: it waits for cloud-init where the guest runs
-// it (see setup_command), then makes directories for the job's files and for
-// every upload destination, and the environment file, written from the
-// command's stdin (secrets never appear in a command line). One round trip.
+static void create_job_files(supervisor_pointer self);
+
+// A restored clone still has its template's identity: before anything of the job
+// runs it gets its own (the job's key only, a new host key, the host's clock, a
+// reseeded RNG, hostname, instance id), and the shell reconnects with the job's key
+// and checks the new host key.
+static void give_fresh_identity(supervisor_pointer self) {
+  auto& st = self->state;
+  begin_phase(self, "identity");
+  GuestIdentity identity;
+  identity.authorized_key = st.vm.public_key();
+  identity.host_key_private = st.vm.host_key_private();
+  identity.hostname = guest_hostname(st.job.id());
+  identity.instance_id = "solstice-" + st.job.id();
+  identity.random_bytes = host_random_bytes(64);
+  identity.unix_now_us = unix_now_us();
+  self->request(st.shell, st.timeouts.transfer, exec_atom::value, runner_setup_step,
+                identity_command(), make_identity_input(identity), uint32_t{60000})
+    .then(
+      [=](v1::StepResult& result) {
+        auto& st = self->state;
+        if (st.phase != phase::setup)
+          return unexpected(self, "identity done");
+        if (result.exit_code() != 0)
+          return infrastructure_error(
+            self, "cannot give the restored guest its own identity (exit code " +
+                    std::to_string(result.exit_code()) + ")");
+        self->request(st.shell, st.timeouts.transfer, rekey_atom::value, st.vm, uint32_t{60000})
+          .then(
+            [=](ok_atom) {
+              if (self->state.phase != phase::setup)
+                return unexpected(self, "rekeyed");
+              end_phase(self, "identity");
+              create_job_files(self);
+            },
+            [=](caf::error& err) {
+              if (self->state.phase != phase::setup)
+                return unexpected(self, "rekey failed");
+              shell_failure(self, "the restored guest's new identity: " + error_text(err));
+            });
+      },
+      [=](caf::error& err) {
+        if (self->state.phase != phase::setup)
+          return unexpected(self, "identity failed");
+        shell_failure(self, "cannot give the restored guest its own identity: " + error_text(err));
+      });
+}
+
 void set_up_guest(supervisor_pointer self) {
   auto& st = self->state;
   st.phase = phase::setup;
   end_phase(self, "console_handoff");
   set_state(self, v1::RUNNING);
+  if (!st.vm.incoming_state().empty())
+    return give_fresh_identity(self);
+  create_job_files(self);
+}
+
+// The first use of the guest shell: it waits for cloud-init where the guest runs
+// it (see setup_command), then makes directories for the job's files and for
+// every upload destination, and the environment file, written from the
+// command's stdin (secrets never appear in a command line). One round trip.
+static void create_job_files(supervisor_pointer self) {
+  auto& st = self->state;
   // Its own phase: on a cloud-init guest it holds the wait for cloud-init.
   begin_phase(self, "setup");
   std::vector<std::string> dirs;

@@ -41,6 +41,7 @@ const char* to_string(job_phase phase) {
   switch (phase) {
     case job_phase::created: return "created";
     case job_phase::queued: return "queued";
+    case job_phase::templating: return "templating";
     case job_phase::booting: return "booting";
     case job_phase::retiring_attempt: return "retiring_attempt";
     case job_phase::console_handoff: return "console_handoff";
@@ -159,6 +160,8 @@ void finish(supervisor_pointer self, const std::string& shutdown_method) {
     ::unlink(st.debug_known_hosts_path.c_str());
   }
   st.slot.reset();  // the VM is gone: its slot is free
+  if (st.keeper)     // a template still being built goes on; its answer is not needed
+    self->send_exit(st.keeper, caf::exit_reason::user_shutdown);
   set_state(self, v1::CLEANED_UP);
   complete_result(st.job, st.status.value_or(v1::INFRASTRUCTURE_ERROR), st.error, shutdown_method,
                   st.console_tail, st.result);
@@ -269,34 +272,55 @@ using phase = job_phase;
 
 // ------------------------------------------------------------------ boot
 
-void start_attempt(supervisor_pointer self);
+}  // namespace
+
+namespace supervision {
+
+std::string boot_phase_name(const job_supervisor_state& st) {
+  return st.image.has_restore_from() ? "restore" : "boot_to_ssh";
+}
+
+void retire_attempt(supervisor_pointer self, std::function<void()> next) {
+  auto& st = self->state;
+  st.phase = phase::retiring_attempt;
+  auto retired = st.attempt;
+  auto go_on = [=] {
+    if (self->state.phase != phase::retiring_attempt)
+      return unexpected(self, "retired attempt ended");
+    next();
+  };
+  self->request(retired, seconds(60), shutdown_atom::value, false)
+    .then([=](std::string&) { go_on(); },
+          [=](caf::error& err) {
+            self->send_exit(retired, caf::exit_reason::kill);
+            notice(self, "the retired VM attempt did not end cleanly: " + error_text(err));
+            go_on();
+          });
+}
+
+}  // namespace supervision
+
+namespace {
 
 // "auto" chose KVM and KVM could not run the guest: this attempt ends whole (its
 // QEMU, sockets, files and child actors) and a fresh one boots on TCG.
 void fall_back_to_tcg(supervisor_pointer self, const std::string& reason) {
   auto& st = self->state;
-  st.phase = phase::retiring_attempt;
   end_phase(self, "prepare");
-  end_phase(self, "boot_to_ssh");
+  end_phase(self, boot_phase_name(st));
   rename_retired_kvm_phases(st.result);
   metrics().boot_fallback();
   // The job's notice says it to its watcher; the log has it for `--log-level debug`.
   log_job(spdlog::level::debug, st.job.id(), "{}; falling back to TCG", redact_text(st, reason));
   notice(self, reason + "; falling back to TCG, which is slower");
   st.config.set_accel("tcg");
-  auto retired = st.attempt;
-  auto next = [=] {
-    if (self->state.phase != phase::retiring_attempt)
-      return unexpected(self, "retired attempt ended");
-    start_attempt(self);
-  };
-  self->request(retired, seconds(60), shutdown_atom::value, false)
-    .then([=](std::string&) { next(); },
-          [=](caf::error& err) {
-            self->send_exit(retired, caf::exit_reason::kill);
-            notice(self, "the KVM attempt did not end cleanly: " + error_text(err));
-            next();
-          });
+  // A template is made for one accelerator: TCG boots cold.
+  if (st.image.has_restore_from()) {
+    st.image.clear_restore_from();
+    st.result.set_start("cold");
+    st.result.set_start_note("KVM could not run the guest");
+  }
+  retire_attempt(self, [=] { start_attempt(self); });
 }
 
 bool auto_accel(const job_supervisor_state& st) {
@@ -310,6 +334,8 @@ void boot_failed(supervisor_pointer self, const caf::error& err) {
   bool kvm = err == runner_errc::kvm_unusable;
   if (kvm && auto_accel(st))
     return fall_back_to_tcg(self, error_text(err));
+  if (restore_failed(self, err))
+    return;
   infrastructure_error(
     self, error_text(err) + (kvm ? std::string{" — use --accel tcg or auto"} : std::string{}));
 }
@@ -334,7 +360,9 @@ void hand_off_console(supervisor_pointer self) {
       });
 }
 
-void start_attempt(supervisor_pointer self) {
+}  // namespace
+
+void supervision::start_attempt(supervisor_pointer self) {
   auto& st = self->state;
   st.phase = phase::booting;
   vm_attempt_spec spec{st.job, st.image, st.config, ++st.attempt_number};
@@ -351,24 +379,26 @@ void start_attempt(supervisor_pointer self) {
           return unexpected(self, "booted VM");
         st.vm = std::move(vm);
         st.vm_state = job_supervisor_state::vm_status::up;
-        end_phase(self, "boot_to_ssh");
+        end_phase(self, boot_phase_name(st));
         hand_off_console(self);
       },
       [=](caf::error& err) { boot_failed(self, err); });
 }
+
+namespace {
 
 // Waits (polling, never blocking) for one of the host's VM slots.
 void acquire_slot(supervisor_pointer self) {
   auto& st = self->state;
   auto max = st.config.max_concurrent_vms();
   if (max == 0)
-    return start_attempt(self);
+    return choose_start(self);
   auto slot = VmSlot::try_acquire(st.config.state_dir(), max);
   if (!slot)
     return infrastructure_error(self, slot.error().message);
   if (slot->has_value()) {
     st.slot = std::move(*slot);
-    return start_attempt(self);
+    return choose_start(self);
   }
   if (!st.said_waiting) {
     st.said_waiting = true;
@@ -388,7 +418,7 @@ void on_attempt_phase(supervisor_pointer self, v1::JobState state, const std::st
     begin_phase(self, "prepare");
   if (state == v1::BOOTING) {
     end_phase(self, "prepare");
-    begin_phase(self, "boot_to_ssh");
+    begin_phase(self, boot_phase_name(self->state));
   }
   set_state(self, state, detail);
 }

@@ -42,8 +42,10 @@ struct ReturnFreedMemory {
 enum class job_phase {
   created,           // `start` not received yet
   queued,            // waiting for one of the host's VM slots
+  templating,        // finding (or building) the template the VM is restored from
   booting,           // a VM attempt prepares, boots and waits for SSH
-  retiring_attempt,  // KVM could not run the guest: the attempt ends, TCG follows
+  retiring_attempt,  // KVM could not run the guest, or a restore failed: the attempt
+                     // ends, a TCG (or cold) one follows
   console_handoff,   // the attempt stops the console tailer, then hands out the shell
   setup,             // the runner's set-up command in the guest
   uploads,           // the job's files go into the guest
@@ -97,6 +99,9 @@ struct job_supervisor_state {
   uint64_t slot_token = 0;
   uint64_t debug_token = 0;
   uint64_t held_token = 0;
+
+  // The template keeper asked for this job's template (ended once it answered).
+  template_keeper_actor keeper;
 
   // The host-wide VM slot this job holds while its VM exists.
   std::optional<VmSlot> slot;

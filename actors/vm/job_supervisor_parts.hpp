@@ -1,6 +1,7 @@
 #pragma once
 // What the two halves of the job supervisor share (job_supervisor.cpp: the
 // lifecycle; job_steps.cpp: the work in the guest). Included by those two only.
+#include <functional>
 #include <string>
 
 #include "actors/vm/job_supervisor.hpp"
@@ -30,6 +31,24 @@ void decide(supervisor_pointer self, v1::JobStatus status, const std::string& me
 void infrastructure_error(supervisor_pointer self, const std::string& message);
 // An SSH operation failed: waits briefly for the attempt's report of a lost VM.
 void shell_failure(supervisor_pointer self, const std::string& message);
+
+// ---- job_supervisor.cpp: the boot
+
+// Spawns a VM attempt for st.image (restored when it has restore_from).
+void start_attempt(supervisor_pointer self);
+// "restore" for a restored VM's start, else "boot_to_ssh" (phase timings).
+std::string boot_phase_name(const job_supervisor_state& st);
+
+// ---- job_start.cpp
+
+// The job has its VM slot: cold boot, or restore from the image's template (found,
+// or built first), then start_attempt.
+void choose_start(supervisor_pointer self);
+// A restore failed (`err`): the template is marked stale and a cold attempt
+// follows. False when the attempt was no restore (the caller handles the error).
+bool restore_failed(supervisor_pointer self, const caf::error& err);
+// Ends the current attempt whole, then runs `next` (a new attempt).
+void retire_attempt(supervisor_pointer self, std::function<void()> next);
 
 // ---- job_steps.cpp
 

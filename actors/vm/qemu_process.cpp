@@ -68,7 +68,8 @@ VmFiles vm_files_of(const v1::VmHandle& handle, const v1::RunnerConfig& config,
     files.writable_disk = handle.disk();  // the overlay; its backing file is image.disk()
   files.seed_iso = handle.seed_iso();
   files.firmware_vars = handle.firmware_vars();
-  files.read_only = {image.disk(), image.kernel(), image.initrd(), handle.firmware_code()};
+  files.read_only = {image.disk(), image.kernel(), image.initrd(), handle.firmware_code(),
+                     image.restore_from().frozen_overlay()};
   return files;
 }
 
@@ -91,9 +92,23 @@ Result<ChildProcess> spawn_qemu(qemu_process_state& st) {
     options.pass_fds = {console_fd};
     spec.console_fd = 3;  // the first passed descriptor
   }
+  // A restore: QEMU reads the template's migration stream through a descriptor
+  // (QMP migrate-incoming fd:N), so it needs no access to the template's files.
+  int state_fd = -1;
+  if (!st.handle.incoming_state().empty()) {
+    state_fd = ::open(st.handle.incoming_state().c_str(), O_RDONLY | O_CLOEXEC);
+    if (state_fd < 0) {
+      if (console_fd >= 0)
+        ::close(console_fd);
+      return fail(errno_message("cannot open the template's state " + st.handle.incoming_state(), errno));
+    }
+    options.pass_fds.push_back(state_fd);
+  }
   auto child = ChildProcess::spawn(build_qemu_argv(spec), options);
   if (console_fd >= 0)
     ::close(console_fd);  // QEMU has its own copy
+  if (state_fd >= 0)
+    ::close(state_fd);
   if (!child)
     return fail("cannot start QEMU" + (st.qemu_user ? " as user " + st.qemu_user->name : "") +
                 ": " + child.error().message);

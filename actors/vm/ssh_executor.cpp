@@ -15,13 +15,20 @@ using std::chrono::milliseconds;
 
 constexpr auto ready_poll_interval = milliseconds(20);
 
-SshTarget target_of(const v1::VmHandle& h) {
+// The handle's own identity; with `boot_identity`, the one its guest has at first
+// (a restored clone answers with the template's until its set-up changes it).
+SshTarget target_of(const v1::VmHandle& h, bool boot_identity = true) {
   SshTarget t;
   t.port = static_cast<uint16_t>(h.ssh_port());
   t.user = h.user();
   t.private_key = h.private_key();
   t.public_key = h.public_key();
   t.expected_host_key = h.host_key();
+  if (boot_identity && !h.boot_private_key().empty()) {
+    t.private_key = h.boot_private_key();
+    t.public_key.clear();
+    t.expected_host_key = h.boot_host_key();
+  }
   return t;
 }
 
@@ -106,6 +113,27 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
                                                   [&cancel] { return cancel.load(); });
         if (!ready)
           return ready.error().message;
+        session = std::move(*ready);
+        return {};
+      });
+      auto rp = self->make_response_promise<ok_atom>();
+      self->state.ok_replies.emplace(id, rp);
+      return rp;
+    },
+    [=](rekey_atom, const v1::VmHandle& handle, uint32_t timeout_ms) -> caf::result<ok_atom> {
+      if (!released(self))
+        return refused("rekey");
+      auto target = target_of(handle, false);
+      self->state.target = std::make_shared<const SshTarget>(target);
+      auto deadline = std::chrono::steady_clock::now() + milliseconds(timeout_ms);
+      auto id = post(self, [target, deadline](std::optional<SshSession>& session,
+                                              std::atomic<bool>& cancel, v1::StepResult&,
+                                              const ssh_executor_internal&) -> std::string {
+        session.reset();
+        auto ready = SshSession::wait_until_ready(target, deadline, ready_poll_interval,
+                                                  [&cancel] { return cancel.load(); });
+        if (!ready)
+          return "cannot connect with the job's own key and host key: " + ready.error().message;
         session = std::move(*ready);
         return {};
       });

@@ -1,7 +1,8 @@
 // One VM boot attempt (see vm_attempt.hpp). About 600 lines, one file on
 // purpose: an attempt's boot, hand-off and shutdown are one phase machine over
 // the same state, and reading them top to bottom is how its guarantees (one
-// boot answer, silence after a failure, every child ended) can be checked.
+// boot answer, silence after a failure, every child ended) can be checked. The
+// restore of a template (another way to `booted`) is in vm_restore.cpp.
 #include "actors/vm/vm_attempt.hpp"
 
 #include <caf/actor_system.hpp>
@@ -17,6 +18,8 @@
 #include "actors/vm/qmp_session.hpp"
 #include "actors/runner_types.hpp"
 #include "actors/vm/ssh_executor.hpp"
+#include "actors/vm/template_keeper.hpp"
+#include "actors/vm/vm_attempt_parts.hpp"
 #include "runtime/base/logging.hpp"
 #include "runtime/job/disk_limits.hpp"
 #include "runtime/job/job_file.hpp"
@@ -25,10 +28,9 @@
 
 namespace solstice {
 
-namespace {
+namespace attempt {
 
 using std::chrono::milliseconds;
-using attempt_pointer = vm_attempt_internal::stateful_pointer<vm_attempt_state>;
 using phase = attempt_phase;
 
 // ------------------------------------------------------------------ basics
@@ -42,7 +44,7 @@ void unexpected(attempt_pointer self, const char* what) {
 
 bool booting(phase p) {
   return p == phase::preparing || p == phase::launching || p == phase::connecting_qmp ||
-         p == phase::reading_port || p == phase::waiting_for_ssh;
+         p == phase::reading_port || p == phase::restoring || p == phase::waiting_for_ssh;
 }
 
 bool vm_in_use(phase p) {
@@ -175,6 +177,8 @@ void read_ssh_port(attempt_pointer self) {
         if (!port)
           return boot_problem(self, "cannot learn the SSH port: " + port.error().message);
         st.vm.set_ssh_port(*port);
+        if (!st.vm.incoming_state().empty())
+          return restore_state(self);
         wait_for_ssh(self);
       },
       [=](caf::error& err) { boot_problem(self, "cannot learn the SSH port: " + error_text(err)); });
@@ -474,7 +478,7 @@ void qmp_event(attempt_pointer self, const v1::QmpEvent& event) {
       return boot_problem(self, what);
     if (vm_in_use(st.phase))
       return vm_lost(self, what);
-  } else if (name == "STOP" && booting(st.phase)) {
+  } else if (name == "STOP" && booting(st.phase) && st.phase != phase::restoring) {
     // Nothing here pauses the VM: QEMU stops it on an internal (KVM) error.
     fail_boot(self,
               uses_kvm(st) ? "the VM stopped during boot, as QEMU does on a KVM internal error"
@@ -527,7 +531,9 @@ void child_down(attempt_pointer self, const caf::down_msg& down) {
     return vm_lost(self, message);
 }
 
-}  // namespace
+}  // namespace attempt
+
+using namespace attempt;
 
 const char* to_string(attempt_phase p) {
   switch (p) {
@@ -536,6 +542,7 @@ const char* to_string(attempt_phase p) {
     case phase::launching: return "launching";
     case phase::connecting_qmp: return "connecting_qmp";
     case phase::reading_port: return "reading_port";
+    case phase::restoring: return "restoring";
     case phase::waiting_for_ssh: return "waiting_for_ssh";
     case phase::booted: return "booted";
     case phase::handing_off: return "handing_off";
@@ -563,6 +570,9 @@ vm_child_factory real_vm_children() {
   };
   f.ssh = [](caf::actor_system& sys, output_observer_actor observer) -> ssh_executor_actor {
     return sys.spawn(ssh_executor, std::move(observer));
+  };
+  f.templates = [](caf::actor_system& sys) -> template_keeper_actor {
+    return sys.spawn<caf::detached>(template_keeper);
   };
   return f;
 }
@@ -629,6 +639,8 @@ vm_attempt(attempt_pointer self, vm_attempt_spec spec, vm_child_factory factory,
         return fail_boot(self, *st.held_failure, false);
       if (token == st.held_token && st.held_failure && vm_in_use(st.phase))
         return vm_lost(self, *st.held_failure);
+      if (token == st.restore_token && st.phase == phase::restoring)
+        return poll_restore(self);
       stage_timeout(self, token);
     },
   };

@@ -26,6 +26,8 @@ struct vm_child_factory {
   std::function<console_tailer_actor(caf::actor_system&, console_observer_actor, console_capture)>
     console;
   std::function<ssh_executor_actor(caf::actor_system&, output_observer_actor)> ssh;
+  // Templates for restored starts; empty: every job boots cold (actor tests).
+  std::function<template_keeper_actor(caf::actor_system&)> templates;
 };
 
 vm_child_factory real_vm_children();
@@ -63,6 +65,7 @@ enum class attempt_phase {
   launching,        // QEMU is being started
   connecting_qmp,   // waiting for QMP's greeting
   reading_port,     // asking QEMU which port the SSH forward got
+  restoring,        // a clone: QMP migrate-incoming of the template's state, then cont
   waiting_for_ssh,  // polling SSH until handshake and auth succeed
   booted,           // SSH works; the console tailer still runs
   handing_off,      // waiting for the tailer's `stopped` (or its DOWN)
@@ -120,6 +123,9 @@ struct vm_attempt_state {
   uint64_t stage_token = 0;
   std::string shutdown_problem;  // e.g. QEMU did not exit after SIGKILL
   uint64_t next_token = 1;
+
+  // A restore polls query-migrate with this timer token until the state is loaded.
+  uint64_t restore_token = 0;
 
   std::optional<caf::typed_response_promise<v1::VmHandle>> boot_reply;
   std::optional<caf::typed_response_promise<guest_shell_actor>> handoff_reply;

@@ -30,7 +30,9 @@ kernel_meta_package=linux-image-cloud-amd64
 # Everything the guest is made of besides the kernel. The libraries are the ones
 # the dynamic loader lists for dropbear, dropbearconvert and sftp-server; the
 # build checks that list and stops if a library comes from elsewhere.
-packages=(busybox-static dropbear-bin openssh-sftp-server
+# perl-base gives the guest the RNDRESEEDCRNG ioctl (busybox has no tool for it):
+# a clone restored from a template reseeds its kernel RNG with it.
+packages=(busybox-static dropbear-bin openssh-sftp-server perl-base
 	libc6 libcrypt1 libgmp10 libtomcrypt1 libtommath1 zlib1g)
 # Kernel modules the guest needs (with their dependencies): virtio NIC and disk,
 # the IDE CD-ROM of machine "pc" with ISO 9660, the ACPI power button and the
@@ -184,12 +186,14 @@ install -m 0755 "$unpacked/usr/bin/dropbearconvert" "$root/usr/bin/dropbearconve
 install -m 0755 "$unpacked/usr/bin/dropbearkey" "$root/usr/bin/dropbearkey"
 # dropbear runs this path for the "sftp" subsystem.
 install -m 0755 "$unpacked/usr/lib/openssh/sftp-server" "$root/usr/lib/sftp-server"
+# Only the interpreter: `perl -e` with built-ins needs no modules.
+install -m 0755 "$unpacked/usr/bin/perl" "$root/usr/bin/perl"
 
 # Shared libraries: whatever the unpacked loader resolves, from unpacked files only.
 loader=$unpacked/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
 [[ -x "$loader" ]] || fail "libc6 holds no ld-linux-x86-64.so.2"
 library_path=$unpacked/lib/x86_64-linux-gnu:$unpacked/usr/lib/x86_64-linux-gnu
-for binary in usr/sbin/dropbear usr/bin/dropbearconvert usr/bin/dropbearkey usr/lib/sftp-server; do
+for binary in usr/sbin/dropbear usr/bin/dropbearconvert usr/bin/dropbearkey usr/lib/sftp-server usr/bin/perl; do
 	listing=$("$loader" --library-path "$library_path" --list "$root/$binary") \
 		|| fail "the dynamic loader cannot resolve the libraries of $binary"
 	while read -r soname arrow path _; do

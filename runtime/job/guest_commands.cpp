@@ -54,3 +54,103 @@ std::string step_command(unsigned index) {
 }
 
 }  // namespace solstice
+
+namespace solstice {
+
+namespace {
+
+// Reads the input's lines, then the host key (the rest). Each part says what
+// failed; the RNG reseed is best effort (a guest without perl still gets the
+// bytes mixed in, and a kernel with the vmgenid driver reseeds by itself).
+constexpr const char* identity_script = R"SH(set -e
+keys=$1
+read -r authorized_key
+read -r new_hostname
+read -r instance_id
+read -r now
+read -r random
+umask 077
+owner=$(stat -c %u:%g "$(dirname "$keys")" 2>/dev/null || echo 0:0)
+printf '%s\n' "$authorized_key" >"$keys.solstice-new"
+chown "$owner" "$keys.solstice-new"
+mv -f "$keys.solstice-new" "$keys"
+date -u -s "@$now" >/dev/null
+printf '%s' "$random" | base64 -d >/dev/urandom
+if command -v perl >/dev/null 2>&1; then
+	perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' \
+		|| echo "solstice: the kernel RNG was not reseeded (RNDRESEEDCRNG failed)" >&2
+fi
+hostname "$new_hostname"
+echo "$new_hostname" >/etc/hostname
+if [ -w /etc/hosts ]; then sed -i "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1	$new_hostname/" /etc/hosts; fi
+echo "$instance_id" >/run/instance-id
+if [ -d /var/lib/cloud/data ]; then echo "$instance_id" >/var/lib/cloud/data/instance-id; fi
+cat >/run/solstice-host-key
+listening() { grep -q '^ *[0-9]*: [0-9A-F]*:0016 [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null; }
+if [ -d /etc/dropbear ] && command -v dropbear >/dev/null 2>&1; then
+	dropbearconvert openssh dropbear /run/solstice-host-key /etc/dropbear/dropbear_ed25519_host_key.new >/dev/null 2>&1
+	rm -f /run/solstice-host-key
+	mv -f /etc/dropbear/dropbear_ed25519_host_key.new /etc/dropbear/dropbear_ed25519_host_key
+	# The listener is the dropbear whose parent is init; this session's own stays.
+	for pid in $(pidof dropbear); do
+		if [ "$(cut -d' ' -f4 /proc/$pid/stat)" = 1 ]; then kill "$pid"; fi
+	done
+	for _ in $(seq 100); do listening || break; sleep 0.02; done
+	setsid dropbear -F -E -s -p 22 -W 2097152 -r /etc/dropbear/dropbear_ed25519_host_key \
+		</dev/null >>/var/log/dropbear.log 2>&1 &
+elif [ -d /etc/ssh ]; then
+	rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+	install -m 0600 /run/solstice-host-key /etc/ssh/ssh_host_ed25519_key
+	rm -f /run/solstice-host-key
+	ssh-keygen -y -f /etc/ssh/ssh_host_ed25519_key >/etc/ssh/ssh_host_ed25519_key.pub
+	# sshd re-reads its host keys for every new connection after SIGHUP.
+	if [ -s /run/sshd.pid ]; then kill -HUP "$(cat /run/sshd.pid)"; else systemctl reload ssh sshd 2>/dev/null; fi
+else
+	echo "solstice: no dropbear or OpenSSH server to give the new host key" >&2
+	exit 1
+fi
+for _ in $(seq 250); do listening && exit 0; sleep 0.02; done
+echo "solstice: the SSH server did not listen again" >&2
+exit 1
+)SH";
+
+std::string base64_of(const std::string& bytes) {
+  static const char table[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  size_t i = 0;
+  for (; i + 2 < bytes.size(); i += 3) {
+    uint32_t n = (uint8_t(bytes[i]) << 16) | (uint8_t(bytes[i + 1]) << 8) | uint8_t(bytes[i + 2]);
+    for (int s = 18; s >= 0; s -= 6)
+      out += table[(n >> s) & 63];
+  }
+  if (i + 1 == bytes.size()) {
+    uint32_t n = uint8_t(bytes[i]) << 16;
+    out += table[(n >> 18) & 63];
+    out += table[(n >> 12) & 63];
+    out += "==";
+  } else if (i + 2 == bytes.size()) {
+    uint32_t n = (uint8_t(bytes[i]) << 16) | (uint8_t(bytes[i + 1]) << 8);
+    out += table[(n >> 18) & 63];
+    out += table[(n >> 12) & 63];
+    out += table[(n >> 6) & 63];
+    out += '=';
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string identity_command() {
+  const auto script = shell_quote(identity_script);
+  return "keys=\"$HOME/.ssh/authorized_keys\"; if [ \"$(id -u)\" = 0 ]; then /bin/sh -c " + script +
+         " identity \"$keys\"; else sudo -n /bin/sh -c " + script + " identity \"$keys\"; fi";
+}
+
+std::string make_identity_input(const GuestIdentity& identity) {
+  const int64_t seconds = (identity.unix_now_us + 500000) / 1000000;
+  return identity.authorized_key + "\n" + identity.hostname + "\n" + identity.instance_id + "\n" +
+         std::to_string(seconds) + "\n" + base64_of(identity.random_bytes) + "\n" +
+         identity.host_key_private;
+}
+
+}  // namespace solstice

@@ -3,6 +3,7 @@
 // scripts and the command lines that set the guest up and run a step. Plain text
 // builders. File contents (secrets above all) travel in a command's stdin, never
 // in its command line, which the guest's process list shows to everyone.
+#include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
@@ -47,5 +48,29 @@ inline constexpr int setup_cloud_init_failed_exit = 97;
 // signal are the script's; if the script cannot be written it exits 125 and says
 // why on stderr.
 std::string step_command(unsigned index);
+
+}  // namespace solstice
+
+namespace solstice {
+
+// A restored clone's fresh identity, given before any step (README "Fast starts").
+struct GuestIdentity {
+  std::string authorized_key;    // the job's own public key line: the only one accepted
+  std::string host_key_private;  // the job's host key (OpenSSH private key)
+  std::string hostname;
+  std::string instance_id;
+  int64_t unix_now_us = 0;       // the host's wall clock when the command is sent
+  std::string random_bytes;      // host randomness mixed into the guest's kernel RNG
+};
+
+// The command that gives a clone `identity` (its stdin: make_identity_input): the
+// job's key replaces every authorized key (the template's stops working at once),
+// the clock is set, the kernel RNG gets the random bytes and is reseeded
+// (RNDRESEEDCRNG, through perl where there is one), hostname and instance id change,
+// and the SSH server is restarted with the new host key (dropbear or OpenSSH). The
+// running session stays up; new connections meet the new host key. Runs as root
+// (through sudo -n for another user).
+std::string identity_command();
+std::string make_identity_input(const GuestIdentity& identity);
 
 }  // namespace solstice

@@ -159,6 +159,7 @@ v1::RunnerConfig default_runner_config() {
   config.set_boot_timeout_seconds(300);
   config.set_powerdown_timeout_seconds(30);
   config.set_max_concurrent_vms(2);
+  config.set_snapshots("auto");
   // A root runner never runs QEMU (strangers' guests) as root.
   if (::geteuid() == 0) config.set_qemu_user("solstice-qemu");
   return config;
@@ -189,6 +190,7 @@ Result<v1::RunnerConfig> load_runner_config(const fs::path& path) {
   if (from_file.boot_timeout_seconds()) config.set_boot_timeout_seconds(from_file.boot_timeout_seconds());
   if (from_file.powerdown_timeout_seconds()) config.set_powerdown_timeout_seconds(from_file.powerdown_timeout_seconds());
   if (from_file.max_concurrent_vms()) config.set_max_concurrent_vms(from_file.max_concurrent_vms());
+  if (!from_file.snapshots().empty()) config.set_snapshots(from_file.snapshots());
   // Present even when "": that asks for QEMU to run as the runner's user.
   if (from_file.has_qemu_user()) config.set_qemu_user(from_file.qemu_user());
   // Disk bounds: present even when 0, which turns the bound off (disk_limits.hpp).
@@ -199,6 +201,9 @@ Result<v1::RunnerConfig> load_runner_config(const fs::path& path) {
   for (const auto& image : from_file.images()) {
     auto* resolved = config.add_images();
     *resolved = image;
+    if (image.has_restore_from())
+      return fail(path.string() + ": images[" + std::to_string(config.images_size() - 1) +
+                  "].restore_from: set by the runner only, not in a config file");
     resolved->set_disk(resolve_against(base_dir, image.disk()).string());
     resolved->set_kernel(resolve_against(base_dir, image.kernel()).string());
     resolved->set_initrd(resolve_against(base_dir, image.initrd()).string());
@@ -213,6 +218,9 @@ Result<void> validate_runner_config(const v1::RunnerConfig& config) {
   std::vector<std::string> problems;
   if (config.accel() != "auto" && config.accel() != "kvm" && config.accel() != "tcg") {
     problems.push_back("accel " + quoted(config.accel()) + ": must be \"auto\", \"kvm\" or \"tcg\"");
+  }
+  if (!config.snapshots().empty() && config.snapshots() != "auto" && config.snapshots() != "off") {
+    problems.push_back("snapshots " + quoted(config.snapshots()) + ": must be \"auto\" or \"off\"");
   }
   if (config.max_concurrent_vms() == 0) problems.push_back("max_concurrent_vms 0: at least 1 VM must be allowed");
   // Caps (README, "Runner configuration"): beyond them a value is a typo, and no timer may overflow.

@@ -76,6 +76,11 @@ std::vector<std::string> build_qemu_argv(const VmSpec& spec) {
     add(argv, "-mon", "chardev=qmp0,mode=control");
   }
 
+  if (!spec.vmgenid.empty())
+    add(argv, "-device", "vmgenid,guid=" + spec.vmgenid);
+  if (spec.incoming_defer)
+    add(argv, "-incoming", "defer");
+
   if (spec.boot == VmBoot::kernel) {
     // Plain arguments, not option lists: no comma escaping here.
     add(argv, "-kernel", spec.kernel.string());

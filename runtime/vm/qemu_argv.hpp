@@ -32,6 +32,11 @@ struct VmSpec {
   // UEFI: OVMF's code as read-only pflash and the VM's own variables store as
   // writable pflash. Both empty: the machine's BIOS (SeaBIOS).
   std::filesystem::path firmware_code, firmware_vars;
+  // QEMU's vmgenid device with this GUID (a new one per restored clone tells a guest
+  // kernel with the driver to reseed its RNG); empty: no device.
+  std::string vmgenid;
+  // Start paused, waiting for QMP migrate-incoming (`-incoming defer`): a restore.
+  bool incoming_defer = false;
 };
 
 // QEMU's seccomp filter: no obsolete system calls, no set*uid/gid, no fork/exec, no

@@ -125,9 +125,10 @@ Result<std::optional<QemuUser>> resolve_qemu_user(const std::string& name) {
 Result<void> share_vm_files(const QemuUser& user, const VmFiles& files) {
   const gid_t gid = user.credentials.gid;
   // Only the runner's own directories get o+x; anything above them is checked below.
-  const fs::path run_dir = files.state_dir / "run";
-  if (files.work_dir.parent_path() == run_dir) {
-    for (const auto& dir : {files.state_dir, run_dir})
+  // A job's VM works in run/<id>, a template build in templates/.build-<id>-...
+  const auto parent = files.work_dir.parent_path();
+  if (parent == files.state_dir / "run" || parent == files.state_dir / "templates") {
+    for (const auto& dir : {files.state_dir, parent})
       if (auto ok = add_search_for_others(dir); !ok) return ok;
   }
   if (auto ok = give_group(files.work_dir, gid, 01770); !ok) return ok;

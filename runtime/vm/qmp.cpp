@@ -1,5 +1,10 @@
 #include "runtime/vm/qmp.hpp"
 
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <cstring>
+
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -249,13 +254,36 @@ Result<bool> QmpClient::read_some(std::chrono::milliseconds timeout) {
 }
 
 Result<nlohmann::json> QmpClient::execute(const std::string& command, const nlohmann::json& arguments,
-                                          std::chrono::milliseconds timeout) {
+                                          std::chrono::milliseconds timeout, int pass_fd) {
   if (fd_ < 0) return fail("QMP command " + command + ": not connected");
   const auto deadline = Clock::now() + timeout;
   const std::string id = "solstice-" + std::to_string(next_id_++);
   const std::string request = QmpCodec::encode_command(command, arguments, id);
 
   size_t sent = 0;
+  if (pass_fd >= 0) {
+    // The descriptor rides along with the command's first bytes (SCM_RIGHTS), as
+    // QEMU's getfd expects.
+    iovec data{const_cast<char*>(request.data()), request.size()};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr message{};
+    message.msg_iov = &data;
+    message.msg_iovlen = 1;
+    message.msg_control = control;
+    message.msg_controllen = sizeof control;
+    cmsghdr* header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(header), &pass_fd, sizeof(int));
+    ssize_t n;
+    do {
+      n = ::sendmsg(fd_, &message, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0)
+      return fail(errno_message("QMP command " + command + ": sending a descriptor failed", errno));
+    sent = static_cast<size_t>(n);
+  }
   while (sent < request.size()) {
     ssize_t n = ::send(fd_, request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
     if (n > 0) {

@@ -55,9 +55,11 @@ class QmpClient {
                                    const std::function<bool()>& give_up = {});
 
   // Sends a command and waits for its reply; events read meanwhile are queued.
+  // `pass_fd` >= 0 is sent along (SCM_RIGHTS), for `getfd`.
   Result<nlohmann::json> execute(const std::string& command,
                                  const nlohmann::json& arguments = nlohmann::json::object(),
-                                 std::chrono::milliseconds timeout = std::chrono::seconds(10));
+                                 std::chrono::milliseconds timeout = std::chrono::seconds(10),
+                                 int pass_fd = -1);
   // Waits up to `timeout` for the next event (queued ones first).
   std::optional<QmpMessage> next_event(std::chrono::milliseconds timeout);
   // Human monitor passthrough (`info usernet` and the like).

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <fstream>
 #include <chrono>
 #include <system_error>
 #include <utility>
@@ -68,8 +69,6 @@ std::string resolve_accel(const std::string& configured, const std::string& kvm_
   return ::access(device.c_str(), R_OK | W_OK) == 0 ? "kvm" : "tcg";
 }
 
-namespace {
-
 // A valid hostname from any job id: letters and digits kept, the rest as '-'.
 std::string guest_hostname(const std::string& job_id) {
   std::string name = "solstice-";
@@ -82,6 +81,8 @@ std::string guest_hostname(const std::string& job_id) {
     name.pop_back();
   return name;
 }
+
+namespace {
 
 struct ToolRun {
   ExitStatus status;
@@ -196,6 +197,8 @@ bool marked_corrupt(const nlohmann::json& image) {
   return corrupt != data->end() && corrupt->is_boolean() && corrupt->get<bool>();
 }
 
+}  // namespace
+
 Result<void> create_overlay(const std::string& qemu_img, const fs::path& base,
                             const std::string& base_format, const fs::path& overlay) {
   auto run = run_to_end({qemu_img, "create", "-q", "-f", "qcow2", "-F", base_format, "-b",
@@ -209,6 +212,8 @@ Result<void> create_overlay(const std::string& qemu_img, const fs::path& base,
   return {};
 }
 
+namespace {
+
 Result<void> copy_uefi_vars(const fs::path& to) {
   std::error_code ec;
   fs::copy_file(ovmf_vars_path, to, fs::copy_options::overwrite_existing, ec);
@@ -217,6 +222,30 @@ Result<void> copy_uefi_vars(const fs::path& to) {
                 ": " + ec.message() + " (firmware \"uefi\" needs Debian's ovmf package)");
   fs::permissions(to, fs::perms::owner_read | fs::perms::owner_write, ec);
   return {};
+}
+
+// A clone of a template: a new overlay on top of the template's frozen one, the
+// template's seed CD-ROM (the device must be as it was), the migration stream to
+// load, a new vmgenid GUID, and the template's key and host key for the first
+// connection (the job's set-up then installs this handle's own).
+Result<v1::VmHandle> prepare_restore(v1::VmHandle h, const v1::ImageSpec& image,
+                                     const fs::path& work_dir, const std::string& host_key_private) {
+  const auto& from = image.restore_from();
+  h.set_seed_iso(from.seed_iso());
+  h.set_incoming_state(from.state_file());
+  h.set_boot_private_key(from.template_private_key());
+  h.set_boot_host_key(from.template_host_key());
+  h.set_template_id(from.template_id());
+  h.set_host_key_private(host_key_private);
+  h.set_vmgenid(random_guid());
+  if (!from.frozen_overlay().empty()) {
+    auto overlay = work_dir / "overlay.qcow2";
+    if (auto ok = create_overlay("qemu-img", from.frozen_overlay(), "qcow2", overlay); !ok)
+      return tl::unexpected(ok.error());
+    h.set_disk(overlay.string());
+    h.set_disk_format("qcow2");
+  }
+  return h;
 }
 
 Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& image,
@@ -270,6 +299,9 @@ Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& ima
   h.set_host_key(host_key->public_blob);
   h.set_host_key_public(host_key->public_line);
 
+  if (image.has_restore_from())
+    return prepare_restore(h, image, work_dir, host_key->private_openssh);
+
   SeedSpec seed;
   seed.instance_id = "solstice-" + job.id();
   seed.hostname = guest_hostname(job.id());
@@ -303,6 +335,23 @@ Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& ima
 }
 
 }  // namespace
+
+std::string random_guid() {
+  unsigned char b[16];
+  std::ifstream random("/dev/urandom", std::ios::binary);
+  random.read(reinterpret_cast<char*>(b), sizeof b);
+  b[6] = static_cast<unsigned char>((b[6] & 0x0f) | 0x40);  // version 4
+  b[8] = static_cast<unsigned char>((b[8] & 0x3f) | 0x80);  // RFC 4122 variant
+  static const char digits[] = "0123456789abcdef";
+  std::string text;
+  for (int i = 0; i < 16; ++i) {
+    if (i == 4 || i == 6 || i == 8 || i == 10)
+      text += '-';
+    text += digits[b[i] >> 4];
+    text += digits[b[i] & 0xf];
+  }
+  return text;
+}
 
 Result<void> check_disk_image(const fs::path& disk, const std::string& format,
                               const std::string& what) {
@@ -381,6 +430,8 @@ VmSpec vm_spec_from_handle(const v1::VmHandle& h) {
   spec.console_log = h.console_log();
   spec.firmware_code = h.firmware_code();
   spec.firmware_vars = h.firmware_vars();
+  spec.vmgenid = h.vmgenid();
+  spec.incoming_defer = !h.incoming_state().empty();
   return spec;
 }
 

@@ -28,6 +28,9 @@ std::filesystem::path work_dir_for(const v1::RunnerConfig& config, const std::st
 // Empty when the handle has no job directory.
 std::filesystem::path console_record_path(const v1::VmHandle& handle);
 
+// The guest's hostname for a job: "solstice-" and the job id's letters and digits.
+std::string guest_hostname(const std::string& job_id);
+
 // Creates `dir` and missing parents with mode 0700, then sets `dir` itself to 0700.
 Result<void> make_private_dir(const std::filesystem::path& dir);
 
@@ -49,10 +52,23 @@ std::string resolve_accel(const std::string& configured, const std::string& kvm_
 Result<void> check_disk_image(const std::filesystem::path& disk, const std::string& format,
                               const std::string& what);
 
+// A qcow2 overlay at `overlay` whose backing file is `base` (of `base_format`).
+Result<void> create_overlay(const std::string& qemu_img, const std::filesystem::path& base,
+                            const std::string& base_format, const std::filesystem::path& overlay);
+
+// A random GUID (RFC 4122 version 4) for QEMU's vmgenid device.
+std::string random_guid();
+
 // Prepares everything the VM of `job` needs for boot attempt number `attempt`
 // (1, 2, ...: names that differ per attempt carry it). The handle keeps vcpus and memory.
 Result<v1::VmHandle> prepare_vm(const v1::JobSpec& job, const v1::ImageSpec& image,
                                 const v1::RunnerConfig& config, uint32_t attempt = 1);
+
+// The descriptor number a restoring QEMU reads its migration stream from (passed
+// after the console capture's): "fd:N" for QMP migrate-incoming.
+inline int incoming_fd_number(const v1::VmHandle& handle) {
+  return handle.console_log().empty() ? 3 : 4;
+}
 
 // The QEMU description of a prepared VM (vcpus and memory from the handle).
 VmSpec vm_spec_from_handle(const v1::VmHandle& handle);

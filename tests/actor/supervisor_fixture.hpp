@@ -143,6 +143,7 @@ fake_tailer_actor::behavior_type fake_tailer(fake_tailer_actor::pointer self, fi
 fake_ssh_actor::behavior_type fake_ssh(fake_ssh_actor::pointer self, fixture* fx,
                                        output_observer_actor observer);
 event_sink_actor::behavior_type recording_sink(event_sink_actor::pointer self, fixture* fx);
+template_keeper_actor::behavior_type fake_keeper(template_keeper_actor::pointer self, fixture* fx);
 
 struct fixture {
   test_config cfg;
@@ -180,6 +181,15 @@ struct fixture {
   // SSH fails every operation.
   bool qmp_broken = false;
   bool ssh_broken = false;
+  // Templates (job_start.cpp): with `keeper_answers`, the factory has a fake template
+  // keeper; "ready" answers every lookup with a template, "build" has none until
+  // asked to build, "fail" fails. `snapshots` goes into the config ("" = left out).
+  std::string keeper_answers;
+  std::string snapshots;
+  // A restoring QEMU refuses the state (QMP migrate-incoming fails).
+  bool restore_refused = false;
+  // query-migrate answers "active" this many times before "completed".
+  int migrate_polls_active = 1;
   // Called after each journal entry (the fault matrix injects faults here).
   std::function<void(const entry&)> on_note;
   // Fake children made, and how many of them have ended.
@@ -274,6 +284,10 @@ struct fixture {
       ssh = s.spawn(fake_ssh, this, std::move(observer));
       return counted(ssh);
     };
+    if (!keeper_answers.empty())
+      f.templates = [this](caf::actor_system& s) -> template_keeper_actor {
+        return s.spawn(fake_keeper, this);
+      };
     return f;
   }
 
@@ -296,6 +310,8 @@ struct fixture {
     config.set_powerdown_timeout_seconds(30);
     if (!configured_accel.empty())
       config.set_accel(configured_accel);
+    if (!snapshots.empty())
+      config.set_snapshots(snapshots);
     if (!slot_state_dir.empty()) {
       config.set_state_dir(slot_state_dir);
       config.set_max_concurrent_vms(1);
@@ -455,8 +471,17 @@ fake_qemu_actor::behavior_type fake_qemu(fake_qemu_actor::pointer self, fixture*
   return {
     [=](prepare_atom, const v1::JobSpec& job, const v1::ImageSpec& image,
         const v1::RunnerConfig&, uint32_t) -> v1::VmHandle {
-      fx->note("qemu", "prepare", job.id());
+      fx->note("qemu", "prepare", job.id(), image.has_restore_from() ? "restore" : "cold");
       v1::VmHandle handle;
+      if (image.has_restore_from()) {
+        handle.set_incoming_state(image.restore_from().state_file());
+        handle.set_boot_private_key(image.restore_from().template_private_key());
+        handle.set_boot_host_key(image.restore_from().template_host_key());
+        handle.set_template_id(image.restore_from().template_id());
+        handle.set_private_key("job-private-key");
+        handle.set_public_key("ssh-ed25519 JOBKEY job");
+        handle.set_host_key_private("job-host-key");
+      }
       handle.set_job_id(job.id());
       handle.set_work_dir("/nonexistent/work");
       handle.set_job_dir("/nonexistent/job");
@@ -516,6 +541,13 @@ qmp_session_actor::behavior_type fake_qmp(qmp_session_actor::pointer self, fixtu
         return caf::make_error(runner_errc::qmp_failed, "QEMU closed the QMP connection");
       if (name == "human-monitor-command")
         return nlohmann::json(fx->usernet).dump();
+      if (name == "migrate-incoming" && fx->restore_refused)
+        return caf::make_error(runner_errc::qmp_failed, "QMP command migrate-incoming failed: "
+                                                        "GenericError: load of migration failed");
+      if (name == "query-migrate") {
+        auto status = fx->migrate_polls_active-- > 0 ? "active" : "completed";
+        return nlohmann::json{{"status", status}}.dump();
+      }
       if ((name == "system_powerdown" || name == "quit") && fx->guest_powers_off) {
         v1::ProcessExit exit;
         exit.set_description("exit code 0");
@@ -564,7 +596,11 @@ fake_tailer_actor::behavior_type fake_tailer(fake_tailer_actor::pointer self, fi
 // The fake counts the output bytes the supervisor acknowledges (flow control).
 template <class... Handlers>
 fake_ssh_actor::behavior_type ssh_behavior(fixture* fx, Handlers... handlers) {
-  return {handlers..., [=](ack_atom, uint64_t bytes) { fx->acked_bytes += bytes; }};
+  return {handlers..., [=](ack_atom, uint64_t bytes) { fx->acked_bytes += bytes; },
+          [=](rekey_atom, const v1::VmHandle& handle, uint32_t) -> caf::result<ok_atom> {
+            fx->note("ssh", "rekey", std::to_string(handle.ssh_port()));
+            return ok_atom::value;
+          }};
 }
 
 fake_ssh_actor::behavior_type fake_ssh(fake_ssh_actor::pointer self, fixture* fx,
@@ -656,6 +692,25 @@ fake_ssh_actor::behavior_type fake_ssh(fake_ssh_actor::pointer self, fixture* fx
       rp.deliver(result);
     },
     [=](release_atom) { fx->note("ssh", "release"); });
+}
+
+template_keeper_actor::behavior_type fake_keeper(template_keeper_actor::pointer, fixture* fx) {
+  return {
+    [=](template_atom, v1::ImageSpec image, const v1::RunnerConfig&, const std::string& accel,
+        bool build) -> caf::result<v1::ImageSpec, bool> {
+      fx->note("keeper", build ? "build" : "lookup", accel);
+      if (fx->keeper_answers == "fail")
+        return caf::make_error(runner_errc::prepare_failed, "the template's guest did not get to SSH");
+      if (fx->keeper_answers == "build" && !build)
+        return {std::move(image), false};
+      auto* from = image.mutable_restore_from();
+      from->set_template_id("tmpl-1");
+      from->set_state_file("/nonexistent/templates/tmpl-1/state");
+      from->set_template_private_key("template-private-key");
+      from->set_template_host_key("template-host-key");
+      return {std::move(image), build};
+    },
+  };
 }
 
 event_sink_actor::behavior_type recording_sink(event_sink_actor::pointer, fixture* fx) {

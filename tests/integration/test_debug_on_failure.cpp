@@ -45,7 +45,7 @@ TEST_CASE("debug-on-failure keeps the failed VM reachable with the printed ssh c
 
   auto runner = ChildProcess::spawn({std::string(SOLSTICE_BINARY_DIR) + "/solstice-runner", "run",
                                      job.string(), "--accel", "tcg", "--state-dir",
-                                     state.string()});
+                                     state.string(), "--cold"});
   REQUIRE(runner);
   std::string out;
   std::smatch found;

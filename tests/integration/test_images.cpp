@@ -182,7 +182,7 @@ TEST_CASE("image pull over HTTP: a wrong sha256 stores nothing; the right one is
 
   // A job on the pulled label boots it (real QEMU) and runs.
   write_file(root / "job.json", job_on("guest", "ran-on-pulled-image").dump());
-  auto job = run_runner(with_state({"run", (root / "job.json").string(), "--accel", "tcg"}), 600s);
+  auto job = run_runner(with_state({"run", "--cold", (root / "job.json").string(), "--accel", "tcg"}), 600s);
   INFO(job.describe());
   CHECK(job.code == 0);
   CHECK(contains(job.out, "ran-on-pulled-image"));
@@ -226,7 +226,7 @@ TEST_CASE("image pull over HTTP: a wrong sha256 stores nothing; the right one is
                  {"images", json::array({{{"label", "on-first-use"}, {"url", url}, {"sha256", *sha}, {"memory_mib", 256}}})}};
   write_file(root / "config.json", config.dump());
   write_file(root / "job.json", job_on("on-first-use", "ran-after-first-use-pull").dump());
-  auto first_use = run_runner({"run", (root / "job.json").string(), "--accel", "tcg", "--config",
+  auto first_use = run_runner({"run", "--cold", (root / "job.json").string(), "--accel", "tcg", "--config",
                                (root / "config.json").string()},
                               600s);
   INFO(first_use.describe());
@@ -257,7 +257,7 @@ TEST_CASE("firmware uefi: the UEFI-only guest boots and runs a job with OVMF, an
   json job = job_on("uefi-guest", "booted-through-uefi");
   job["firmware"] = "uefi";
   write_file(root / "job.json", job.dump());
-  auto uefi = run_runner({"run", (root / "job.json").string(), "--accel", "tcg", "--console", "--config",
+  auto uefi = run_runner({"run", "--cold", (root / "job.json").string(), "--accel", "tcg", "--console", "--config",
                           (root / "uefi.json").string()},
                          600s);
   INFO(uefi.describe());
@@ -270,7 +270,7 @@ TEST_CASE("firmware uefi: the UEFI-only guest boots and runs a job with OVMF, an
   // The same guest on BIOS (the default): nothing boots, the job fails at boot.
   job.erase("firmware");
   write_file(root / "job.json", job.dump());
-  auto bios = run_runner({"run", (root / "job.json").string(), "--accel", "tcg", "--config",
+  auto bios = run_runner({"run", "--cold", (root / "job.json").string(), "--accel", "tcg", "--config",
                           (root / "bios.json").string()},
                          300s);
   INFO(bios.describe());
@@ -282,7 +282,7 @@ TEST_CASE("firmware uefi: the UEFI-only guest boots and runs a job with OVMF, an
   // A firmware that does not exist is invalid input, named.
   job["firmware"] = "coreboot";
   write_file(root / "job.json", job.dump());
-  auto wrong = run_runner({"run", (root / "job.json").string(), "--config", (root / "uefi.json").string()});
+  auto wrong = run_runner({"run", "--cold", (root / "job.json").string(), "--config", (root / "uefi.json").string()});
   CHECK(wrong.code == 2);
   CHECK(contains(wrong.err, "firmware \"coreboot\": must be \"bios\" or \"uefi\""));
 }

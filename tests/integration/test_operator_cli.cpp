@@ -145,7 +145,7 @@ TEST_CASE("with --json, invalid input is a JSON error line too, and exit code 2"
   auto job_file = made->path() / "broken.json";
   std::ofstream(job_file) << "{ \"runs_on\": \"no-such-label\", \"steps\": [ { \"script\": \"true\" } ] }";
   int code = 0;
-  auto runner = run({"run", job_file.string(), "--json", "--state-dir",
+  auto runner = run({"run", "--cold", job_file.string(), "--json", "--state-dir",
                      (made->path() / "state").string()},
                     &code);
   INFO(runner.describe());
@@ -180,7 +180,7 @@ TEST_CASE("jobs list, show, logs and cancel on a real job, cancelled from anothe
     return run(args, code);
   };
 
-  Runner job({"run", job_file.string(), "--json", "--accel", "tcg", "--state-dir", state});
+  Runner job({"run", "--cold", job_file.string(), "--json", "--accel", "tcg", "--state-dir", state});
   // Until the second step runs: its "waiting" is in the JSON stream.
   auto deadline = std::chrono::steady_clock::now() + 240s;
   std::string job_id;

@@ -162,8 +162,10 @@ struct Workspace {
 
   std::vector<std::string> args(std::vector<std::string> extra = {},
                                 std::string accel = "tcg") const {
+    // Cold boots: these tests are about a booting VM (console, faults); templates and
+    // restored jobs are tested in test_templates.cpp.
     std::vector<std::string> all{"run", job_file.string(), "--accel", accel, "--state-dir",
-                                 state_dir.string()};
+                                 state_dir.string(), "--cold"};
     all.insert(all.end(), extra.begin(), extra.end());
     return all;
   }

@@ -158,7 +158,8 @@ struct Workspace {
     std::vector<std::string> all{"run"};
     for (const auto& file : job_files)
       all.push_back(file.string());
-    for (std::string extra : {"--accel", "tcg", "--state-dir"})
+    // Cold boots (restored jobs: test_templates.cpp).
+    for (std::string extra : {"--cold", "--accel", "tcg", "--state-dir"})
       all.push_back(extra);
     all.push_back(state_dir.string());
     return all;

@@ -8,7 +8,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <fstream>
 #include <iterator>
 #include <sstream>
@@ -153,6 +152,16 @@ fs::path Sandbox::write_json(const std::string& name, const nlohmann::json& json
 std::vector<std::string> Sandbox::run_args(const fs::path& job, const std::string& accel,
                                            const fs::path& config,
                                            const std::vector<std::string>& extra) const {
+  auto args = snapshot_run_args(job, accel, config, extra);
+  // The suite is about faults of a cold boot and what follows it: its jobs boot cold
+  // (templates and restored jobs: test_templates.cpp).
+  args.push_back("--cold");
+  return args;
+}
+
+std::vector<std::string> Sandbox::snapshot_run_args(const fs::path& job, const std::string& accel,
+                                                    const fs::path& config,
+                                                    const std::vector<std::string>& extra) const {
   std::vector<std::string> args{"run", job.string(), "--state-dir", state().string(), "--accel",
                                 accel};
   if (!config.empty()) {

@@ -78,10 +78,15 @@ class Sandbox {
   std::filesystem::path write(const std::string& name, const std::string& text) const;
   std::filesystem::path write_json(const std::string& name, const nlohmann::json& json) const;
 
-  // `run JOB --state-dir STATE --accel ACCEL [--config CONFIG] extra...`
+  // `run JOB --state-dir STATE --accel ACCEL [--config CONFIG] extra... --cold`
   std::vector<std::string> run_args(const std::filesystem::path& job, const std::string& accel,
                                     const std::filesystem::path& config = {},
                                     const std::vector<std::string>& extra = {}) const;
+  // The same without --cold: the configuration's snapshots (default auto) decide.
+  std::vector<std::string> snapshot_run_args(const std::filesystem::path& job,
+                                             const std::string& accel,
+                                             const std::filesystem::path& config = {},
+                                             const std::vector<std::string>& extra = {}) const;
 
   // PIDs of running processes (not zombies) whose command line mentions root().
   std::vector<pid_t> processes() const;

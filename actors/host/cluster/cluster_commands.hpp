@@ -38,6 +38,7 @@ struct NodeOptions {
   unsigned memory_mib = 0;
   std::string config_file, state_dir, accel;
   std::string metrics_listen;  // HOST:PORT of /metrics and /healthz, "" none
+  bool cold = false;           // every job boots cold (snapshots: off)
 };
 
 struct SubmitOptions {

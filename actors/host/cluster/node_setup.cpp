@@ -54,6 +54,8 @@ Result<PreparedNode> prepare_node(const NodeOptions& options) {
   auto config = load_effective_config(options.config_file, options.state_dir, options.accel);
   if (!config)
     return tl::unexpected(config.error());
+  if (options.cold)
+    config->set_snapshots("off");
   // Whatever a node that died left in this state directory is cleaned first, the
   // way every embedding host does at its start.
   if (auto recovered = recover_abandoned_jobs_at_start(*config); !recovered)

@@ -1,0 +1,89 @@
+// The restore path of a VM attempt: a clone of a template reaches `booted` by
+// loading the template's state instead of booting. QEMU was started with
+// `-incoming defer` and the state file as an inherited descriptor; QMP
+// `migrate-incoming fd:N` loads it, query-migrate says when it is done, `cont`
+// runs the guest, and SSH readiness is checked as after a cold boot (with the
+// template's key and host key, which the job's set-up then replaces).
+#include <caf/send.hpp>
+#include <nlohmann/json.hpp>
+
+#include "actors/runner_types.hpp"
+#include "actors/vm/vm_attempt_parts.hpp"
+#include "runtime/vm/vm_prepare.hpp"
+
+namespace solstice::attempt {
+
+namespace {
+
+using phase = attempt_phase;
+using std::chrono::milliseconds;
+
+constexpr auto restore_poll_interval = milliseconds(20);
+
+// QEMU's reply to a command as JSON ("" when it is not JSON: then a null).
+nlohmann::json reply_json(const std::string& reply) {
+  return nlohmann::json::parse(reply, nullptr, false);
+}
+
+void run_guest(attempt_pointer self) {
+  auto& st = self->state;
+  self->request(st.qmp, st.timeouts.qmp_command, command_atom::value, std::string{"cont"},
+                std::string{"{}"})
+    .then(
+      [=](const std::string&) {
+        if (self->state.phase != phase::restoring)
+          return unexpected(self, "cont reply");
+        wait_for_ssh(self);
+      },
+      [=](caf::error& err) {
+        boot_problem(self, "cannot run the restored guest (cont): " + error_text(err));
+      });
+}
+
+}  // namespace
+
+void restore_state(attempt_pointer self) {
+  auto& st = self->state;
+  st.phase = phase::restoring;
+  tell_phase(self, v1::BOOTING, "restoring template " + st.vm.template_id());
+  nlohmann::json args = {{"uri", "fd:" + std::to_string(incoming_fd_number(st.vm))}};
+  self->request(st.qmp, st.timeouts.qmp_command, command_atom::value,
+                std::string{"migrate-incoming"}, args.dump())
+    .then(
+      [=](const std::string&) {
+        if (self->state.phase != phase::restoring)
+          return unexpected(self, "migrate-incoming reply");
+        poll_restore(self);
+      },
+      [=](caf::error& err) {
+        boot_problem(self, "QEMU refused the template's state: " + error_text(err));
+      });
+}
+
+void poll_restore(attempt_pointer self) {
+  auto& st = self->state;
+  self->request(st.qmp, st.timeouts.qmp_command, command_atom::value,
+                std::string{"query-migrate"}, std::string{"{}"})
+    .then(
+      [=](const std::string& reply) {
+        auto& st = self->state;
+        if (st.phase != phase::restoring)
+          return unexpected(self, "query-migrate reply");
+        auto status = reply_json(reply);
+        auto state = status.is_object() ? status.value("status", std::string{}) : std::string{};
+        if (state == "completed")
+          return run_guest(self);
+        if (state == "failed" || state == "cancelled")
+          return boot_problem(self, "QEMU could not load the template's state: " +
+                                      (status.is_object() ? status.value("error-desc", state) : state));
+        // Still loading (or not begun): ask again shortly. A corrupt stream makes
+        // QEMU exit, which the exit report turns into the boot failure.
+        st.restore_token = st.next_token++;
+        self->delayed_send(self, restore_poll_interval, timeout_atom::value, st.restore_token);
+      },
+      [=](caf::error& err) {
+        boot_problem(self, "cannot follow the restore (query-migrate): " + error_text(err));
+      });
+}
+
+}  // namespace solstice::attempt

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Restored jobs against cold boots, measured side by side in one run (BENCHMARKS.md,
+"Restored jobs"). Every job is `solstice-runner run` of a job whose one step prints a
+marker, on the built test guest, TCG:
+
+  template build   `template build` on an empty state dir (wall time and the build_ms
+                   the template records), --builds times
+  job wall time    cold (`run --cold`) and restored (`run`, template ready) alternate,
+                   pair after pair, which goes first flipping each pair; ratio = the
+                   median of the per-pair ratios restored / cold
+  first byte       from spawning `run` to the marker's first byte on its stdout, p50
+                   over --jobs restored jobs (and the cold ones of the pairs)
+  8 at once        one `run` of 8 restored jobs (max_concurrent_vms 8): p50 of each
+                   job's spawn -> first byte, against the single-job p50
+
+  bench/restore.py --runner build/solstice-runner --guest-dir build/test-guest \
+                   [--pairs 5] [--jobs 10] [--builds 2] [--concurrent 8] [--json OUT]
+"""
+import argparse
+import json
+import os
+import platform
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MARKER = "solstice-bench-first-byte"
+
+
+def now():
+    return time.monotonic()
+
+
+def run_jobs(runner, env, state, work, ids, cold, config=None):
+    """Runs one `run` process for the jobs `ids`; returns (wall s, {id: first byte s}, out)."""
+    files = []
+    for job_id in ids:
+        path = os.path.join(work, job_id + ".json")
+        with open(path, "w") as f:
+            json.dump({"id": job_id, "runs_on": "solstice-test-guest",
+                       "steps": [{"name": "marker", "script": f"echo {MARKER}-{job_id}"}]}, f)
+        files.append(path)
+    command = [runner, "run", *files, "--state-dir", state, "--accel", "tcg"]
+    if cold:
+        command.append("--cold")
+    if config:
+        command += ["--config", config]
+    started = now()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    first = {}
+    out = b""
+    while True:
+        ready, _, _ = select.select([process.stdout], [], [], 1.0)
+        if ready:
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out += chunk
+            for job_id in ids:
+                if job_id not in first and f"{MARKER}-{job_id}".encode() in out:
+                    first[job_id] = now() - started
+    code = process.wait()
+    wall = now() - started
+    if code != 0 or len(first) != len(ids):
+        sys.exit(f"restore.py: run failed (exit {code}):\n{out.decode(errors='replace')}")
+    return wall, first, out.decode(errors="replace")
+
+
+def result_of(state, job_id):
+    with open(os.path.join(state, "jobs", job_id, "result.json")) as f:
+        return json.load(f)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runner", required=True)
+    parser.add_argument("--guest-dir", required=True)
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=10)
+    parser.add_argument("--builds", type=int, default=2)
+    parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    env = dict(os.environ, SOLSTICE_TEST_GUEST_DIR=os.path.abspath(args.guest_dir))
+    work = tempfile.mkdtemp(prefix="solstice-bench-restore-")
+    os.chmod(work, 0o711)  # QEMU's own user (a root runner's) reaches the state dirs in it
+    raw = {"machine": {"cpus": os.cpu_count(), "accel": "tcg", "kernel": platform.release(),
+                       "load_average_at_start": os.getloadavg(),
+                       "qemu": subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                                              text=True).stdout.splitlines()[0]}}
+    started = now()
+    try:
+        # Template builds, each on an empty state dir.
+        builds = []
+        for i in range(args.builds):
+            state = os.path.join(work, f"build-{i}")
+            t0 = now()
+            done = subprocess.run([args.runner, "template", "build", "--state-dir", state, "--accel", "tcg"],
+                                  env=env, capture_output=True, text=True)
+            wall = now() - t0
+            if done.returncode != 0:
+                sys.exit("restore.py: template build failed:\n" + done.stderr)
+            listed = json.loads(subprocess.run([args.runner, "template", "list", "--json", "--state-dir", state],
+                                               env=env, capture_output=True, text=True).stdout.splitlines()[0])
+            builds.append({"wall_s": wall, "build_ms": listed["build_ms"], "state_bytes": listed["state_bytes"]})
+            if i + 1 < args.builds:
+                shutil.rmtree(state)
+        state = os.path.join(work, f"build-{args.builds - 1}")  # has the template now
+
+        # Cold and restored jobs alternate.
+        pairs = []
+        for i in range(args.pairs):
+            order = ["cold", "restored"] if i % 2 == 0 else ["restored", "cold"]
+            pair = {}
+            for kind in order:
+                job_id = f"{kind}-{i}"
+                wall, first, _ = run_jobs(args.runner, env, state, work, [job_id], kind == "cold")
+                start = result_of(state, job_id).get("start")
+                if start != kind:
+                    sys.exit(f"restore.py: job {job_id} started {start}, not {kind}")
+                pair[kind] = {"wall_s": wall, "first_byte_s": first[job_id]}
+            pairs.append(pair)
+
+        # Restored jobs one at a time: spawn -> first byte of step output.
+        singles = []
+        for i in range(args.jobs):
+            job_id = f"single-{i}"
+            wall, first, _ = run_jobs(args.runner, env, state, work, [job_id], False)
+            singles.append({"wall_s": wall, "first_byte_s": first[job_id]})
+
+        # N restored jobs at once, in one process.
+        config = os.path.join(work, "config.json")
+        with open(config, "w") as f:
+            json.dump({"max_concurrent_vms": args.concurrent}, f)
+        ids = [f"many-{i}" for i in range(args.concurrent)]
+        wall, first, _ = run_jobs(args.runner, env, state, work, ids, False, config)
+        for job_id in ids:
+            if result_of(state, job_id).get("start") != "restored":
+                sys.exit(f"restore.py: {job_id} was not restored")
+        many = {"wall_s": wall, "first_byte_s": [first[j] for j in ids]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = statistics.median
+    ratio = med([p["restored"]["wall_s"] / p["cold"]["wall_s"] for p in pairs])
+    single_p50 = med([s["first_byte_s"] for s in singles])
+    many_p50 = med(many["first_byte_s"])
+    rows = [
+        ("template build (wall, `template build`)", "s", med([b["wall_s"] for b in builds]), None, "-"),
+        ("template build (recorded build_ms)", "s", med([b["build_ms"] / 1000 for b in builds]), None, "-"),
+        ("template state file", "MiB", med([b["state_bytes"] / 2**20 for b in builds]), None, "-"),
+        ("job wall time, cold (no-op step)", "s", med([p["cold"]["wall_s"] for p in pairs]), None, "-"),
+        ("job wall time, restored", "s", med([p["restored"]["wall_s"] for p in pairs]), ratio,
+         "ratio <= 0.25"),
+        ("run -> first byte of step output, cold", "s", med([p["cold"]["first_byte_s"] for p in pairs]), None, "-"),
+        (f"run -> first byte, restored, p50 of {args.jobs}", "s", single_p50, None, "-"),
+        (f"{args.concurrent} restored at once: first byte p50", "s", many_p50, many_p50 / single_p50,
+         "ratio <= 2"),
+        (f"{args.concurrent} restored at once: total wall time", "s", many["wall_s"], None, "-"),
+    ]
+    print(f"{'metric':52} {'unit':5} {'value':>8} {'ratio':>6}  target")
+    for name, unit, value, r, target in rows:
+        print(f"{name:52} {unit:5} {value:8.2f} {'' if r is None else f'{r:6.3f}':>6}  {target}")
+    raw.update({"duration_s": now() - started, "pairs": pairs, "singles": singles, "many": many,
+                "builds": builds,
+                "rows": [{"metric": n, "unit": u, "value": v, "ratio": r, "target": t}
+                         for n, u, v, r, t in rows]})
+    raw["machine"]["load_average_at_end"] = os.getloadavg()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(raw, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+// Restored starts on CAF's deterministic scheduler (job_start.cpp, vm_restore.cpp):
+// the supervisor asks the template keeper, the attempt loads the template's state
+// before anything polls SSH, the clone gets its own identity and the shell is
+// rekeyed before any job file is made, and a refused restore falls back to a cold
+// attempt. The fakes of supervisor_fixture.hpp journal every message.
+#include "tests/actor/supervisor_fixture.hpp"
+
+namespace {
+
+uint64_t first_seq(const fixture& fx, const std::string& actor, const std::string& what,
+                   const std::string& detail = {}) {
+  for (const auto& e : fx.journal)
+    if (e.actor == actor && e.what == what && (detail.empty() || e.detail == detail))
+      return e.seq;
+  return UINT64_MAX;
+}
+
+}  // namespace
+
+TEST_CASE_FIXTURE(fixture, "a restored VM loads the template's state, runs, then SSH; identity and rekey come before the job's files") {
+  keeper_answers = "ready";
+  migrate_polls_active = 2;
+  start(two_step_job());
+  drive();
+  // query-migrate is polled on a timer while the state loads.
+  for (int i = 0; i < 5 && result_count() == 0; ++i) {
+    sched.advance_time(100ms);
+    sched.trigger_timeouts();
+    drive();
+  }
+
+  auto migrate = first_seq(*this, "qmp", "command", "migrate-incoming");
+  auto cont = first_seq(*this, "qmp", "command", "cont");
+  auto ready = first_seq(*this, "ssh", "ready");
+  REQUIRE(migrate != UINT64_MAX);
+  CHECK(first_seq(*this, "keeper", "lookup") < first_seq(*this, "qemu", "prepare"));
+  CHECK(entries("qemu", "prepare")[0].extra == "restore");
+  // The state comes through the descriptor after the console's (fd 3).
+  for (const auto& e : entries("qmp", "command"))
+    if (e.detail == "migrate-incoming")
+      CHECK(e.extra.find("fd:4") != std::string::npos);
+  CHECK(count("qmp", "command") >= 5);  // usernet, migrate-incoming, query-migrate x3, cont
+  CHECK(migrate < first_seq(*this, "qmp", "command", "query-migrate"));
+  CHECK(first_seq(*this, "qmp", "command", "query-migrate") < cont);
+  CHECK(cont < ready);
+  // SSH is first tried with the template's key and host key.
+  CHECK(ready_handle.boot_private_key() == "template-private-key");
+  CHECK(ready_handle.boot_host_key() == "template-host-key");
+
+  // Before any job file: the identity exec (the job's key in its stdin, never the
+  // template's), then the rekey, then the usual set-up.
+  auto execs = entries("ssh", "exec");
+  REQUIRE(execs.size() >= 2);
+  CHECK(execs[0].detail == std::to_string(setup_step));
+  CHECK(execs[0].extra.find("authorized_keys") != std::string::npos);
+  CHECK(execs[0].input.find("ssh-ed25519 JOBKEY job") == 0);
+  CHECK(execs[0].input.find("job-host-key") != std::string::npos);
+  CHECK(execs[0].input.find("template-private-key") == std::string::npos);
+  auto rekey = first_seq(*this, "ssh", "rekey");
+  CHECK(execs[0].seq < rekey);
+  CHECK(rekey < execs[1].seq);
+  CHECK(execs[1].extra.find("mkdir") != std::string::npos);
+
+  auto r = result();
+  CHECK(r.status() == v1::SUCCEEDED);
+  CHECK(r.start() == "restored");
+  CHECK(has_phase(r, "restore"));
+  CHECK_FALSE(has_phase(r, "boot_to_ssh"));
+  CHECK(has_notice_containing("start: restored from template tmpl-1"));
+}
+
+TEST_CASE_FIXTURE(fixture, "a job without a template has it built first, says so, then restores it") {
+  keeper_answers = "build";
+  start(two_step_job());
+  drive();
+  for (int i = 0; i < 5 && result_count() == 0; ++i) {
+    sched.advance_time(100ms);
+    sched.trigger_timeouts();
+    drive();
+  }
+  CHECK(first_seq(*this, "keeper", "lookup") < first_seq(*this, "keeper", "build"));
+  CHECK(first_seq(*this, "keeper", "build") < first_seq(*this, "qemu", "prepare"));
+  CHECK(has_notice_containing("no template yet for image 'test-image'"));
+  auto r = result();
+  CHECK(r.status() == v1::SUCCEEDED);
+  CHECK(r.start() == "restored");
+  CHECK(r.start_note() == "template built first");
+}
+
+TEST_CASE_FIXTURE(fixture, "a restore QEMU refuses marks the template stale and boots cold") {
+  keeper_answers = "ready";
+  restore_refused = true;
+  start(two_step_job());
+  drive();
+  // The refusal is held briefly for a QEMU exit report that would explain it.
+  sched.advance_time(timeouts.attempt.exit_report_grace);
+  sched.trigger_timeouts();
+  drive();
+  for (int i = 0; i < 5 && result_count() == 0; ++i) {
+    sched.advance_time(100ms);
+    sched.trigger_timeouts();
+    drive();
+  }
+  auto prepares = entries("qemu", "prepare");
+  REQUIRE(prepares.size() == 2);
+  CHECK(prepares[0].extra == "restore");
+  CHECK(prepares[1].extra == "cold");
+  // The refused attempt ended whole before the cold one was made.
+  CHECK(first_seq(*this, "qemu", "cleanup") < prepares[1].seq);
+  CHECK(count("qmp", "command") > 0);
+  CHECK(has_notice_containing("restoring template tmpl-1 failed"));
+  CHECK(has_notice_containing("marked stale"));
+  auto r = result();
+  CHECK(r.status() == v1::SUCCEEDED);
+  CHECK(r.start() == "cold");
+  CHECK(r.start_note().rfind("restore failed", 0) == 0);
+  CHECK(has_phase(r, "boot_to_ssh"));
+  // The cold attempt's shell is never rekeyed: its guest has the job's identity.
+  CHECK(count("ssh", "rekey") == 0);
+}
+
+TEST_CASE_FIXTURE(fixture, "snapshots off never asks for a template; a keeper that fails leaves the job to boot cold") {
+  SUBCASE("off") {
+    keeper_answers = "ready";
+    snapshots = "off";
+    start(two_step_job());
+    drive();
+    CHECK(count("keeper", "lookup") == 0);
+    auto r = result();
+    CHECK(r.start() == "cold");
+    CHECK(r.start_note() == "snapshots off");
+  }
+  SUBCASE("the keeper fails") {
+    keeper_answers = "fail";
+    start(two_step_job());
+    drive();
+    auto r = result();
+    CHECK(r.status() == v1::SUCCEEDED);
+    CHECK(r.start() == "cold");
+    CHECK(has_notice_containing("cannot look for a template"));
+    CHECK(entries("qemu", "prepare")[0].extra == "cold");
+  }
+}
