@@ -1,5 +1,7 @@
 #include "runtime/job/guest_commands.hpp"
 
+#include "runtime/ssh/ssh_keys.hpp"
+
 namespace solstice {
 
 std::string make_env_file(const std::map<std::string, std::string>& env,
@@ -114,30 +116,6 @@ echo "solstice: the SSH server did not listen again" >&2
 exit 1
 )SH";
 
-std::string base64_of(const std::string& bytes) {
-  static const char table[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  size_t i = 0;
-  for (; i + 2 < bytes.size(); i += 3) {
-    uint32_t n = (uint8_t(bytes[i]) << 16) | (uint8_t(bytes[i + 1]) << 8) | uint8_t(bytes[i + 2]);
-    for (int s = 18; s >= 0; s -= 6)
-      out += table[(n >> s) & 63];
-  }
-  if (i + 1 == bytes.size()) {
-    uint32_t n = uint8_t(bytes[i]) << 16;
-    out += table[(n >> 18) & 63];
-    out += table[(n >> 12) & 63];
-    out += "==";
-  } else if (i + 2 == bytes.size()) {
-    uint32_t n = (uint8_t(bytes[i]) << 16) | (uint8_t(bytes[i + 1]) << 8);
-    out += table[(n >> 18) & 63];
-    out += table[(n >> 12) & 63];
-    out += table[(n >> 6) & 63];
-    out += '=';
-  }
-  return out;
-}
-
 }  // namespace
 
 std::string identity_command() {
@@ -149,7 +127,7 @@ std::string identity_command() {
 std::string make_identity_input(const GuestIdentity& identity) {
   const int64_t seconds = (identity.unix_now_us + 500000) / 1000000;
   return identity.authorized_key + "\n" + identity.hostname + "\n" + identity.instance_id + "\n" +
-         std::to_string(seconds) + "\n" + base64_of(identity.random_bytes) + "\n" +
+         std::to_string(seconds) + "\n" + base64_encode(identity.random_bytes) + "\n" +
          identity.host_key_private;
 }
 

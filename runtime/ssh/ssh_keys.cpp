@@ -55,14 +55,6 @@ void append_ssh_string(std::string& out, std::string_view bytes) {
   out.append(bytes);
 }
 
-std::string base64(std::string_view bytes) {
-  std::string out(4 * ((bytes.size() + 2) / 3) + 1, '\0');
-  int length = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
-                               reinterpret_cast<const unsigned char*>(bytes.data()),
-                               static_cast<int>(bytes.size()));
-  out.resize(static_cast<std::size_t>(length));
-  return out;
-}
 
 std::string public_blob_of(std::string_view raw_public) {
   std::string blob;
@@ -100,7 +92,7 @@ void encode_private_key(std::string_view raw_public, std::string_view raw_privat
   append_ssh_string(out, section);
 
   SecretBuffer encoded;
-  encoded.bytes = base64(out);
+  encoded.bytes = base64_encode(out);
   pem_out.clear();
   pem_out.reserve(encoded.bytes.size() + encoded.bytes.size() / kPemLineWidth + 80);  // no regrowth copies left behind
   pem_out += "-----BEGIN OPENSSH PRIVATE KEY-----\n";
@@ -148,7 +140,7 @@ Result<SshKeyPair> generate_ed25519(const std::string& comment) {
 
   SshKeyPair pair;
   pair.public_blob = public_blob_of(raw_public);
-  pair.public_line = std::string(kKeyType) + " " + base64(pair.public_blob);
+  pair.public_line = std::string(kKeyType) + " " + base64_encode(pair.public_blob);
   if (!comment.empty()) pair.public_line += " " + comment;
   encode_private_key(raw_public, raw_private.bytes, comment, check, pair.private_openssh);
   return pair;
@@ -182,9 +174,18 @@ Result<void> write_private_key(const SshKeyPair& key, const std::filesystem::pat
 std::string fingerprint_sha256(const std::string& public_blob) {
   std::array<unsigned char, SHA256_DIGEST_LENGTH> digest{};
   SHA256(reinterpret_cast<const unsigned char*>(public_blob.data()), public_blob.size(), digest.data());
-  std::string encoded = base64(std::string_view(reinterpret_cast<const char*>(digest.data()), digest.size()));
+  std::string encoded = base64_encode(std::string_view(reinterpret_cast<const char*>(digest.data()), digest.size()));
   while (!encoded.empty() && encoded.back() == '=') encoded.pop_back();
   return "SHA256:" + encoded;
+}
+
+std::string base64_encode(std::string_view bytes) {
+  std::string out(4 * ((bytes.size() + 2) / 3) + 1, '\0');
+  int length = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                               reinterpret_cast<const unsigned char*>(bytes.data()),
+                               static_cast<int>(bytes.size()));
+  out.resize(static_cast<std::size_t>(length));
+  return out;
 }
 
 }  // namespace solstice

@@ -2,6 +2,7 @@
 // Ephemeral ed25519 key pairs, generated with OpenSSL, in OpenSSH formats.
 #include <filesystem>
 #include <string>
+#include <string_view>
 
 #include "runtime/base/error.hpp"
 
@@ -21,5 +22,8 @@ Result<void> write_private_key(const SshKeyPair& key, const std::filesystem::pat
 
 // "SHA256:..." as ssh-keygen -l prints it.
 std::string fingerprint_sha256(const std::string& public_blob);
+
+// Standard base64 (with padding, no line breaks), by OpenSSL.
+std::string base64_encode(std::string_view bytes);
 
 }  // namespace solstice

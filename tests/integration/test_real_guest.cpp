@@ -4,7 +4,9 @@
 // (about a minute under TCG), and every assertion on that one job: steps, output,
 // exit code, upload and artifact; the user is the one cloud-init created from the
 // seed; the host key the runner pinned is the seed's, also after cloud-init
-// restarted sshd; the first step starts only once cloud-init is done.
+// restarted sshd; the first step starts only once cloud-init is done. Then restored
+// clones of a template of that image, two at once: the identity the runner gives
+// them through OpenSSH (host key, authorized key, hostname, clock).
 // ctest label `real-guest` (doctest suite real_guest), apart from `integration`.
 #include <doctest/doctest.h>
 
@@ -12,9 +14,11 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <regex>
 #include <sstream>
 #include <string>
@@ -26,6 +30,7 @@
 #include "runtime/base/child_process.hpp"
 #include "runtime/base/shell.hpp"
 #include "runtime/job/event_log.hpp"
+#include "runtime/ssh/ssh_keys.hpp"
 #include "solstice.pb.h"
 #include "tests/integration/guest_fixture.hpp"
 
@@ -135,6 +140,14 @@ std::map<std::string, std::string> key_values(const std::string& text) {
   return values;
 }
 
+// The job records of a state dir, by job id.
+std::map<std::string, fs::path> job_records(const fs::path& state_dir) {
+  std::map<std::string, fs::path> records;
+  for (const auto& entry : fs::directory_iterator(state_dir / "jobs"))
+    records[entry.path().filename().string()] = entry.path();
+  return records;
+}
+
 // The ed25519 host public key ("ssh-ed25519 BASE64") in the seed's user-data.
 std::string seed_host_key(const fs::path& iso, const fs::path& scratch) {
   const auto out = scratch / "seed-user-data";
@@ -221,8 +234,9 @@ TEST_CASE("a job on the real cloud image: cloud-init's user and the seed's host 
     {"artifacts", json::array({json{{"path", "/tmp/out/copy.bin"}}})},
   }.dump(2));
 
+  // A cold boot: this case is about real cloud-init at boot (restored clones are below).
   auto run = run_runner({"run", job_file.string(), "--config", config.string(), "--state-dir",
-                         state_dir.string(), "--accel", "tcg"});
+                         state_dir.string(), "--accel", "tcg", "--cold"});
   INFO(run.describe());
   REQUIRE(run.status.has_value());
   // The last step's exit code is the job's.
@@ -287,6 +301,95 @@ TEST_CASE("a job on the real cloud image: cloud-init's user and the seed's host 
   CHECK(processes_mentioning(state_dir.string()).empty());
   std::error_code ec;
   CHECK((!fs::exists(state_dir / "run", ec) || fs::is_empty(state_dir / "run", ec)));
+}
+
+TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host key of each clone's own, only the job's key is authorized, own hostname, the host's clock") {
+  const auto disk = cloud_guest_disk();
+  auto made = TempDir::make("solstice-real-guest-");
+  REQUIRE_MESSAGE(made.has_value(), why(made));
+  TempDir temp = std::move(*made);
+  const auto state_dir = temp.path() / "state";
+  const auto config = temp.path() / "config.json";
+  write_file(config, json{{"boot_timeout_seconds", boot_timeout_seconds},
+                          {"images", json::array({json{{"label", "debian-12-cloud"},
+                                                       {"disk", disk.string()},
+                                                       {"user", "runner"},
+                                                       {"memory_mib", 512}}})}}
+                       .dump(2));
+  const std::vector<std::string> where{"--config", config.string(), "--state-dir", state_dir.string(),
+                                       "--accel", "tcg"};
+  auto with = [&](std::vector<std::string> args) {
+    args.insert(args.end(), where.begin(), where.end());
+    return args;
+  };
+  // The template: a cold boot configured by cloud-init, frozen once cloud-init is done.
+  auto built = run_runner(with({"template", "build", "debian-12-cloud"}));
+  INFO("template build: " << built.describe());
+  REQUIRE(built.exit_code() == 0);
+  std::vector<fs::path> templates;
+  for (const auto& entry : fs::directory_iterator(state_dir / "templates"))
+    if (fs::exists(entry.path() / "manifest.json")) templates.push_back(entry.path());
+  REQUIRE(templates.size() == 1);
+  const auto manifest = json::parse(read_file(templates[0] / "manifest.json"));
+  std::string template_host_blob;
+  const auto hex = manifest.value("host_key_blob", std::string{});
+  for (size_t i = 0; i + 1 < hex.size(); i += 2)
+    template_host_blob += static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16));
+  REQUIRE_FALSE(template_host_blob.empty());
+  const auto template_pub = read_file(templates[0] / "key.pub");
+  const auto template_key = template_pub.substr(template_pub.find(' ') + 1, 68);  // its base64
+
+  // Two clones at once; the clock is read first.
+  const char* identity =
+    "echo NOW=$(date +%s)\n"
+    "echo HOSTKEY=$(cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub)\n"
+    "echo SERVED=$(ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | cut -d' ' -f3)\n"
+    "echo HOSTKEYS=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$')\n"
+    "echo AUTHKEYS=$(cut -d' ' -f2 ~/.ssh/authorized_keys | tr '\\n' ,)\n"
+    "echo HOSTNAME=$(hostname)\n"
+    "echo INSTANCE=$(cat /run/instance-id)\n";
+  std::vector<std::string> args{"run"};
+  for (const char* id : {"cloud-clone-a", "cloud-clone-b"}) {
+    const auto file = temp.path() / (std::string(id) + ".json");
+    write_file(file, json{{"id", id}, {"runs_on", "debian-12-cloud"},
+                          {"steps", json::array({json{{"name", "identity"}, {"script", identity}}})}}
+                       .dump(2));
+    args.push_back(file.string());
+  }
+  auto run = run_runner(with(args));
+  INFO("run: " << run.describe());
+  REQUIRE(run.exit_code() == 0);
+
+  std::map<std::string, std::map<std::string, std::string>> seen;
+  const auto records = job_records(state_dir);
+  for (const char* id : {"cloud-clone-a", "cloud-clone-b"}) {
+    REQUIRE(records.count(id) == 1);
+    v1::JobResult result;
+    REQUIRE(google::protobuf::util::JsonStringToMessage(read_file(records.at(id) / "result.json"), &result).ok());
+    CHECK(result.status() == v1::SUCCEEDED);
+    CHECK(result.start() == "restored");
+    auto events = read_event_log(records.at(id) / "events.jsonl");
+    REQUIRE_MESSAGE(events.has_value(), why(events));
+    auto& values = seen[id] = key_values(step_output(*events, 0, v1::STDOUT));
+    int64_t host_s = 0;
+    for (const auto& event : *events)
+      if (event.has_output() && !host_s) host_s = event.timestamp_us() / 1000000;
+    INFO(id << ": " << step_output(*events, 0, v1::STDOUT));
+    CHECK(std::llabs(std::stoll(values["NOW"]) - host_s) <= 2);
+    // sshd serves the key in /etc/ssh (reloaded), the only one, not the template's.
+    CHECK(values["HOSTKEY"].size() > 40);
+    CHECK(values["SERVED"] == values["HOSTKEY"]);
+    CHECK(values["HOSTKEYS"] == "1");
+    CHECK(values["HOSTKEY"] != base64_encode(template_host_blob));
+    // Only the job's own key is authorized; the template's is gone.
+    CHECK(std::count(values["AUTHKEYS"].begin(), values["AUTHKEYS"].end(), ',') == 1);
+    CHECK_FALSE(contains(values["AUTHKEYS"], template_key));
+    CHECK(values["HOSTNAME"] == std::string("solstice-") + id);
+    CHECK(values["INSTANCE"] == std::string("solstice-") + id);
+  }
+  CHECK(seen["cloud-clone-a"]["HOSTKEY"] != seen["cloud-clone-b"]["HOSTKEY"]);
+  CHECK(seen["cloud-clone-a"]["AUTHKEYS"] != seen["cloud-clone-b"]["AUTHKEYS"]);
+  CHECK(processes_mentioning(state_dir.string()).empty());
 }
 
 }  // TEST_SUITE
