@@ -76,6 +76,7 @@ owner=$(stat -c %u:%g "$(dirname "$keys")" 2>/dev/null || echo 0:0)
 printf '%s\n' "$authorized_key" >"$keys.solstice-new"
 chown "$owner" "$keys.solstice-new"
 mv -f "$keys.solstice-new" "$keys"
+umask 022  # hostname and instance id are for everyone to read
 date -u -s "@$now" >/dev/null
 printf '%s' "$random" | base64 -d >/dev/urandom
 if command -v perl >/dev/null 2>&1; then
@@ -87,6 +88,7 @@ echo "$new_hostname" >/etc/hostname
 if [ -w /etc/hosts ]; then sed -i "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1	$new_hostname/" /etc/hosts; fi
 echo "$instance_id" >/run/instance-id
 if [ -d /var/lib/cloud/data ]; then echo "$instance_id" >/var/lib/cloud/data/instance-id; fi
+umask 077
 cat >/run/solstice-host-key
 listening() { grep -q '^ *[0-9]*: [0-9A-F]*:0016 [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null; }
 if [ -d /etc/dropbear ] && command -v dropbear >/dev/null 2>&1; then
@@ -105,6 +107,7 @@ elif [ -d /etc/ssh ]; then
 	install -m 0600 /run/solstice-host-key /etc/ssh/ssh_host_ed25519_key
 	rm -f /run/solstice-host-key
 	ssh-keygen -y -f /etc/ssh/ssh_host_ed25519_key >/etc/ssh/ssh_host_ed25519_key.pub
+	chmod 0644 /etc/ssh/ssh_host_ed25519_key.pub  # public, as sshd's own are
 	# sshd re-reads its host keys for every new connection after SIGHUP.
 	if [ -s /run/sshd.pid ]; then kill -HUP "$(cat /run/sshd.pid)"; else systemctl reload ssh sshd 2>/dev/null; fi
 else

@@ -347,7 +347,8 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
     "echo HOSTKEYS=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$')\n"
     "echo AUTHKEYS=$(cut -d' ' -f2 ~/.ssh/authorized_keys | tr '\\n' ,)\n"
     "echo HOSTNAME=$(hostname)\n"
-    "echo INSTANCE=$(cat /run/instance-id)\n";
+    "echo INSTANCE=$(cat /run/instance-id)\n"
+    "echo CLOUD_INSTANCE=$(cat /var/lib/cloud/data/instance-id)\n";
   std::vector<std::string> args{"run"};
   for (const char* id : {"cloud-clone-a", "cloud-clone-b"}) {
     const auto file = temp.path() / (std::string(id) + ".json");
@@ -386,6 +387,7 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
     CHECK_FALSE(contains(values["AUTHKEYS"], template_key));
     CHECK(values["HOSTNAME"] == std::string("solstice-") + id);
     CHECK(values["INSTANCE"] == std::string("solstice-") + id);
+    CHECK(values["CLOUD_INSTANCE"] == std::string("solstice-") + id);
   }
   CHECK(seen["cloud-clone-a"]["HOSTKEY"] != seen["cloud-clone-b"]["HOSTKEY"]);
   CHECK(seen["cloud-clone-a"]["AUTHKEYS"] != seen["cloud-clone-b"]["AUTHKEYS"]);
