@@ -45,7 +45,11 @@ Result<void> make_missing_dirs(const fs::path& dir) {
     partial /= part;
     if (fs::is_directory(partial, ec))
       continue;
-    if (::mkdir(partial.c_str(), 0700) != 0 && errno != EEXIST)
+    // Directories above `dir` get search permission for others, never read: QEMU's
+    // user must pass through them to its work directory (a state dir the runner
+    // makes under a new /tmp/x would otherwise be unreachable), and nobody can list them.
+    const mode_t mode = partial == dir ? 0700 : 0711;
+    if (::mkdir(partial.c_str(), mode) != 0 && errno != EEXIST)
       return fail(errno_message("cannot create directory " + partial.string(), errno));
   }
   return {};

@@ -184,3 +184,17 @@ TEST_CASE("claiming a job keeps state_dir/run searchable for the VMs of jobs alr
   for (const auto& dir : {state.path, run})
     CHECK((fs::status(dir).permissions() & fs::perms::others_exec) == fs::perms::others_exec);
 }
+
+TEST_CASE("directories the runner makes above a state dir are searchable, not listable, by others") {
+  // QEMU's user must pass through them to its work directory; a state dir named
+  // under a directory that does not exist yet (e.g. --state-dir /tmp/new/state) works.
+  test::TempDir top;
+  const auto state = top.path / "new" / "state";
+  const auto config = config_in(state);
+  auto claim = JobClaim::take(config, "job-1", false);
+  REQUIRE(claim);
+  const auto others = [](const fs::path& dir) { return fs::status(dir).permissions() & fs::perms::others_all; };
+  CHECK(others(top.path / "new") == fs::perms::others_exec);
+  CHECK(others(state) == fs::perms::others_exec);
+  CHECK(others(job_dir_for(config, "job-1")) == fs::perms::none);
+}
