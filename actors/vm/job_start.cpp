@@ -47,13 +47,19 @@ void restore(supervisor_pointer self, v1::ImageSpec image, const std::string& no
   // A clone runs on what its template ran on (TCG when "auto" found KVM unusable).
   // (One small file read, like mark_stale's write.)
   TemplateStore store(st.config.state_dir());
+  const auto wanted = resolve_accel(st.config.accel(), st.config.kvm_device());
+  std::string accel;
   if (auto info = store.find_ready(st.image.restore_from().template_id()); info && info->inputs.is_object())
-    if (auto accel = info->inputs.value("accel", std::string{}); !accel.empty())
-      st.config.set_accel(accel);
+    accel = info->inputs.value("accel", std::string{});
+  if (!accel.empty())
+    st.config.set_accel(accel);
   st.result.set_start("restored");
   st.result.set_start_note(note);
   notice(self, "start: restored from template " + st.image.restore_from().template_id() +
                  (note.empty() ? std::string{} : " (" + note + ")"));
+  if (wanted == "kvm" && accel == "tcg")
+    notice(self, "the template runs on TCG, which is slower: KVM could not run this guest when "
+                 "the template was built (`solstice-runner template build --accel kvm` says why)");
   start_attempt(self);
 }
 

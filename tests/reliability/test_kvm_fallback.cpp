@@ -130,6 +130,34 @@ TEST_CASE("KVM fallback: QEMU stops the VM on KVM as on an internal error; auto 
   check_falls_back(KvmFailure::stop_vm);
 }
 
+TEST_CASE("KVM fallback with templates: the template is built on TCG, the job restores it and "
+          "says it runs on TCG, the next job restores without trying KVM again") {
+  REQUIRE_MESSAGE(test_guest_problem().empty(), test_guest_problem());
+  Sandbox sandbox;
+  auto wrapper = write_kvm_failure_wrapper(sandbox, KvmFailure::abort_at_once);
+  auto config = write_kvm_config(sandbox, wrapper, "auto");
+  for (const std::string id : {"kvm-template-1", "kvm-template-2"}) {
+    auto job = sandbox.write_json(id + ".json", guest_job(id, {"echo step-ran"}));
+    auto runner = run_to_end(sandbox.snapshot_run_args(job, "auto", config), run_allowance);
+    INFO(id << ":\n" << runner.output() << "\n--- wrapper log:\n" << read_wrapper_log(sandbox).text);
+    REQUIRE(runner.exited());
+    CHECK(runner.wait(0ms)->code == 0);
+    auto result = sandbox.result(id);
+    REQUIRE(result);
+    CHECK(result->status() == v1::SUCCEEDED);
+    CHECK(result->start() == "restored");
+    CHECK(contains(sandbox.step_output(id, 0), "step-ran"));
+    bool said_tcg = false;
+    for (const auto& event : sandbox.events(id))
+      said_tcg |= event.has_notice() && contains(event.notice().message(), "template runs on TCG");
+    CHECK_MESSAGE(said_tcg, "no notice that the restored job runs on TCG");
+  }
+  // KVM was tried once (the first template build), then never again.
+  auto log = read_wrapper_log(sandbox);
+  CHECK(std::count(log.accels.begin(), log.accels.end(), "kvm") == 1);
+  check_nothing_left(sandbox);
+}
+
 TEST_CASE("KVM explicit: QEMU aborts at once on KVM; the job fails at once, exit 125, naming "
           "KVM and the way out") {
   REQUIRE_MESSAGE(test_guest_problem().empty(), test_guest_problem());
