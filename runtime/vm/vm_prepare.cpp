@@ -48,7 +48,7 @@ Result<void> make_missing_dirs(const fs::path& dir) {
     // Directories above `dir` get search permission for others, never read: QEMU's
     // user must pass through them to its work directory (a state dir the runner
     // makes under a new /tmp/x would otherwise be unreachable), and nobody can list them.
-    const mode_t mode = partial == dir ? 0700 : 0711;
+    const mode_t mode = partial == dir ? 0700 : 0701;
     if (::mkdir(partial.c_str(), mode) != 0 && errno != EEXIST)
       return fail(errno_message("cannot create directory " + partial.string(), errno));
   }

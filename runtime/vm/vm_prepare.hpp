@@ -31,11 +31,11 @@ std::filesystem::path console_record_path(const v1::VmHandle& handle);
 // The guest's hostname for a job: "solstice-" and the job id's letters and digits.
 std::string guest_hostname(const std::string& job_id);
 
-// Creates `dir` (mode 0700) and missing parents (0711: searchable, not listable),
+// Creates `dir` (mode 0700) and missing parents (0701: searchable, not listable),
 // then sets `dir` itself to 0700.
 Result<void> make_private_dir(const std::filesystem::path& dir);
 
-// Creates `dir` (0700) and missing parents (0711); leaves existing ones as they are
+// Creates `dir` (0700) and missing parents (0701); leaves existing ones as they are
 // (state_dir and state_dir/run carry o+x for QEMU's user, see qemu_user.hpp, and a
 // VM starting meanwhile needs it).
 Result<void> make_missing_dirs(const std::filesystem::path& dir);
