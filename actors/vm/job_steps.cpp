@@ -264,6 +264,14 @@ static void create_job_files(supervisor_pointer self);
 // runs it gets its own (the job's key only, a new host key, the host's clock, a
 // reseeded RNG, hostname, instance id), and the shell reconnects with the job's key
 // and checks the new host key.
+// The set-up, the identity and the reconnect belong to bringing the VM up: each
+// gets the boot's time (boot_timeout_seconds), at least a minute. Eight clones
+// restoring at once on two TCG cores need minutes for what takes a second alone.
+static uint32_t bring_up_timeout_ms(const job_supervisor_state& st) {
+  const uint32_t boot_seconds = st.config.boot_timeout_seconds() ? st.config.boot_timeout_seconds() : 300;
+  return std::max<uint32_t>(60, boot_seconds) * 1000;
+}
+
 static void give_fresh_identity(supervisor_pointer self) {
   auto& st = self->state;
   begin_phase(self, "identity");
@@ -275,7 +283,7 @@ static void give_fresh_identity(supervisor_pointer self) {
   identity.random_bytes = host_random_bytes(64);
   identity.unix_now_us = unix_now_us();
   self->request(st.shell, st.timeouts.transfer, exec_atom::value, runner_setup_step,
-                identity_command(), make_identity_input(identity), uint32_t{60000})
+                identity_command(), make_identity_input(identity), bring_up_timeout_ms(st))
     .then(
       [=](v1::StepResult& result) {
         auto& st = self->state;
@@ -285,7 +293,7 @@ static void give_fresh_identity(supervisor_pointer self) {
           return infrastructure_error(
             self, "cannot give the restored guest its own identity (exit code " +
                     std::to_string(result.exit_code()) + ")");
-        self->request(st.shell, st.timeouts.transfer, rekey_atom::value, st.vm, uint32_t{60000})
+        self->request(st.shell, st.timeouts.transfer, rekey_atom::value, st.vm, bring_up_timeout_ms(self->state))
           .then(
             [=](ok_atom) {
               if (self->state.phase != phase::setup)
@@ -330,12 +338,9 @@ static void create_job_files(supervisor_pointer self) {
   std::map<std::string, std::string> env(st.job.env().begin(), st.job.env().end());
   env["SOLSTICE_JOB_ID"] = st.job.id();
   std::map<std::string, std::string> secrets(st.job.secrets().begin(), st.job.secrets().end());
-  // The set-up waits for cloud-init to finish, which belongs to the boot: it gets
-  // the boot's time (boot_timeout_seconds), at least a minute.
-  const uint32_t boot_seconds = st.config.boot_timeout_seconds() ? st.config.boot_timeout_seconds() : 300;
-  const uint32_t setup_timeout_ms = std::max<uint32_t>(60, boot_seconds) * 1000;
+  // The set-up waits for cloud-init to finish, which belongs to the boot.
   self->request(st.shell, st.timeouts.transfer, exec_atom::value, runner_setup_step,
-                setup_command(dirs), make_env_file(env, secrets), setup_timeout_ms)
+                setup_command(dirs), make_env_file(env, secrets), bring_up_timeout_ms(st))
     .then(
       [=](v1::StepResult& result) {
         auto& st = self->state;

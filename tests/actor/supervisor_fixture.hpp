@@ -203,6 +203,7 @@ struct fixture {
   std::vector<entry> uploads;  // detail = remote path, extra = content
   v1::VmHandle ready_handle;   // what `ready` was given
   uint64_t acked_bytes = 0;    // output bytes the supervisor acknowledged
+  std::vector<uint32_t> exec_timeouts_ms;  // each exec's own timeout, in order
   std::optional<caf::error> tailer_exit_reason;
   bool supervisor_exited = false;
   bool tailer_down_seen = false;
@@ -597,8 +598,8 @@ fake_tailer_actor::behavior_type fake_tailer(fake_tailer_actor::pointer self, fi
 template <class... Handlers>
 fake_ssh_actor::behavior_type ssh_behavior(fixture* fx, Handlers... handlers) {
   return {handlers..., [=](ack_atom, uint64_t bytes) { fx->acked_bytes += bytes; },
-          [=](rekey_atom, const v1::VmHandle& handle, uint32_t) -> caf::result<ok_atom> {
-            fx->note("ssh", "rekey", std::to_string(handle.ssh_port()));
+          [=](rekey_atom, const v1::VmHandle& handle, uint32_t timeout_ms) -> caf::result<ok_atom> {
+            fx->note("ssh", "rekey", std::to_string(handle.ssh_port()), std::to_string(timeout_ms));
             return ok_atom::value;
           }};
 }
@@ -643,8 +644,9 @@ fake_ssh_actor::behavior_type fake_ssh(fake_ssh_actor::pointer self, fixture* fx
       return ok_atom::value;
     },
     [=](exec_atom, uint32_t step, const std::string& command, const std::string& input,
-        uint32_t) {
+        uint32_t timeout_ms) {
       fx->note("ssh", "exec", std::to_string(step), command, input);
+      fx->exec_timeouts_ms.push_back(timeout_ms);
       auto rp = self->make_response_promise<v1::StepResult>();
       if (fx->ssh_broken) {
         rp.deliver(caf::make_error(runner_errc::ssh_failed, "connection reset"));

@@ -60,6 +60,13 @@ TEST_CASE_FIXTURE(fixture, "a restored VM loads the template's state, runs, then
   CHECK(execs[0].seq < rekey);
   CHECK(rekey < execs[1].seq);
   CHECK(execs[1].extra.find("mkdir") != std::string::npos);
+  // Identity, reconnect and set-up get the boot's time (120 s here), not a fixed
+  // minute: clones restoring together on a loaded host need it.
+  REQUIRE(exec_timeouts_ms.size() >= 2);
+  CHECK(exec_timeouts_ms[0] == 120000);
+  CHECK(exec_timeouts_ms[1] == 120000);
+  for (const auto& e : entries("ssh", "rekey"))
+    CHECK(e.extra == "120000");
 
   auto r = result();
   CHECK(r.status() == v1::SUCCEEDED);
