@@ -237,6 +237,20 @@ void dispatch(coordinator_pointer self, const std::string& job_id, const caf::ac
             // Already settled otherwise (node lost, cancelled, ...).
             if (i == self->state.jobs.end() || i->second.dispatch != dispatch_id)
               return;
+            // Busy: the node has not yet freed the slot of a job whose result came
+            // already. The job goes back to the front of the queue, not counted as
+            // an attempt; the next tick (1 s) dispatches it again.
+            if (err == runner_errc::node_unavailable && i->second.submitter) {
+              auto& job = i->second;
+              end_dispatch(self, job);
+              job.attempts -= std::min(job.attempts, 1u);
+              job.state = "QUEUED";
+              notice(self, job, "node " + name + " did not take the job yet (" +
+                                  error_text(err) + "); it waits in the queue");
+              auto& queue = self->state.queue;
+              queue.insert(queue.begin(), job_id);
+              return;
+            }
             // A refusal for what the job asks is the submitter's to fix (exit 2);
             // anything else (busy, lost, no answer) is the cluster's.
             auto refused = err == runner_errc::invalid_input;
@@ -609,6 +623,7 @@ coordinator_actor::behavior_type coordinator(coordinator_pointer self,
                                    st.options.queue_timeout)
                                    .count()) +
                   " s of queueing");
+      dispatch_queued(self);  // e.g. a job a busy node gave back
       self->delayed_send(self, st.options.tick_interval, tick_atom::value);
     },
   };

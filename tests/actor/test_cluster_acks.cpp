@@ -252,3 +252,63 @@ TEST_CASE_FIXTURE(acks_fixture, "the coordinator answers a node's output once it
   CHECK(log->other.empty());
   (void)client;
 }
+
+TEST_CASE_FIXTURE(acks_fixture, "a job a busy node refuses goes back to the queue, no attempt "
+                                "spent, and is dispatched again on the next tick") {
+  coordinator_options options;
+  options.tick_interval = 1s;
+  auto coordinator = keep(sys.spawn(solstice::coordinator, options));
+  auto held = std::make_shared<held_sink>();
+  auto submitter_actor = keep(sys.spawn(holding_sink, held));
+  auto submitter_sink = caf::actor_cast<event_sink_actor>(submitter_actor);
+
+  // A node that still counts a finished job's slot the first time it is asked
+  // (its supervisor has not gone yet), and takes the job the second time.
+  auto asked = std::make_shared<int>(0);
+  auto fake_node = keep(sys.spawn([asked]() -> runner_node_actor::behavior_type {
+    return {
+      [asked](run_job_atom, const v1::JobSpec&, event_sink_actor) -> caf::result<ok_atom> {
+        if (++*asked == 1)
+          return caf::make_error(runner_errc::node_unavailable,
+                                 "node node-1 is busy (1 of 1 slots used)");
+        return ok_atom::value;
+      },
+      [](cancel_atom, const std::string&) {},
+      [](stop_atom) {},
+      [](event_atom, v1::JobEvent&) {},
+    };
+  }));
+  node_offer offer;
+  offer.name = "node-1";
+  offer.slots = 1;
+  v1::JobSpec spec;
+  spec.set_id("job-1");
+  spec.add_steps()->set_script("true");
+  auto client = keep(sys.spawn([=](caf::event_based_actor* self) {
+    self->request(coordinator, caf::infinite, join_atom::value, offer, fake_node)
+      .then([=](ok_atom) {
+        self->request(coordinator, caf::infinite, submit_atom::value, spec, submitter_sink)
+          .then([](const std::string&) {});
+      });
+  }));
+  drive();
+  REQUIRE(*asked == 1);
+  auto said = [&](const std::string& text) {
+    for (auto& event : held->events)
+      if (event.has_notice() && event.notice().message().find(text) != std::string::npos)
+        return true;
+    return false;
+  };
+  for (auto& event : held->events)
+    CHECK_FALSE(event.has_result());  // not ended as an infrastructure error
+  CHECK(said("did not take the job yet"));
+
+  sched.advance_time(1s);
+  sched.trigger_timeouts();
+  drive();
+  CHECK(*asked == 2);
+  for (auto& event : held->events)
+    CHECK_FALSE(event.has_result());
+  CHECK(said("dispatched to node node-1 (attempt 1 of 1)"));
+  (void)client;
+}
