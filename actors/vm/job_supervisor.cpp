@@ -179,7 +179,12 @@ void shut_down_vm(supervisor_pointer self) {
   if (!st.attempt)
     return finish(self, "none");
   auto limit = seconds(std::max<uint32_t>(st.config.powerdown_timeout_seconds(), 1) + 120);
-  self->request(st.attempt, limit, shutdown_atom::value, true)
+  // A restored clone is quit, not powered down: its disk is thrown away and its
+  // output and artifacts are in already, so the guest has nothing to save, and an
+  // ACPI power-down of an emulated guest costs seconds of the job's wall time.
+  // A cold boot keeps the graceful power-down of the design's decision.
+  const bool graceful = st.vm.incoming_state().empty();
+  self->request(st.attempt, limit, shutdown_atom::value, graceful)
     .then([=](std::string& method) { finish(self, method); },
           [=](caf::error& err) {
             auto& st = self->state;

@@ -74,6 +74,10 @@ TEST_CASE_FIXTURE(fixture, "a restored VM loads the template's state, runs, then
   CHECK(has_phase(r, "restore"));
   CHECK_FALSE(has_phase(r, "boot_to_ssh"));
   CHECK(has_notice_containing("start: restored from template tmpl-1"));
+  // A clone is quit, never powered down: its disk is thrown away.
+  CHECK(r.shutdown_method() == "quit");
+  for (const auto& e : entries("qmp", "command"))
+    CHECK(e.detail != "system_powerdown");
 }
 
 TEST_CASE_FIXTURE(fixture, "a job without a template has it built first, says so, then restores it") {

@@ -154,6 +154,7 @@ TEST_SUITE("templates") {
     CHECK(has_phase(*result, "restore"));
     CHECK_FALSE(has_phase(*result, "boot_to_ssh"));
     CHECK(has_phase(*result, "identity"));
+    CHECK(result->shutdown_method() == "quit");  // a clone's disk is thrown away
     CHECK(sandbox.step_output("restored", 0) == "step ran\nsolstice-restored\n");
     CHECK(any_contains(sandbox.notices("restored"), "start: restored from template " + id));
     CHECK(contains(run.out(), "restored from template"));  // the terminal says it too
