@@ -57,9 +57,13 @@ void restore(supervisor_pointer self, v1::ImageSpec image, const std::string& no
   st.result.set_start_note(note);
   notice(self, "start: restored from template " + st.image.restore_from().template_id() +
                  (note.empty() ? std::string{} : " (" + note + ")"));
-  if (wanted == "kvm" && accel == "tcg")
+  if (wanted == "kvm" && accel == "tcg") {
+    const auto& why = st.image.restore_from().kvm_unusable_reason();
     notice(self, "the template runs on TCG, which is slower: KVM could not run this guest when "
-                 "the template was built (`solstice-runner template build --accel kvm` says why)");
+                 "the template was built" +
+                   (why.empty() ? std::string{" (`solstice-runner template build --accel kvm` says why)"}
+                                : ": " + why));
+  }
   start_attempt(self);
 }
 

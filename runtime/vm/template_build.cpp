@@ -309,8 +309,14 @@ Result<std::optional<v1::RestoreFrom>> find_template(const v1::ImageSpec& image,
   if (!store.find_ready(key->id)) {
     const bool automatic = config.accel().empty() || config.accel() == "auto";
     // The KVM template could not be built lately: "auto" uses the TCG one.
-    if (accel == "kvm" && automatic && store.recent_failed_build(key->id, failed_build_pause_us))
-      return find_template(image, config, "tcg");
+    if (accel == "kvm" && automatic) {
+      if (auto failed = store.recent_failed_build(key->id, failed_build_pause_us)) {
+        auto on_tcg = find_template(image, config, "tcg");
+        if (on_tcg && *on_tcg)
+          (*on_tcg)->set_kvm_unusable_reason("the KVM template's " + *failed);
+        return on_tcg;
+      }
+    }
     return std::optional<v1::RestoreFrom>{};
   }
   auto from = store.restore_spec(key->id);
@@ -333,6 +339,7 @@ Result<EnsuredTemplate> ensure_template(const v1::ImageSpec& image, const v1::Ru
   auto on_tcg = ensure_on(image, config, "tcg", on_build, retry_failed);
   if (!on_tcg)
     return fail(ensured.error().message + "; on TCG: " + on_tcg.error().message);
+  on_tcg->restore.set_kvm_unusable_reason(ensured.error().message);
   return on_tcg;
 }
 

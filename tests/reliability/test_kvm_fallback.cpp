@@ -147,10 +147,13 @@ TEST_CASE("KVM fallback with templates: the template is built on TCG, the job re
     CHECK(result->status() == v1::SUCCEEDED);
     CHECK(result->start() == "restored");
     CHECK(contains(sandbox.step_output(id, 0), "step-ran"));
-    bool said_tcg = false;
+    std::string said_tcg;
     for (const auto& event : sandbox.events(id))
-      said_tcg |= event.has_notice() && contains(event.notice().message(), "template runs on TCG");
-    CHECK_MESSAGE(said_tcg, "no notice that the restored job runs on TCG");
+      if (event.has_notice() && contains(event.notice().message(), "template runs on TCG"))
+        said_tcg = event.notice().message();
+    CHECK_MESSAGE(!said_tcg.empty(), "no notice that the restored job runs on TCG");
+    // ... and why: what QEMU said when the KVM template's build failed.
+    CHECK_MESSAGE(contains(said_tcg, "kvm_buf_set_msrs"), said_tcg);
   }
   // KVM was tried once (the first template build), then never again.
   auto log = read_wrapper_log(sandbox);
