@@ -158,6 +158,7 @@ int amqp_node_command(const NodeOptions& options) {
   BlockedSignals signals;
   caf::actor_system_config cfg;
   add_runner_types(cfg);
+  use_sleeping_scheduler(cfg);
   caf::actor_system sys{cfg};
   auto outbox = std::make_shared<EventOutbox>();
   auto sink = sys.spawn(event_outbox_sink, outbox);

@@ -179,6 +179,7 @@ int amqp_submit_command(const SubmitOptions& options) {
   }
   caf::actor_system_config cfg;
   add_runner_types(cfg);
+  use_sleeping_scheduler(cfg);
   caf::actor_system sys{cfg};
   auto result = std::make_shared<std::optional<v1::JobResult>>();
   auto result_mutex = std::make_shared<std::mutex>();
