@@ -51,7 +51,7 @@ class AmqpSession {
 
   std::optional<int> run(BlockedSignals& signals) {
     for (;;) {
-      auto frame = client_.next(50ms);
+      auto frame = client_.next(jobs_.next_look());
       if (!frame)
         return lose_connection(frame.error().message);
       if (auto* delivery = std::get_if<amqp::Delivery>(&*frame))

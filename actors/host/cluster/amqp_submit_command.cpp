@@ -75,8 +75,8 @@ Following follow_job(amqp::Client& client, amqp::JobFollower& follower, caf::sco
       auto verdict = follower.accept(*delivery);
       if (!verdict.note.empty())
         say("solstice-runner: %s\n", verdict.note);
-      if (verdict.event)
-        self->send(printer, event_atom::value, std::move(*verdict.event));
+      for (auto& event : verdict.events)
+        self->send(printer, event_atom::value, std::move(event));
       (void)client.ack(delivery->tag);
     }
     auto printer_done = false;
