@@ -75,7 +75,7 @@ void AmqpNodeJobs::take(amqp::Client& client, const amqp::Delivery& delivery) {
   }
   auto job = parse_job_json(delivery.body, "message", {});
   if (!job)
-    return dead_letter(client, delivery, job.error().message);
+    return dead_letter(client, delivery, job.error().message, v1::INVALID_INPUT);
   if (job->id().empty())
     job->set_id(make_job_id());
   if (auto i = jobs_.find(job->id()); i != jobs_.end()) {
@@ -108,16 +108,24 @@ void AmqpNodeJobs::start_waiting(amqp::Client& client) {
 
 void AmqpNodeJobs::start(amqp::Client& client, const amqp::Delivery& delivery, v1::JobSpec job) {
   std::string refused;
+  bool invalid = false;
   self_->request(node_, std::chrono::milliseconds(60s), run_job_atom::value, job, sink_)
-    .receive([](ok_atom) {}, [&](caf::error& err) { refused = error_text(err); });
+    .receive([](ok_atom) {},
+             [&](caf::error& err) {
+               refused = error_text(err);
+               invalid = err == runner_errc::invalid_input;
+             });
   if (refused.find(" is busy (") != std::string::npos) {
     // A job that just answered still holds its slot for a moment: try again.
     waiting_.push_front(delivery);
     retry_at_ = std::chrono::steady_clock::now() + 200ms;
     return;
   }
+  // A refusal for what the job asks is its submitter's to fix (exit 2), as
+  // with a coordinator; anything else is the node's.
   if (!refused.empty())
-    return dead_letter(client, delivery, refused);
+    return dead_letter(client, delivery, refused,
+                       invalid ? v1::INVALID_INPUT : v1::INFRASTRUCTURE_ERROR);
   auto document = nlohmann::json::parse(delivery.body, nullptr, false);
   jobs_[job.id()] = Job{delivery.tag,
                         delivery.redelivered,
@@ -129,10 +137,12 @@ void AmqpNodeJobs::start(amqp::Client& client, const amqp::Delivery& delivery, v
   announce("job " + job.id() + " taken" + (delivery.redelivered ? " (redelivered)" : ""));
 }
 
-// Not a job: copied to the dead-letter queue with the reason, then
-// acknowledged once the copy is confirmed (never requeued).
+// Not a job this node can run: copied to the dead-letter queue with the reason,
+// then acknowledged once the copy is confirmed (never requeued). A message that
+// names its job (an id) is answered too, with a result of `status`, so whoever
+// follows the job learns why instead of waiting for a result that never comes.
 void AmqpNodeJobs::dead_letter(amqp::Client& client, const amqp::Delivery& delivery,
-                               const std::string& reason) {
+                               const std::string& reason, v1::JobStatus status) {
   say("solstice-runner: %s\n",
       "a message is not a valid job, moved to the dead-letter queue: " + reason);
   amqp::Message copy;
@@ -149,6 +159,23 @@ void AmqpNodeJobs::dead_letter(amqp::Client& client, const amqp::Delivery& deliv
     return;
   }
   unconfirmed_[*seq] = Unconfirmed{{}, delivery.tag};
+
+  auto document = nlohmann::json::parse(delivery.body, nullptr, false);
+  const bool request = document.is_object() && is_job_request(document);
+  const auto id_field = request ? "request_id" : "id";
+  if (!document.is_object() || !document.contains(id_field) || !document[id_field].is_string() ||
+      document[id_field].get<std::string>().empty())
+    return;
+  const auto job_id = document[id_field].get<std::string>();
+  const Job job{std::nullopt,
+                delivery.redelivered,
+                true,
+                delivery.correlation_id.empty() ? job_id : delivery.correlation_id,
+                node_name_ + "/" + std::to_string(unix_now_us()),
+                request ? document : nlohmann::json{}};
+  auto answer = stand_in_result(job_id, 0, status, "node " + node_name_ + " refused the job: " + reason);
+  if (auto result = client.publish(result_message(answer, job)))
+    unconfirmed_[*result].events.push_back(std::move(answer));
 }
 
 std::map<std::string, std::string> AmqpNodeJobs::headers_for(const Job& job) const {

@@ -99,7 +99,7 @@ class AmqpNodeJobs {
 
   void start(amqp::Client& client, const amqp::Delivery& delivery, v1::JobSpec job);
   void dead_letter(amqp::Client& client, const amqp::Delivery& delivery,
-                   const std::string& reason);
+                   const std::string& reason, v1::JobStatus status);
   // A job whose result the broker confirmed: acknowledged if its delivery is
   // known, else remembered for when the broker delivers it here again.
   void answered(amqp::Client& client, const std::string& job_id);
