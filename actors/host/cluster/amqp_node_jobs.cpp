@@ -21,11 +21,12 @@ namespace {
 constexpr size_t confirm_window = 256;
 
 // One message of events: at most this much JSON (output grows by a third in
-// base64). A job's events go at once while none of its messages waits for a
-// confirm; while one does, they gather (a persistent message costs the broker
-// far more than its bytes: 800 messages of one event each took it 1.1-1.3 s of
-// CPU for a 16 MiB step, 120-200 batches 0.3 s), but for at most batch_hold
-// after the oldest was made (README, "Runner nodes on RabbitMQ").
+// base64). A job's events go at once when its last message went out at least
+// batch_hold ago (a lone line is not held), else they gather until then: a
+// persistent message costs the broker far more than its bytes (about 1.3 ms of
+// its CPU each: a 16 MiB step sent as ~1000 messages of one event took it 1.3 s
+// of CPU, more than a fifth of a core beside the guest), and a flood now goes
+// out in 25 messages a second (README, "Runner nodes on RabbitMQ").
 constexpr uint64_t max_batch_bytes = 256 * 1024;
 constexpr auto batch_hold = std::chrono::milliseconds(40);
 // How often the loop looks at the outbox while jobs run (a frame wakes it too).
@@ -34,17 +35,6 @@ const char* const events_content_type = "application/x-ndjson";
 
 uint64_t estimated_line_bytes(const v1::JobEvent& event) {
   return held_bytes_of(event) * 4 / 3 + 256;
-}
-
-// What is left of an event's hold, from the time it was made (an event without
-// one, or from a clock that went back, has none left).
-std::chrono::milliseconds hold_left(const v1::JobEvent& event) {
-  const auto made_us = static_cast<int64_t>(event.timestamp_us());
-  const auto age_us = static_cast<int64_t>(unix_now_us()) - made_us;
-  if (made_us <= 0 || age_us < 0)
-    return 0ms;
-  const auto hold_us = std::chrono::duration_cast<std::chrono::microseconds>(batch_hold).count();
-  return std::chrono::milliseconds(age_us >= hold_us ? 0 : (hold_us - age_us + 999) / 1000);
 }
 
 void announce(const std::string& line) {
@@ -212,8 +202,8 @@ size_t AmqpNodeJobs::batch_size(const Job& job, const Events& events, bool& comp
     }
     ++count;
   }
-  complete = bytes >= max_batch_bytes || stopping_ || job.batches_unconfirmed == 0 ||
-             hold_left(events.front()) == 0ms;
+  complete = bytes >= max_batch_bytes || stopping_ ||
+             std::chrono::steady_clock::now() - job.last_batch_at >= batch_hold;
   return count;
 }
 
@@ -258,7 +248,7 @@ Result<void> AmqpNodeJobs::publish_job(amqp::Client& client, const std::string& 
     auto seq = client.publish(message);
     if (!seq)
       return tl::unexpected(seq.error());
-    ++job->second.batches_unconfirmed;
+    job->second.last_batch_at = std::chrono::steady_clock::now();
     auto& batch = unconfirmed_[*seq].events;
     batch.assign(std::make_move_iterator(events.begin()),
                  std::make_move_iterator(events.begin() + static_cast<long>(count)));
@@ -288,9 +278,11 @@ std::chrono::milliseconds AmqpNodeJobs::next_look() const {
   if (jobs_.empty() && pending_.empty())
     return 50ms;
   auto wait = std::chrono::milliseconds(look_while_running);
+  const auto now = std::chrono::steady_clock::now();
   for (const auto& [id, events] : pending_)
-    if (!events.empty())
-      wait = std::min(wait, hold_left(events.front()));
+    if (auto job = jobs_.find(id); job != jobs_.end() && !events.empty())
+      wait = std::min(wait, std::chrono::duration_cast<std::chrono::milliseconds>(
+                              job->second.last_batch_at + batch_hold - now));
   return std::max(wait, std::chrono::milliseconds(1));
 }
 
@@ -327,10 +319,6 @@ void AmqpNodeJobs::settle(amqp::Client& client, const amqp::Confirm& confirm) {
       continue;
     }
     auto& done = i->second;
-    if (!done.events.empty() && !done.events[0].has_result())
-      if (auto job = jobs_.find(done.events[0].job_id());
-          job != jobs_.end() && job->second.batches_unconfirmed > 0)
-        --job->second.batches_unconfirmed;
     if (done.dead_lettered) {
       if (confirm.ack)
         (void)client.ack(*done.dead_lettered);
@@ -358,10 +346,8 @@ void AmqpNodeJobs::connection_lost() {
       again.push_back(std::move(event));
   unconfirmed_.clear();
   put_back(std::move(again));
-  for (auto& [id, job] : jobs_) {
+  for (auto& [id, job] : jobs_)
     job.delivery_tag.reset();
-    job.batches_unconfirmed = 0;
-  }
   waiting_.clear();
   blocked_ = false;
 }

@@ -20,10 +20,10 @@
 //
 // Events go out in batches: one message carries consecutive events of one job
 // (JSON Lines, at most max_batch_bytes), because a persistent, confirmed message
-// costs the broker, the node and every follower far more than its bytes. Like
-// Nagle's algorithm: a job's events go at once while none of its messages waits
-// for a confirm, and gather while one does (at most batch_hold), so a lone line
-// is not held and a flood goes out in a few large messages.
+// costs the broker, the node and every follower far more than its bytes. A job's
+// events go at once when its last message went out at least batch_hold ago, and
+// gather until then otherwise: a lone line is not held, and a flood goes out in
+// a few large messages.
 //
 // Everything here runs on the command's own thread (rabbitmq-c blocks), never on
 // an actor scheduler thread.
@@ -88,7 +88,7 @@ class AmqpNodeJobs {
     std::string correlation_id;
     std::string dispatch;  // this node's run of the job: <node>/<start time in µs>
     nlohmann::json request;  // a jobrequest.v1 (answered as jobresult.v1); null for a JobSpec
-    uint32_t batches_unconfirmed = 0;  // its event messages the broker has not confirmed
+    std::chrono::steady_clock::time_point last_batch_at{};  // its last message of events
   };
   // A publish the broker has not confirmed yet.
   struct Unconfirmed {
