@@ -28,6 +28,11 @@ const char* errc_name(uint8_t code) {
 
 }  // namespace
 
+void use_sleeping_scheduler(caf::actor_system_config& cfg, size_t threads) {
+  cfg.set("scheduler.max-threads", threads);
+  cfg.set("scheduler.policy", caf::atom("sharing"));
+}
+
 void add_runner_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<v1::JobSpec>("solstice.v1.JobSpec");
   cfg.add_message_type<v1::ImageSpec>("solstice.v1.ImageSpec");

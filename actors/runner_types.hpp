@@ -28,6 +28,14 @@ enum class runner_errc : uint8_t {
 // Adds the runner's message types and error category to `cfg`.
 void add_runner_types(caf::actor_system_config& cfg);
 
+// A scheduler of `threads` threads that sleep on a condition variable when idle
+// (CAF's "sharing" policy). CAF's default (work stealing, at least 4 threads)
+// polls: every worker wakes every 50 µs for 25 ms after each message, so a
+// steady trickle of messages (a step's output, one chunk every few ms) keeps
+// every worker spinning and takes CPU from the guest. The runner's blocking
+// actors are detached; the scheduled ones only pass messages on.
+void use_sleeping_scheduler(caf::actor_system_config& cfg, size_t threads = 2);
+
 // The plain-words text of an error made by the runner (its context string), or
 // CAF's rendering for others.
 std::string error_text(const caf::error& err);

@@ -44,11 +44,8 @@ namespace {
 struct host_config : caf::actor_system_config {
   host_config() {
     add_runner_types(*this);
-    // A local run needs few threads: the VM's actors are detached anyway. The
-    // sharing policy sleeps on a condition variable when idle; work stealing
-    // polls, which costs a core per worker while output streams.
-    set("scheduler.max-threads", 2);
-    set("scheduler.policy", caf::atom("sharing"));
+    // A local run needs few threads: the VM's actors are detached anyway.
+    use_sleeping_scheduler(*this, 2);
   }
 };
 

@@ -291,7 +291,7 @@ Result<void> Client::consume(const std::string& queue, uint16_t prefetch, bool n
 Result<uint64_t> Client::publish(const Message& m) {
   amqp_basic_properties_t props{};
   props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG;
-  props.content_type = amqp_cstring_bytes("application/json");
+  props.content_type = bytes_of(m.content_type);
   props.delivery_mode = m.persistent ? AMQP_DELIVERY_PERSISTENT : AMQP_DELIVERY_NONPERSISTENT;
   std::vector<amqp_table_entry_t> storage;
   if (!m.headers.empty()) {
@@ -354,6 +354,8 @@ Result<Frame> Client::next(std::chrono::milliseconds wait) {
         return fail("cannot read a delivered message: " + reply_text(reply));
       d.body = to_string(message.body);
       d.headers = headers_of(message.properties);
+      if (message.properties._flags & AMQP_BASIC_CONTENT_TYPE_FLAG)
+        d.content_type = to_string(message.properties.content_type);
       if (message.properties._flags & AMQP_BASIC_CORRELATION_ID_FLAG)
         d.correlation_id = to_string(message.properties.correlation_id);
       amqp_destroy_message(&message);

@@ -45,6 +45,7 @@ Result<void> check_url(const std::string& url);
 
 struct Delivery {
   uint64_t tag = 0;
+  std::string content_type;
   std::string exchange;  // the exchange it was published to
   bool redelivered = false;
   std::string body;
@@ -75,6 +76,7 @@ struct Message {
   std::map<std::string, std::string> headers;
   std::string correlation_id;
   bool persistent = true;
+  std::string content_type = "application/json";
 };
 
 class Client {

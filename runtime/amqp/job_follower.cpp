@@ -1,5 +1,8 @@
 #include "runtime/amqp/job_follower.hpp"
 
+#include <algorithm>
+#include <string_view>
+
 #include <google/protobuf/util/json_util.h>
 
 #include "runtime/job/event_log.hpp"
@@ -51,24 +54,38 @@ JobFollower::Verdict JobFollower::accept(const Delivery& delivery) {
     event.set_job_id(result->job_id());
     event.set_sequence(next_sequence_);
     *event.mutable_result() = std::move(*result);
-    verdict.event = std::move(event);
+    verdict.events.push_back(std::move(event));
     return verdict;
   }
-  auto parsed = event_from_json_line(delivery.body);
-  if (!parsed)
-    return verdict;
-  if (parsed->sequence() < next_sequence_) {
+  std::string_view body = delivery.body;
+  while (!body.empty()) {
+    const auto end = std::min(body.find('\n'), body.size());
+    auto line = body.substr(0, end);
+    body.remove_prefix(std::min(end + 1, body.size()));
+    if (line.empty())
+      continue;
+    auto parsed = event_from_json_line(line);
+    if (!parsed) {
+      verdict.note = "an event on the bus is not JobEvent JSON: " + parsed.error().message;
+      continue;
+    }
+    accept_event(std::move(*parsed), verdict);
+  }
+  return verdict;
+}
+
+void JobFollower::accept_event(v1::JobEvent event, Verdict& verdict) {
+  if (event.sequence() < next_sequence_) {
     ++duplicates_;
-    return verdict;
+    return;
   }
-  if (parsed->sequence() > next_sequence_) {
-    missing_ += parsed->sequence() - next_sequence_;
-    verdict.note = "warning: " + std::to_string(parsed->sequence() - next_sequence_) +
+  if (event.sequence() > next_sequence_) {
+    missing_ += event.sequence() - next_sequence_;
+    verdict.note = "warning: " + std::to_string(event.sequence() - next_sequence_) +
                    " event(s) of the job never arrived";
   }
-  next_sequence_ = parsed->sequence() + 1;
-  verdict.event = std::move(*parsed);
-  return verdict;
+  next_sequence_ = event.sequence() + 1;
+  verdict.events.push_back(std::move(event));
 }
 
 }  // namespace solstice::amqp

@@ -1,6 +1,7 @@
 #pragma once
 // What a follower of one job on the bus (`submit --amqp`) makes of each message
-// of the job's queue: the events of ONE run of the job, in order, each once.
+// of the job's queue (its result, or a batch of its events): the events of ONE
+// run of the job, in order, each once.
 //
 // Copies come from a node that publishes again what the broker had not
 // confirmed when its connection was lost: their sequence numbers are below the
@@ -13,6 +14,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "runtime/amqp/amqp_client.hpp"
 #include "solstice.pb.h"
@@ -24,9 +26,10 @@ class JobFollower {
   explicit JobFollower(Names names) : names_(std::move(names)) {}
 
   struct Verdict {
-    std::optional<v1::JobEvent> event;  // to show; the result comes as a result event
-    std::string note;                   // to tell the user ("" none)
+    std::vector<v1::JobEvent> events;  // to show, in order; the result comes as a result event
+    std::string note;                  // to tell the user ("" none)
   };
+  // One message: the job's result, or one or more of its events (JSON Lines).
   Verdict accept(const Delivery& delivery);
 
   uint64_t duplicates_dropped() const { return duplicates_; }
@@ -35,6 +38,9 @@ class JobFollower {
 
  private:
   Names names_;
+  // One event of a message: shown unless it is a copy of one shown already.
+  void accept_event(v1::JobEvent event, Verdict& verdict);
+
   std::optional<std::string> run_;  // the dispatch followed
   std::set<std::string> runs_seen_;
   uint64_t next_sequence_ = 0;

@@ -14,6 +14,8 @@
 #include <thread>
 #include <vector>
 
+#include <google/protobuf/util/json_util.h>
+
 #include "runtime/amqp/amqp_client.hpp"
 #include "runtime/job/event_log.hpp"
 #include "solstice.pb.h"
@@ -190,5 +192,68 @@ TEST_CASE("AMQP: a jobrequest.v1 from the bus runs and is answered as jobresult.
   CHECK_MESSAGE(body.find("\"exit_code\":1") != std::string::npos, body);
   CHECK_MESSAGE(body.find("\"repo_name\":\"demo\"") != std::string::npos, body);
   CHECK_MESSAGE(body.find("\"completed_at\":\"20") != std::string::npos, body);
+  bus.stop_nodes();
+}
+
+TEST_CASE("AMQP: a job the node refuses for what it asks ends INVALID_INPUT for its submitter "
+          "(exit code 2, the reason shown), not a wait for a result that never comes") {
+  Bus bus;
+  auto& node = bus.start_node("strict", 1);
+  // A label no node has: submit --amqp follows the job, and learns why.
+  auto submit = bus.submit(bus.job_file(
+    "refused-label", "{\"id\": \"refused-label\", \"runs_on\": \"no-such-label\", \"steps\": "
+                     "[{\"script\": \"true\"}]}"));
+  REQUIRE_MESSAGE(submit.wait_exit(120s), submit.describe() << "\n" << node.describe());
+  CHECK_MESSAGE(submit.exit_code() == 2, submit.describe());
+  auto answers = results(printed_events(submit.out()));
+  REQUIRE_MESSAGE(answers.size() == 1, submit.describe());
+  CHECK(answers[0].status() == v1::INVALID_INPUT);
+  CHECK_MESSAGE(answers[0].error().find("no-such-label") != std::string::npos, answers[0].error());
+  CHECK_MESSAGE(answers[0].error().find("node strict refused the job") != std::string::npos,
+                answers[0].error());
+
+  // A message straight on the bus (not from submit, which uploads its own files)
+  // that names a file of the node's: refused the same way, its result on the bus.
+  auto client = bus.client();
+  auto queue = client->declare_private_queue(
+    {{"solstice.results", amqp::job_routing_key("refused-upload")}});
+  REQUIRE_MESSAGE(queue, queue.error().message);
+  amqp::Message hostile{"solstice.jobs", "solstice.jobs",
+                        "{\"id\": \"refused-upload\", \"runs_on\": \"solstice-test-guest\", "
+                        "\"uploads\": [{\"source\": \"/etc/hostname\", \"destination\": "
+                        "\"/tmp/stolen\"}], \"steps\": [{\"script\": \"cat /tmp/stolen\"}]}",
+                        {}, "refused-upload", true};
+  REQUIRE(client->publish_confirmed(hostile, 30s));
+  REQUIRE(client->consume(*queue, 0, true));
+  std::optional<amqp::Delivery> answer;
+  for (auto deadline = Clock::now() + 120s; !answer && Clock::now() < deadline;) {
+    auto frame = client->next(500ms);
+    REQUIRE_MESSAGE(frame, frame.error().message);
+    if (auto* delivery = std::get_if<amqp::Delivery>(&*frame))
+      answer = *delivery;
+  }
+  REQUIRE_MESSAGE(answer, node.describe());
+  CHECK(answer->correlation_id == "refused-upload");
+  CHECK(answer->headers["x-solstice-schema"] == "JobResult");
+  v1::JobResult result;
+  google::protobuf::util::JsonParseOptions options;
+  options.ignore_unknown_fields = true;
+  REQUIRE(google::protobuf::util::JsonStringToMessage(answer->body, &result, options).ok());
+  CHECK(result.status() == v1::INVALID_INPUT);
+  CHECK(result.exit_code() == 2);
+  CHECK_MESSAGE(result.error().find("names a file on the node") != std::string::npos,
+                result.error());
+
+  // Neither ran; both are in the dead-letter queue, nothing waits in the jobs queue.
+  for (const auto& id : {"refused-label", "refused-upload"})
+    CHECK_MESSAGE(node.out().find(std::string{"job "} + id + " taken") == std::string::npos,
+                  node.describe());
+  auto dead = client->queue_counts("solstice.jobs.dead");
+  REQUIRE(dead);
+  CHECK(dead->first >= 2);
+  auto waiting = client->queue_counts("solstice.jobs");
+  REQUIRE(waiting);
+  CHECK(waiting->first == 0);
+  CHECK_FALSE(node.status());
   bus.stop_nodes();
 }

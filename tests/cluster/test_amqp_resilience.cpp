@@ -149,6 +149,53 @@ TEST_CASE("AMQP: a broker that blocks publishing while the submitter reads nothi
   bus.stop_nodes();
 }
 
+TEST_CASE("AMQP: a submitter whose own stdout is not read while a step floods output holds "
+          "only a bounded part of it; the broker keeps the rest, and everything arrives") {
+  Bus bus;
+  bus.start_node("reader", 1);
+  const uint64_t flood_bytes = 32ull << 20;
+  const std::string job_id = "flood-unread";
+  auto submit = bus.submit(bus.job_file(
+    "flood", job_json(job_id, "echo flood-ready; sleep 3; yes | head -c " +
+                                std::to_string(flood_bytes) + "; echo; echo flood-done")));
+  REQUIRE_MESSAGE(wait_for_step_output(submit, "flood-ready", job_limit), submit.describe());
+  const auto baseline_kib = rss_kib(submit.pid());
+  REQUIRE(baseline_kib > 0);
+  // From here the test reads nothing of the submitter's stdout (a pipe of 64 KiB):
+  // its printer blocks in write() while the flood goes on.
+  auto client = bus.client();
+  uint64_t peak_kib = baseline_kib;
+  uint32_t peak_queued = 0;
+  for (auto until = Clock::now() + 40s; Clock::now() < until;) {
+    peak_kib = std::max(peak_kib, rss_kib(submit.pid()));
+    if (auto depth = client->queue_counts("solstice.follow." + job_id))
+      peak_queued = std::max(peak_queued, depth->first);
+    std::this_thread::sleep_for(100ms);
+  }
+  const uint64_t bound_kib = 16 << 10;  // half the flood (its JSON is a third larger still)
+  MESSAGE("submitter RSS " << baseline_kib << " KiB before the flood, peak " << peak_kib
+                           << " KiB while its stdout was not read; up to " << peak_queued
+                           << " message(s) waited in its queue");
+  CHECK_MESSAGE(peak_kib - baseline_kib < bound_kib,
+                "submitter RSS grew by " << (peak_kib - baseline_kib) << " KiB");
+  // The broker held what the submitter did not take.
+  CHECK(peak_queued > 0);
+
+  REQUIRE_MESSAGE(submit.wait_exit(job_limit), submit.describe());
+  CHECK_MESSAGE(submit.exit_code() == 0, submit.describe());
+  auto events = printed_events(submit.out());
+  check_no_gap_or_copy(events);
+  auto text = stdout_of_steps(events);
+  CHECK(count_of(text, "y\n") == flood_bytes / 2 + 1);  // + the one of "flood-ready\n"
+  CHECK(text.find("flood-done") != std::string::npos);
+  // The node sent the flood in batches of events, not a message per output chunk.
+  const auto chunks = std::count_if(events.begin(), events.end(),
+                                    [](const v1::JobEvent& e) { return e.has_output(); });
+  MESSAGE(chunks << " output events; at most " << peak_queued << " messages waited at once");
+  CHECK(peak_queued * 3 < static_cast<uint32_t>(chunks));
+  bus.stop_nodes();
+}
+
 TEST_CASE("AMQP: amqps:// with client certificates: a node and a submitter run a job over "
           "TLS; a client without a certificate is refused") {
   Bus bus;

@@ -51,7 +51,7 @@ class AmqpSession {
 
   std::optional<int> run(BlockedSignals& signals) {
     for (;;) {
-      auto frame = client_.next(50ms);
+      auto frame = client_.next(jobs_.next_look());
       if (!frame)
         return lose_connection(frame.error().message);
       if (auto* delivery = std::get_if<amqp::Delivery>(&*frame))
@@ -158,6 +158,7 @@ int amqp_node_command(const NodeOptions& options) {
   BlockedSignals signals;
   caf::actor_system_config cfg;
   add_runner_types(cfg);
+  use_sleeping_scheduler(cfg);
   caf::actor_system sys{cfg};
   auto outbox = std::make_shared<EventOutbox>();
   auto sink = sys.spawn(event_outbox_sink, outbox);

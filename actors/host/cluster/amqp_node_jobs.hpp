@@ -18,6 +18,13 @@
 // result carries a dispatch identity (x-solstice-dispatch), the other node's
 // result says `redelivered`, and a follower shows one run only.
 //
+// Events go out in batches: one message carries consecutive events of one job
+// (JSON Lines, at most max_batch_bytes), because a persistent, confirmed message
+// costs the broker, the node and every follower far more than its bytes. A job's
+// events go at once when its last message went out at least batch_hold ago, and
+// gather until then otherwise: a lone line is not held, and a flood goes out in
+// a few large messages.
+//
 // Everything here runs on the command's own thread (rabbitmq-c blocks), never on
 // an actor scheduler thread.
 #include <chrono>
@@ -27,6 +34,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <vector>
 
 #include <caf/actor_system.hpp>
 #include <caf/scoped_actor.hpp>
@@ -50,8 +58,12 @@ class AmqpNodeJobs {
   // Starts waiting deliveries while there are free slots.
   void start_waiting(amqp::Client& client);
   // Publishes what the jobs produced, as far as the confirm window and the
-  // broker allow; an error: the connection is unusable.
+  // broker allow (a batch that may still grow waits); an error: the
+  // connection is unusable.
   Result<void> publish(amqp::Client& client);
+  // How long the connection's loop may wait for a frame before it must look at
+  // the outbox again: short while jobs run (their events wait meanwhile).
+  std::chrono::milliseconds next_look() const;
   // The broker confirmed (or refused) publishes.
   void settle(amqp::Client& client, const amqp::Confirm& confirm);
   void set_blocked(bool blocked) { blocked_ = blocked; }
@@ -66,7 +78,7 @@ class AmqpNodeJobs {
   bool stopping() const { return stopping_; }
   size_t running() const { return jobs_.size(); }
   // Nothing left to publish or to confirm.
-  bool drained() const { return pending_.empty() && unconfirmed_.empty(); }
+  bool drained() const { return pending_events() == 0 && unconfirmed_.empty(); }
 
  private:
   struct Job {
@@ -76,20 +88,32 @@ class AmqpNodeJobs {
     std::string correlation_id;
     std::string dispatch;  // this node's run of the job: <node>/<start time in µs>
     nlohmann::json request;  // a jobrequest.v1 (answered as jobresult.v1); null for a JobSpec
+    std::chrono::steady_clock::time_point last_batch_at{};  // its last message of events
   };
   // A publish the broker has not confirmed yet.
   struct Unconfirmed {
-    std::optional<v1::JobEvent> event;      // an event or result (published again if lost)
+    std::vector<v1::JobEvent> events;       // a batch of events, or a result (published again if lost)
     std::optional<uint64_t> dead_lettered;  // or the copy of a poison delivery
   };
+  using Events = std::deque<v1::JobEvent>;
 
   void start(amqp::Client& client, const amqp::Delivery& delivery, v1::JobSpec job);
   void dead_letter(amqp::Client& client, const amqp::Delivery& delivery,
-                   const std::string& reason);
+                   const std::string& reason, v1::JobStatus status);
   // A job whose result the broker confirmed: acknowledged if its delivery is
   // known, else remembered for when the broker delivers it here again.
   void answered(amqp::Client& client, const std::string& job_id);
-  amqp::Message message_for(const v1::JobEvent& event, const Job& job) const;
+  // Publishes from the front of one job's pending events (batches, then its
+  // result) while the window allows and no batch waits to grow.
+  Result<void> publish_job(amqp::Client& client, const std::string& job_id, Events& events);
+  // The events at the front of `events` that make the next message (0: its
+  // result comes first); `complete`: the batch cannot grow any more.
+  size_t batch_size(const Job& job, const Events& events, bool& complete) const;
+  std::map<std::string, std::string> headers_for(const Job& job) const;
+  amqp::Message result_message(const v1::JobEvent& event, const Job& job) const;
+  // Back to the front of their jobs' lines, in order (lost or refused publishes).
+  void put_back(std::vector<v1::JobEvent> events);
+  size_t pending_events() const;
   uint32_t jobs_without_result() const;
 
   caf::actor_system& sys_;
@@ -105,7 +129,7 @@ class AmqpNodeJobs {
   std::map<std::string, Job> jobs_;  // by job id
   std::deque<amqp::Delivery> waiting_;  // deliveries waiting for a free slot
   std::chrono::steady_clock::time_point retry_at_{};
-  std::deque<v1::JobEvent> pending_;  // in order, not published yet
+  std::map<std::string, Events> pending_;  // by job id, in order, not published yet
   std::map<uint64_t, Unconfirmed> unconfirmed_;  // by publish sequence number
   std::set<std::string> answered_;  // answered here, the delivery not acknowledged
 };

@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
@@ -58,10 +59,41 @@ Result<std::unique_ptr<amqp::Client>> connect_follower(const amqp::Endpoint& end
 
 enum class Following { printer_done, connection_lost, signalled };
 
+// How many messages of its queue the broker gives the follower before they are
+// acknowledged: with events in batches of up to 256 KiB, enough to stream, and
+// a bound on what waits in this process.
+constexpr uint16_t follow_prefetch = 16;
+
+// Hands one message's events to the printer and waits until it has written
+// them (its reply to the last one), looking at signals meanwhile. So a
+// submitter whose stdout is not read stops taking messages: the job's events
+// wait in its queue on the broker, not in this process. False: signalled.
+bool hand_to_printer(caf::scoped_actor& self, const event_sink_actor& printer,
+                     std::vector<v1::JobEvent> events, BlockedSignals& signals) {
+  if (events.empty())
+    return true;
+  for (size_t i = 0; i + 1 < events.size(); ++i)
+    self->send(printer, event_atom::value, std::move(events[i]));
+  auto ask = std::move(events.back());
+  for (;;) {
+    bool written = false;
+    self->request(printer, std::chrono::milliseconds(500), event_atom::value, ask)
+      .receive([&] { written = true; },
+               // A printer that is gone (it quit after the result) holds nothing.
+               [&](caf::error& err) { written = err != caf::sec::request_timeout; });
+    if (written)
+      return true;
+    if (signals.next_signal(0ms))
+      return false;
+    // A repeat (no payload): answered once everything before it is written.
+    ask = v1::JobEvent{};
+  }
+}
+
 // Feeds the job's events and result from its queue to the printer (one run,
 // each event once: amqp::JobFollower) until the printer is done or the
-// connection fails. Each message is acknowledged once handed on, so a broker
-// restart keeps what the follower has not seen yet.
+// connection fails. Each message is acknowledged once the printer has written
+// its events, so a broker restart keeps what the follower has not shown yet.
 Following follow_job(amqp::Client& client, amqp::JobFollower& follower, caf::scoped_actor& self,
                      const event_sink_actor& printer, BlockedSignals& signals,
                      std::string& why) {
@@ -75,8 +107,8 @@ Following follow_job(amqp::Client& client, amqp::JobFollower& follower, caf::sco
       auto verdict = follower.accept(*delivery);
       if (!verdict.note.empty())
         say("solstice-runner: %s\n", verdict.note);
-      if (verdict.event)
-        self->send(printer, event_atom::value, std::move(*verdict.event));
+      if (!hand_to_printer(self, printer, std::move(verdict.events), signals))
+        return Following::signalled;
       (void)client.ack(delivery->tag);
     }
     auto printer_done = false;
@@ -98,7 +130,7 @@ std::optional<int> follow_until_done(std::unique_ptr<amqp::Client> client,
   auto backoff = std::chrono::milliseconds(500ms);
   for (;;) {
     std::string why;
-    auto consuming = client ? client->consume(follow_queue_name(job_id), 64, false)
+    auto consuming = client ? client->consume(follow_queue_name(job_id), follow_prefetch, false)
                             : Result<void>{};
     auto how = Following::connection_lost;
     if (client && consuming) {
@@ -179,6 +211,7 @@ int amqp_submit_command(const SubmitOptions& options) {
   }
   caf::actor_system_config cfg;
   add_runner_types(cfg);
+  use_sleeping_scheduler(cfg);
   caf::actor_system sys{cfg};
   auto result = std::make_shared<std::optional<v1::JobResult>>();
   auto result_mutex = std::make_shared<std::mutex>();
