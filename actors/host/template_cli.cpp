@@ -104,6 +104,8 @@ int list_command(const TemplateOptions& options) {
                                                  {"build_ms", t.build_ms},
                                                  {"state_bytes", t.state_bytes},
                                                  {"stale", t.stale},
+                                                 {"identity_agent", t.identity_agent},
+                                                 {"identity_note", t.identity_note},
                                                  {"path", t.dir.string()}}
                             .dump()
                             .c_str());

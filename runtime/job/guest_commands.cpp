@@ -123,7 +123,58 @@ echo "solstice: the SSH server did not listen again" >&2
 exit 1
 )SH";
 
+// Run as root: $1 the user's authorized_keys, $2 the port's device, $3 the
+// identity script. Nothing but the one line is read from the port; the answer is
+// one line too (the failing command's stderr, on one line).
+constexpr const char* agent_script = R"SH(keys=$1
+port=$2
+identity=$3
+exec 3<>"$port" || exit 1
+printf '%s\n' 'solstice-identity ready' >&3
+line=
+# The host side may not be connected yet (a read then ends at once): try again.
+until IFS= read -r line <&3 && [ -n "$line" ]; do
+	sleep 0.2 2>/dev/null || sleep 1
+done
+if out=$(printf '%s\n' "$line" | base64 -d | /bin/sh -c "$identity" identity "$keys" 2>&1 >/dev/null); then
+	printf '%s\n' 'solstice-identity ok' >&3
+else
+	printf 'solstice-identity failed: %s\n' "$(printf '%s' "$out" | tr '\n' ' ' | cut -c1-300)" >&3
+fi
+exec 3>&-
+)SH";
+
+// Run as root: $1 authorized_keys, $2 the port's name, $3 the agent, $4 the
+// identity script. /sys names each virtio-serial port; devtmpfs has its node.
+constexpr const char* agent_installer = R"SH(find_port() {
+	for name in /sys/class/virtio-ports/*/name; do
+		[ -r "$name" ] && [ "$(cat "$name")" = "$2" ] || continue
+		dir=${name%/name}
+		port=/dev/${dir##*/}
+		[ -c "$port" ] && return 0
+	done
+	return 1
+}
+port=
+if ! find_port "$@" && modprobe virtio_console >/dev/null 2>&1; then
+	for _ in $(seq 50); do find_port "$@" && break; sleep 0.1; done
+fi
+if [ -z "$port" ] || [ ! -c "$port" ]; then
+	echo "solstice: no virtio-serial port named $2 in this guest" >&2
+	exit 3
+fi
+setsid /bin/sh -c "$3" solstice-identity-agent "$1" "$port" "$4" </dev/null >/dev/null 2>&1 &
+)SH";
+
 }  // namespace
+
+std::string identity_agent_command(const std::string& port_name) {
+  const auto args = " \"$keys\" " + shell_quote(port_name) + " " + shell_quote(agent_script) + " " +
+                    shell_quote(identity_script);
+  const auto installer = shell_quote(agent_installer);
+  return "keys=\"$HOME/.ssh/authorized_keys\"; if [ \"$(id -u)\" = 0 ]; then /bin/sh -c " + installer +
+         " install" + args + "; else sudo -n /bin/sh -c " + installer + " install" + args + "; fi";
+}
 
 std::string identity_command() {
   const auto script = shell_quote(identity_script);

@@ -73,4 +73,15 @@ struct GuestIdentity {
 std::string identity_command();
 std::string make_identity_input(const GuestIdentity& identity);
 
+// Run over SSH in a template's guest (as its user; sudo -n for root) before it is
+// saved: finds the virtio-serial port named `port_name` (loading virtio_console
+// where it is a module) and starts the identity agent there, as root and detached
+// (runtime/vm/identity_channel.hpp has its protocol). The agent writes its ready
+// line, then blocks reading one line: a clone's identity, which it gives the guest
+// as identity_command's script does (the user's authorized_keys path is fixed
+// now), writes its status line and exits. Exits 0 when the agent was started, or
+// identity_agent_no_port_exit when the guest has no such port (no driver).
+std::string identity_agent_command(const std::string& port_name);
+inline constexpr int identity_agent_no_port_exit = 3;
+
 }  // namespace solstice
