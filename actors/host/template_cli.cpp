@@ -86,6 +86,11 @@ int build_command(const TemplateOptions& options) {
   else
     std::printf("template %s of '%s' is ready (built %s)\n", info.id.c_str(), info.label.c_str(),
                 time_text(info.built_at_us).c_str());
+  if (info.identity_agent)
+    std::printf("clones take their identity over the virtio-serial identity port\n");
+  else
+    std::printf("clones take their identity over SSH: %s\n",
+                info.identity_note.empty() ? "no identity agent" : info.identity_note.c_str());
   return 0;
 }
 

@@ -103,7 +103,7 @@ Result<VmSpec> make_template_files(const v1::ImageSpec& image, const v1::RunnerC
   spec.qmp_socket = dir / "qmp.sock";
   spec.console_log = dir / "console.log";
   spec.vmgenid = random_guid();
-  spec.identity_socket = dir / "identity.sock";
+  spec.identity_socket = dir / "id.sock";
   if (!image.disk().empty()) {
     auto format = image.disk_format().empty() ? std::string{"raw"} : image.disk_format();
     if (auto ok = create_overlay("qemu-img", image.disk(), format, dir / "overlay.qcow2"); !ok)

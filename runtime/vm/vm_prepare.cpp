@@ -244,7 +244,7 @@ Result<v1::VmHandle> prepare_restore(v1::VmHandle h, const v1::ImageSpec& image,
   h.set_vmgenid(random_guid());
   // The template's virtio-serial identity port is part of its device set: every
   // clone has it (whether its guest runs the agent or not).
-  auto identity_socket = work_dir / "identity.sock";
+  auto identity_socket = work_dir / "id.sock";
   if (identity_socket.string().size() >= sizeof(sockaddr_un{}.sun_path))
     return fail("identity socket path " + identity_socket.string() +
                 " is too long for a unix socket: choose a shorter state_dir");
