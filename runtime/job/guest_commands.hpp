@@ -57,6 +57,7 @@ namespace solstice {
 struct GuestIdentity {
   std::string authorized_key;    // the job's own public key line: the only one accepted
   std::string host_key_private;  // the job's host key (OpenSSH private key)
+  std::string host_key_public;   // and its public line (written as sshd's .pub)
   std::string hostname;
   std::string instance_id;
   int64_t unix_now_us = 0;       // the host's wall clock when the command is sent

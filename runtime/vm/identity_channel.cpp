@@ -162,6 +162,7 @@ std::string clone_identity_input(const v1::VmHandle& handle) {
   GuestIdentity identity;
   identity.authorized_key = handle.public_key();
   identity.host_key_private = handle.host_key_private();
+  identity.host_key_public = handle.host_key_public();
   identity.hostname = guest_hostname(handle.job_id());
   identity.instance_id = "solstice-" + handle.job_id();
   identity.random_bytes.assign(64, '\0');
