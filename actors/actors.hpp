@@ -117,6 +117,15 @@ using guest_shell_actor = caf::typed_actor<
 using ssh_executor_actor = guest_shell_actor::extend<
   // Polls until SSH handshake + auth succeed (timeout in ms); replies ok.
   caf::replies_to<ready_atom, v1::VmHandle, uint32_t>::with<ok_atom>,
+  // A restored clone's identity port (runtime/vm/identity_channel.hpp): connects
+  // to its socket (path, timeout in ms) — before the guest runs, so that its agent
+  // never sees the host side closed.
+  caf::replies_to<connect_atom, std::string, uint32_t>::with<ok_atom>,
+  // Gives the clone the handle's own identity (its key, host key, its job's
+  // hostname and instance id, the host's clock and randomness) over that port;
+  // replies once the guest's agent said it is done (timeout in ms), and closes it.
+  // From then on `ready` uses the handle's own key and host key.
+  caf::replies_to<identity_atom, v1::VmHandle, uint32_t>::with<ok_atom>,
   // The console hand-off is done: guest-shell requests are served from now on.
   caf::reacts_to<release_atom>>;
 
@@ -142,6 +151,9 @@ using attempt_observer_actor = caf::typed_actor<
   caf::reacts_to<console_atom, std::string>,
   // Something the user should see (a QMP event worth telling).
   caf::reacts_to<notice_atom, std::string>,
+  // A timed part of the boot begins (true) or ends (false): "identity" of a clone
+  // that takes it over its identity port; the result's phases show it.
+  caf::reacts_to<timing_atom, std::string, bool>,
   // The booted VM is lost (QEMU exited, QMP closed, the guest panicked or reset):
   // why, with QEMU's stderr and the console's last lines. Sent at most once.
   caf::reacts_to<lost_atom, std::string>>;

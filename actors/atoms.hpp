@@ -19,6 +19,7 @@ using exec_atom = caf::atom_constant<caf::atom("exec")>;
 using exited_atom = caf::atom_constant<caf::atom("exited")>;
 using follow_atom = caf::atom_constant<caf::atom("follow")>;
 using handoff_atom = caf::atom_constant<caf::atom("handoff")>;
+using identity_atom = caf::atom_constant<caf::atom("identity")>;
 using join_atom = caf::atom_constant<caf::atom("join")>;
 using kill_atom = caf::atom_constant<caf::atom("kill")>;
 using launch_atom = caf::atom_constant<caf::atom("launch")>;
@@ -44,6 +45,7 @@ using stopped_atom = caf::atom_constant<caf::atom("stopped")>;
 using submit_atom = caf::atom_constant<caf::atom("submit")>;
 using template_atom = caf::atom_constant<caf::atom("template")>;
 using tick_atom = caf::atom_constant<caf::atom("tick")>;
+using timing_atom = caf::atom_constant<caf::atom("timing")>;
 using timeout_atom = caf::atom_constant<caf::atom("timeout")>;
 using upload_atom = caf::atom_constant<caf::atom("upload")>;
 

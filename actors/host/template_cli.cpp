@@ -86,6 +86,11 @@ int build_command(const TemplateOptions& options) {
   else
     std::printf("template %s of '%s' is ready (built %s)\n", info.id.c_str(), info.label.c_str(),
                 time_text(info.built_at_us).c_str());
+  if (info.identity_agent)
+    std::printf("clones take their identity over the virtio-serial identity port\n");
+  else
+    std::printf("clones take their identity over SSH: %s\n",
+                info.identity_note.empty() ? "no identity agent" : info.identity_note.c_str());
   return 0;
 }
 
@@ -104,6 +109,8 @@ int list_command(const TemplateOptions& options) {
                                                  {"build_ms", t.build_ms},
                                                  {"state_bytes", t.state_bytes},
                                                  {"stale", t.stale},
+                                                 {"identity_agent", t.identity_agent},
+                                                 {"identity_note", t.identity_note},
                                                  {"path", t.dir.string()}}
                             .dump()
                             .c_str());

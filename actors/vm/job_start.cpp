@@ -135,6 +135,8 @@ bool restore_failed(supervisor_pointer self, const caf::error& err) {
   auto id = st.image.restore_from().template_id();
   end_phase(self, "prepare");
   end_phase(self, boot_phase_name(st));
+  end_phase(self, "identity");
+  end_phase(self, "ssh_ready");
   auto why = error_text(err);
   // Never restored again: the next job that needs it builds a new one.
   if (auto marked = TemplateStore(st.config.state_dir()).mark_stale(id, why); !marked)

@@ -3,7 +3,6 @@
 // the SSH reader. The lifecycle around it is in job_supervisor.cpp.
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <map>
 
 #include <caf/send.hpp>
@@ -16,6 +15,7 @@
 #include "runtime/job/disk_limits.hpp"
 #include "runtime/job/guest_commands.hpp"
 #include "runtime/job/job_result.hpp"
+#include "runtime/vm/identity_channel.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice::supervision {
@@ -25,13 +25,6 @@ namespace {
 namespace fs = std::filesystem;
 using std::chrono::milliseconds;
 using phase = job_phase;
-
-std::string host_random_bytes(size_t count) {
-  std::string bytes(count, '\0');
-  std::ifstream random("/dev/urandom", std::ios::binary);
-  random.read(bytes.data(), static_cast<std::streamsize>(count));
-  return bytes;
-}
 
 }  // namespace
 
@@ -275,15 +268,8 @@ static uint32_t bring_up_timeout_ms(const job_supervisor_state& st) {
 static void give_fresh_identity(supervisor_pointer self) {
   auto& st = self->state;
   begin_phase(self, "identity");
-  GuestIdentity identity;
-  identity.authorized_key = st.vm.public_key();
-  identity.host_key_private = st.vm.host_key_private();
-  identity.hostname = guest_hostname(st.job.id());
-  identity.instance_id = "solstice-" + st.job.id();
-  identity.random_bytes = host_random_bytes(64);
-  identity.unix_now_us = unix_now_us();
   self->request(st.shell, st.timeouts.transfer, exec_atom::value, runner_setup_step,
-                identity_command(), make_identity_input(identity), bring_up_timeout_ms(st))
+                identity_command(), clone_identity_input(st.vm), bring_up_timeout_ms(st))
     .then(
       [=](v1::StepResult& result) {
         auto& st = self->state;
@@ -319,7 +305,9 @@ void set_up_guest(supervisor_pointer self) {
   st.phase = phase::setup;
   end_phase(self, "console_handoff");
   set_state(self, v1::RUNNING);
-  if (!st.vm.incoming_state().empty())
+  // A clone whose guest took its identity over its identity port before SSH has
+  // no boot key left in its handle: only the others get it here, over SSH.
+  if (!st.vm.incoming_state().empty() && !st.vm.boot_private_key().empty())
     return give_fresh_identity(self);
   create_job_files(self);
 }

@@ -385,6 +385,7 @@ void supervision::start_attempt(supervisor_pointer self) {
         st.vm = std::move(vm);
         st.vm_state = job_supervisor_state::vm_status::up;
         end_phase(self, boot_phase_name(st));
+        end_phase(self, "ssh_ready");
         hand_off_console(self);
       },
       [=](caf::error& err) { boot_failed(self, err); });
@@ -426,6 +427,21 @@ void on_attempt_phase(supervisor_pointer self, v1::JobState state, const std::st
     begin_phase(self, boot_phase_name(self->state));
   }
   set_state(self, state, detail);
+}
+
+// A clone that takes its identity over its identity port: `restore` ends when its
+// guest runs, `identity` is that exchange, `ssh_ready` the one SSH handshake after
+// it (with the job's key), so the phases add up to the start.
+void on_attempt_timing(supervisor_pointer self, const std::string& name, bool begins) {
+  if (self->state.phase != phase::booting)
+    return unexpected(self, "attempt timing");
+  if (begins) {
+    end_phase(self, boot_phase_name(self->state));
+    begin_phase(self, name);
+  } else {
+    end_phase(self, name);
+    begin_phase(self, "ssh_ready");
+  }
 }
 
 void on_console_line(supervisor_pointer self, std::string& line) {
@@ -555,6 +571,7 @@ job_supervisor(supervision::supervisor_pointer self, v1::JobSpec job, v1::ImageS
     },
     [=](console_atom, std::string& line) { on_console_line(self, line); },
     [=](notice_atom, const std::string& message) { notice(self, message); },
+    [=](timing_atom, const std::string& name, bool begins) { on_attempt_timing(self, name, begins); },
     [=](lost_atom, const std::string& why) { on_vm_lost(self, why); },
     [=](output_atom, const v1::OutputChunk& chunk) { on_output(self, chunk); },
     [=](timeout_atom, uint64_t token) { on_timeout(self, token); },

@@ -120,6 +120,35 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
       self->state.ok_replies.emplace(id, rp);
       return rp;
     },
+    [=](connect_atom, const std::string& socket, uint32_t timeout_ms) {
+      auto deadline = std::chrono::steady_clock::now() + milliseconds(timeout_ms);
+      auto id = post(self, [socket, deadline, channel = self->state.channel](
+                             std::optional<SshSession>&, std::atomic<bool>& cancel,
+                             v1::StepResult&, const ssh_executor_internal&) -> std::string {
+        auto connected = IdentityChannel::connect(socket, deadline, &cancel);
+        if (!connected)
+          return connected.error().message;
+        *channel = std::move(*connected);
+        return {};
+      });
+      auto rp = self->make_response_promise<ok_atom>();
+      self->state.ok_replies.emplace(id, rp);
+      return rp;
+    },
+    [=](identity_atom, const v1::VmHandle& handle, uint32_t timeout_ms) {
+      auto deadline = std::chrono::steady_clock::now() + milliseconds(timeout_ms);
+      auto id = post(self, [handle, deadline, channel = self->state.channel](
+                             std::optional<SshSession>&, std::atomic<bool>& cancel,
+                             v1::StepResult&, const ssh_executor_internal&) -> std::string {
+        // The clock and the randomness are taken now, as the guest gets them.
+        auto given = give_identity_over_channel(*channel, clone_identity_input(handle), deadline,
+                                                &cancel);
+        return given ? std::string{} : given.error().message;
+      });
+      auto rp = self->make_response_promise<ok_atom>();
+      self->state.ok_replies.emplace(id, rp);
+      return rp;
+    },
     [=](rekey_atom, const v1::VmHandle& handle, uint32_t timeout_ms) -> caf::result<ok_atom> {
       if (!released(self))
         return refused("rekey");

@@ -11,6 +11,7 @@
 #include "runtime/base/byte_credit.hpp"
 #include "runtime/base/serial_worker.hpp"
 #include "runtime/ssh/ssh_session.hpp"
+#include "runtime/vm/identity_channel.hpp"
 
 namespace solstice {
 
@@ -28,6 +29,8 @@ struct ssh_executor_state {
   // The session lives on the worker thread only; this slot is how tasks share it.
   std::shared_ptr<std::optional<SshSession>> session =
     std::make_shared<std::optional<SshSession>>();
+  // A restored clone's identity port, from `connect` until `identity` (worker only).
+  std::shared_ptr<IdentityChannel> channel = std::make_shared<IdentityChannel>();
   // Where the session goes; kept to reconnect (set by `ready`).
   std::shared_ptr<const SshTarget> target;
   uint64_t next_op = 1;

@@ -44,7 +44,8 @@ void unexpected(attempt_pointer self, const char* what) {
 
 bool booting(phase p) {
   return p == phase::preparing || p == phase::launching || p == phase::connecting_qmp ||
-         p == phase::reading_port || p == phase::restoring || p == phase::waiting_for_ssh;
+         p == phase::reading_port || p == phase::restoring || p == phase::identifying ||
+         p == phase::waiting_for_ssh;
 }
 
 bool vm_in_use(phase p) {
@@ -136,13 +137,23 @@ void tell_phase(attempt_pointer self, v1::JobState state, std::string detail) {
   self->send(self->state.observer, phase_atom::value, state, std::move(detail));
 }
 
+std::chrono::milliseconds boot_timeout_of(const vm_attempt_state& st) {
+  auto seconds = st.spec.config.boot_timeout_seconds() ? st.spec.config.boot_timeout_seconds() : 300;
+  return milliseconds(uint64_t{seconds} * 1000);
+}
+
+void make_ssh_executor(attempt_pointer self) {
+  auto& st = self->state;
+  if (!st.ssh)
+    st.ssh = adopt(self, st.factory.ssh(self->system(), st.output_observer));
+}
+
 void wait_for_ssh(attempt_pointer self) {
   auto& st = self->state;
   st.phase = phase::waiting_for_ssh;
   tell_phase(self, v1::WAITING_FOR_SSH, "127.0.0.1:" + std::to_string(st.vm.ssh_port()));
-  st.ssh = adopt(self, st.factory.ssh(self->system(), st.output_observer));
-  auto seconds = st.spec.config.boot_timeout_seconds() ? st.spec.config.boot_timeout_seconds() : 300;
-  auto boot_timeout = milliseconds(uint64_t{seconds} * 1000);
+  make_ssh_executor(self);
+  auto boot_timeout = boot_timeout_of(st);
   self->request(st.ssh, boot_timeout + std::chrono::seconds(30), ready_atom::value, st.vm,
                 static_cast<uint32_t>(boot_timeout.count()))
     .then(
@@ -543,6 +554,7 @@ const char* to_string(attempt_phase p) {
     case phase::connecting_qmp: return "connecting_qmp";
     case phase::reading_port: return "reading_port";
     case phase::restoring: return "restoring";
+    case phase::identifying: return "identifying";
     case phase::waiting_for_ssh: return "waiting_for_ssh";
     case phase::booted: return "booted";
     case phase::handing_off: return "handing_off";

@@ -66,6 +66,7 @@ enum class attempt_phase {
   connecting_qmp,   // waiting for QMP's greeting
   reading_port,     // asking QEMU which port the SSH forward got
   restoring,        // a clone: QMP migrate-incoming of the template's state, then cont
+  identifying,      // a clone: its identity goes over its virtio-serial port, before SSH
   waiting_for_ssh,  // polling SSH until handshake and auth succeed
   booted,           // SSH works; the console tailer still runs
   handing_off,      // waiting for the tailer's `stopped` (or its DOWN)

@@ -2,8 +2,11 @@
 // loading the template's state instead of booting. QEMU was started with
 // `-incoming defer` and the state file as an inherited descriptor; QMP
 // `migrate-incoming fd:N` loads it, query-migrate says when it is done, `cont`
-// runs the guest, and SSH readiness is checked as after a cold boot (with the
-// template's key and host key, which the job's set-up then replaces).
+// runs the guest. Where the template's guest runs the identity agent, the clone
+// then gets its own identity over its virtio-serial port (the runner connected to
+// it before the state was loaded) and SSH readiness is checked with the job's own
+// key and host key: one SSH handshake. Otherwise SSH readiness is checked with the
+// template's key and host key, which the job's set-up then replaces over SSH.
 #include <caf/send.hpp>
 #include <nlohmann/json.hpp>
 
@@ -25,6 +28,32 @@ nlohmann::json reply_json(const std::string& reply) {
   return nlohmann::json::parse(reply, nullptr, false);
 }
 
+// The clone takes its identity over its port; from then on its guest has the job's
+// key and host key only, and the handle says so (no boot key: `ready` and the
+// job's set-up use the job's own).
+void give_identity(attempt_pointer self) {
+  auto& st = self->state;
+  st.phase = phase::identifying;
+  self->send(st.observer, timing_atom::value, std::string{"identity"}, true);
+  auto timeout = boot_timeout_of(st);
+  self->request(st.ssh, timeout + std::chrono::seconds(30), identity_atom::value, st.vm,
+                static_cast<uint32_t>(timeout.count()))
+    .then(
+      [=](ok_atom) {
+        auto& st = self->state;
+        if (st.phase != phase::identifying)
+          return unexpected(self, "identity given");
+        st.vm.clear_boot_private_key();
+        st.vm.clear_boot_host_key();
+        self->send(st.observer, timing_atom::value, std::string{"identity"}, false);
+        wait_for_ssh(self);
+      },
+      [=](caf::error& err) {
+        boot_problem(self, "the restored guest did not take its identity over its virtio-serial "
+                           "port: " + error_text(err));
+      });
+}
+
 void run_guest(attempt_pointer self) {
   auto& st = self->state;
   self->request(st.qmp, st.timeouts.qmp_command, command_atom::value, std::string{"cont"},
@@ -33,6 +62,8 @@ void run_guest(attempt_pointer self) {
       [=](const std::string&) {
         if (self->state.phase != phase::restoring)
           return unexpected(self, "cont reply");
+        if (self->state.vm.identity_agent())
+          return give_identity(self);
         wait_for_ssh(self);
       },
       [=](caf::error& err) {
@@ -40,12 +71,8 @@ void run_guest(attempt_pointer self) {
       });
 }
 
-}  // namespace
-
-void restore_state(attempt_pointer self) {
+void load_state(attempt_pointer self) {
   auto& st = self->state;
-  st.phase = phase::restoring;
-  tell_phase(self, v1::BOOTING, "restoring template " + st.vm.template_id());
   nlohmann::json args = {{"uri", "fd:" + std::to_string(incoming_fd_number(st.vm))}};
   self->request(st.qmp, st.timeouts.qmp_command, command_atom::value,
                 std::string{"migrate-incoming"}, args.dump())
@@ -57,6 +84,30 @@ void restore_state(attempt_pointer self) {
       },
       [=](caf::error& err) {
         boot_problem(self, "QEMU refused the template's state: " + error_text(err));
+      });
+}
+
+}  // namespace
+
+void restore_state(attempt_pointer self) {
+  auto& st = self->state;
+  st.phase = phase::restoring;
+  tell_phase(self, v1::BOOTING, "restoring template " + st.vm.template_id());
+  if (!st.vm.identity_agent())
+    return load_state(self);
+  // Connected before the state is loaded: the guest's agent, which was saved
+  // waiting on the port with the host side open, never sees it closed.
+  make_ssh_executor(self);
+  self->request(st.ssh, st.timeouts.qmp_connect + std::chrono::seconds(5), connect_atom::value,
+                st.vm.identity_socket(), static_cast<uint32_t>(st.timeouts.qmp_connect.count()))
+    .then(
+      [=](ok_atom) {
+        if (self->state.phase != phase::restoring)
+          return unexpected(self, "identity port connected");
+        load_state(self);
+      },
+      [=](caf::error& err) {
+        boot_problem(self, "cannot connect to the clone's identity port: " + error_text(err));
       });
 }
 

@@ -36,8 +36,9 @@ packages=(busybox-static dropbear-bin openssh-sftp-server perl-base
 	libc6 libcrypt1 libgmp10 libtomcrypt1 libtommath1 zlib1g)
 # Kernel modules the guest needs (with their dependencies): virtio NIC and disk,
 # the IDE CD-ROM of machine "pc" with ISO 9660, the ACPI power button and the
-# event interface acpid reads it from.
-modules=(virtio_pci virtio_net virtio_blk ata_piix sr_mod isofs button evdev)
+# event interface acpid reads it from, and virtio-serial (virtio_console) for the
+# identity port of templates (a restored clone takes its identity there).
+modules=(virtio_pci virtio_net virtio_blk ata_piix sr_mod isofs button evdev virtio_console)
 # Host tools whose own files end up in the outputs (syslinux's boot loader).
 host_tool_packages=(syslinux syslinux-common mtools dosfstools cpio gzip)
 

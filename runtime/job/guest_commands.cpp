@@ -1,5 +1,7 @@
 #include "runtime/job/guest_commands.hpp"
 
+#include <cstdio>
+
 #include "runtime/ssh/ssh_keys.hpp"
 
 namespace solstice {
@@ -68,6 +70,8 @@ namespace {
 // Reads the input's lines, then the host key (the rest). Each part says what
 // failed; the RNG reseed is best effort (a guest without perl still gets the
 // bytes mixed in, and a kernel with the vmgenid driver reseeds by itself).
+// Shell built-ins wherever they do the work: every program started costs a clone
+// on TCG 50-150 ms (its code translated anew), and the clone waits for this.
 constexpr const char* identity_script = R"SH(set -e
 keys=$1
 read -r authorized_key
@@ -75,27 +79,42 @@ read -r new_hostname
 read -r instance_id
 read -r now
 read -r random
+read -r host_key_public
+host_key=
+while IFS= read -r line; do host_key="$host_key$line
+"; done
+[ -z "$line" ] || host_key="$host_key$line
+"
 umask 077
-owner=$(stat -c %u:%g "$(dirname "$keys")" 2>/dev/null || echo 0:0)
-printf '%s\n' "$authorized_key" >"$keys.solstice-new"
-chown "$owner" "$keys.solstice-new"
-mv -f "$keys.solstice-new" "$keys"
+# Rewritten in place, it keeps its owner and mode; a new one gets the directory's owner.
+new_keys=1
+[ -e "$keys" ] && new_keys=0
+printf '%s\n' "$authorized_key" >"$keys"
+[ "$new_keys" = 0 ] || chown "$(stat -c %u:%g "${keys%/*}")" "$keys"
 umask 022  # hostname and instance id are for everyone to read
 date -u -s "@$now" >/dev/null
-printf '%s' "$random" | base64 -d >/dev/urandom
+printf "$random" >/dev/urandom  # octal escapes, made by the runner
 if command -v perl >/dev/null 2>&1; then
 	perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' \
 		|| echo "solstice: the kernel RNG was not reseeded (RNDRESEEDCRNG failed)" >&2
 fi
-hostname "$new_hostname"
+{ echo "$new_hostname" >/proc/sys/kernel/hostname; } 2>/dev/null || hostname "$new_hostname"
 echo "$new_hostname" >/etc/hostname
-if [ -w /etc/hosts ]; then sed -i "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1	$new_hostname/" /etc/hosts; fi
+if [ -w /etc/hosts ]; then
+	hosts= changed=0
+	while IFS= read -r entry || [ -n "$entry" ]; do
+		case $entry in 127.0.1.1" "* | 127.0.1.1"	"*) entry="127.0.1.1	$new_hostname"; changed=1 ;; esac
+		hosts="$hosts$entry
+"
+	done </etc/hosts
+	[ "$changed" = 0 ] || printf '%s' "$hosts" >/etc/hosts
+fi
 echo "$instance_id" >/run/instance-id
 if [ -d /var/lib/cloud/data ]; then echo "$instance_id" >/var/lib/cloud/data/instance-id; fi
 umask 077
-cat >/run/solstice-host-key
 listening() { grep -q '^ *[0-9]*: [0-9A-F]*:0016 [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null; }
 if [ -d /etc/dropbear ] && command -v dropbear >/dev/null 2>&1; then
+	printf '%s' "$host_key" >/run/solstice-host-key
 	dropbearconvert openssh dropbear /run/solstice-host-key /etc/dropbear/dropbear_ed25519_host_key.new >/dev/null 2>&1
 	rm -f /run/solstice-host-key
 	mv -f /etc/dropbear/dropbear_ed25519_host_key.new /etc/dropbear/dropbear_ed25519_host_key
@@ -108,12 +127,19 @@ if [ -d /etc/dropbear ] && command -v dropbear >/dev/null 2>&1; then
 		</dev/null >>/var/log/dropbear.log 2>&1 &
 elif [ -d /etc/ssh ]; then
 	rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
-	install -m 0600 /run/solstice-host-key /etc/ssh/ssh_host_ed25519_key
-	rm -f /run/solstice-host-key
-	ssh-keygen -y -f /etc/ssh/ssh_host_ed25519_key >/etc/ssh/ssh_host_ed25519_key.pub
-	chmod 0644 /etc/ssh/ssh_host_ed25519_key.pub  # public, as sshd's own are
-	# sshd re-reads its host keys for every new connection after SIGHUP.
-	if [ -s /run/sshd.pid ]; then kill -HUP "$(cat /run/sshd.pid)"; else systemctl reload ssh sshd 2>/dev/null; fi
+	printf '%s' "$host_key" >/etc/ssh/ssh_host_ed25519_key
+	umask 022  # the public key is public, as sshd's own are
+	printf '%s\n' "$host_key_public" >/etc/ssh/ssh_host_ed25519_key.pub
+	# Up to OpenSSH 9.7 every connection re-executes sshd, which loads the host keys
+	# anew: nothing to restart (a restart costs a clone on TCG most of a second).
+	# From 9.8 on, sshd-session gets them from the listener: that one must re-read.
+	session=
+	for f in /usr/lib/openssh/sshd-session /usr/libexec/openssh/sshd-session /usr/libexec/sshd-session /usr/lib/ssh/sshd-session; do
+		[ -e "$f" ] && session=$f
+	done
+	if [ -n "$session" ]; then
+		if [ -s /run/sshd.pid ]; then read -r sshd_pid </run/sshd.pid; kill -HUP "$sshd_pid"; else systemctl reload ssh sshd 2>/dev/null; fi
+	fi
 else
 	echo "solstice: no dropbear or OpenSSH server to give the new host key" >&2
 	exit 1
@@ -123,18 +149,93 @@ echo "solstice: the SSH server did not listen again" >&2
 exit 1
 )SH";
 
+// Run as root: $1 the user's authorized_keys, $2 the port's device, $3 the
+// identity script. Nothing but the one line is read from the port; the answer is
+// one line too (the failing command's stderr, on one line).
+constexpr const char* agent_script = R"SH(keys=$1
+port=$2
+identity=$3
+exec 3<>"$port" || exit 1
+printf '%s\n' 'solstice-identity ready' >&3
+line=
+# The host side may not be connected yet (a read then ends at once): try again.
+until IFS= read -r line <&3 && [ -n "$line" ]; do
+	sleep 0.2 2>/dev/null || sleep 1
+done
+if out=$(printf '%s\n' "$line" | base64 -d | /bin/sh -c "$identity" identity "$keys" 2>&1 >/dev/null); then
+	printf '%s\n' 'solstice-identity ok' >&3
+else
+	printf 'solstice-identity failed: %s\n' "$(printf '%s' "$out" | tr '\n' ' ' | cut -c1-300)" >&3
+fi
+exec 3>&-
+)SH";
+
+// Run as root: $1 authorized_keys, $2 the port's name, $3 the agent, $4 the
+// identity script. /sys names each virtio-serial port; devtmpfs has its node.
+constexpr const char* agent_installer = R"SH(find_port() {
+	for name in /sys/class/virtio-ports/*/name; do
+		[ -r "$name" ] && [ "$(cat "$name")" = "$2" ] || continue
+		dir=${name%/name}
+		port=/dev/${dir##*/}
+		[ -c "$port" ] && return 0
+	done
+	return 1
+}
+port=
+if ! find_port "$@" && modprobe virtio_console >/dev/null 2>&1; then
+	for _ in $(seq 50); do find_port "$@" && break; sleep 0.1; done
+fi
+if [ -z "$port" ] || [ ! -c "$port" ]; then
+	echo "solstice: no virtio-serial port named $2 in this guest" >&2
+	exit 3
+fi
+setsid /bin/sh -c "$3" solstice-identity-agent "$1" "$port" "$4" </dev/null >/dev/null 2>&1 &
+)SH";
+
+// The script as sent: without its comment lines (a command line is bounded, e.g.
+// dropbear takes at most 9000 bytes), quoted for the shell.
+std::string quoted_script(const char* script) {
+  std::string out, line;
+  for (const char* p = script; *p; ++p) {
+    line += *p;
+    if (*p != '\n' && p[1] != '\0')
+      continue;
+    auto first = line.find_first_not_of(" \t");
+    if (first == std::string::npos || line[first] != '#')
+      out += line;
+    line.clear();
+  }
+  return shell_quote(out);
+}
+
+// Runs as root: itself for root, through sudo -n for another user.
+constexpr const char* as_root_prefix =
+  "keys=\"$HOME/.ssh/authorized_keys\"; as_root=; [ \"$(id -u)\" = 0 ] || as_root=\"sudo -n\"; ";
+
 }  // namespace
 
+std::string identity_agent_command(const std::string& port_name) {
+  return std::string{as_root_prefix} + "$as_root /bin/sh -c " + quoted_script(agent_installer) +
+         " install \"$keys\" " + shell_quote(port_name) + " " + quoted_script(agent_script) + " " +
+         quoted_script(identity_script);
+}
+
 std::string identity_command() {
-  const auto script = shell_quote(identity_script);
-  return "keys=\"$HOME/.ssh/authorized_keys\"; if [ \"$(id -u)\" = 0 ]; then /bin/sh -c " + script +
-         " identity \"$keys\"; else sudo -n /bin/sh -c " + script + " identity \"$keys\"; fi";
+  return std::string{as_root_prefix} + "$as_root /bin/sh -c " + quoted_script(identity_script) +
+         " identity \"$keys\"";
 }
 
 std::string make_identity_input(const GuestIdentity& identity) {
   const int64_t seconds = (identity.unix_now_us + 500000) / 1000000;
+  // The random bytes as printf's octal escapes: written by a shell built-in.
+  std::string octal;
+  for (unsigned char c : identity.random_bytes) {
+    char escape[5];
+    std::snprintf(escape, sizeof escape, "\\%03o", c);
+    octal += escape;
+  }
   return identity.authorized_key + "\n" + identity.hostname + "\n" + identity.instance_id + "\n" +
-         std::to_string(seconds) + "\n" + base64_encode(identity.random_bytes) + "\n" +
+         std::to_string(seconds) + "\n" + octal + "\n" + identity.host_key_public + "\n" +
          identity.host_key_private;
 }
 

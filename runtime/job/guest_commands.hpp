@@ -57,6 +57,7 @@ namespace solstice {
 struct GuestIdentity {
   std::string authorized_key;    // the job's own public key line: the only one accepted
   std::string host_key_private;  // the job's host key (OpenSSH private key)
+  std::string host_key_public;   // and its public line (written as sshd's .pub)
   std::string hostname;
   std::string instance_id;
   int64_t unix_now_us = 0;       // the host's wall clock when the command is sent
@@ -72,5 +73,16 @@ struct GuestIdentity {
 // (through sudo -n for another user).
 std::string identity_command();
 std::string make_identity_input(const GuestIdentity& identity);
+
+// Run over SSH in a template's guest (as its user; sudo -n for root) before it is
+// saved: finds the virtio-serial port named `port_name` (loading virtio_console
+// where it is a module) and starts the identity agent there, as root and detached
+// (runtime/vm/identity_channel.hpp has its protocol). The agent writes its ready
+// line, then blocks reading one line: a clone's identity, which it gives the guest
+// as identity_command's script does (the user's authorized_keys path is fixed
+// now), writes its status line and exits. Exits 0 when the agent was started, or
+// identity_agent_no_port_exit when the guest has no such port (no driver).
+std::string identity_agent_command(const std::string& port_name);
+inline constexpr int identity_agent_no_port_exit = 3;
 
 }  // namespace solstice

@@ -76,6 +76,14 @@ std::vector<std::string> build_qemu_argv(const VmSpec& spec) {
     add(argv, "-mon", "chardev=qmp0,mode=control");
   }
 
+  if (!spec.identity_socket.empty()) {
+    add(argv, "-chardev",
+        "socket,id=identity0,path=" + escape_option_value(spec.identity_socket.string()) +
+            ",server=on,wait=off");
+    add(argv, "-device", "virtio-serial-pci,id=vserial0");
+    add(argv, "-device",
+        std::string{"virtserialport,bus=vserial0.0,chardev=identity0,name="} + identity_port_name);
+  }
   if (!spec.vmgenid.empty())
     add(argv, "-device", "vmgenid,guid=" + spec.vmgenid);
   if (spec.incoming_defer)

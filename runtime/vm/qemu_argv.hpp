@@ -37,7 +37,14 @@ struct VmSpec {
   std::string vmgenid;
   // Start paused, waiting for QMP migrate-incoming (`-incoming defer`): a restore.
   bool incoming_defer = false;
+  // When set: a virtio-serial port named identity_port_name whose host side is a
+  // socket QEMU listens on here (templates and their clones; the device set must
+  // be the same on both sides of a migration).
+  std::filesystem::path identity_socket;
 };
+
+// The guest's name of the identity port (/sys/class/virtio-ports/*/name).
+inline constexpr const char* identity_port_name = "org.solstice.identity";
 
 // QEMU's seccomp filter: no obsolete system calls, no set*uid/gid, no fork/exec, no
 // scheduler or resource changes. QEMU dies (SIGSYS) on a denied call.

@@ -12,6 +12,8 @@
 #include <thread>
 
 #include "runtime/base/child_process.hpp"
+#include "runtime/job/guest_commands.hpp"
+#include "runtime/vm/identity_channel.hpp"
 #include "runtime/ssh/ssh_keys.hpp"
 #include "runtime/ssh/ssh_session.hpp"
 #include "runtime/vm/cloud_init.hpp"
@@ -101,6 +103,7 @@ Result<VmSpec> make_template_files(const v1::ImageSpec& image, const v1::RunnerC
   spec.qmp_socket = dir / "qmp.sock";
   spec.console_log = dir / "console.log";
   spec.vmgenid = random_guid();
+  spec.identity_socket = dir / "id.sock";
   if (!image.disk().empty()) {
     auto format = image.disk_format().empty() ? std::string{"raw"} : image.disk_format();
     if (auto ok = create_overlay("qemu-img", image.disk(), format, dir / "overlay.qcow2"); !ok)
@@ -176,9 +179,38 @@ Result<void> save_state(QmpClient& qmp, const fs::path& dir) {
   return fail("saving the template's state took more than 10 minutes");
 }
 
+// Whether clones can take their identity over the virtio-serial port: the agent
+// is started in the guest and has said it is ready ("" then), or why not.
+std::string start_identity_agent(SshSession& session, IdentityChannel& channel,
+                                 std::chrono::seconds timeout) {
+  std::string err;
+  auto started = session.exec(
+    identity_agent_command(identity_port_name),
+    [&err](SshStream stream, std::string_view bytes) {
+      if (stream == SshStream::err && err.size() < 300)
+        err.append(bytes.substr(0, 300 - err.size()));
+    },
+    ExecOptions{timeout, nullptr, {}});
+  while (!err.empty() && (err.back() == '\n' || err.back() == ' '))
+    err.pop_back();
+  if (!started)
+    return "cannot start the identity agent: " + started.error().message;
+  if (started->exit_code == identity_agent_no_port_exit)
+    return "the guest has no virtio-serial port (virtio_console driver): " + err;
+  if (started->exit_code != 0)
+    return "cannot start the identity agent (exit code " + std::to_string(started->exit_code) +
+           (err.empty() ? std::string{")"} : "): " + err);
+  if (auto ready = await_identity_agent(channel, Clock::now() + timeout); !ready)
+    return ready.error().message;
+  return "";
+}
+
 // Boot, SSH, quiet, stop, save: the template's files end up in `dir`.
+// `identity_note`: "" when its clones take their identity over the virtio-serial
+// port, else why they take it over SSH.
 Result<void> run_template_vm(const v1::ImageSpec& image, const v1::RunnerConfig& config,
-                             const TemplateKey& key, const std::string& accel, const fs::path& dir) {
+                             const TemplateKey& key, const std::string& accel, const fs::path& dir,
+                             std::string& identity_note) {
   SshTarget target;
   auto spec = make_template_files(image, config, key, accel, dir, target);
   if (!spec)
@@ -211,6 +243,11 @@ Result<void> run_template_vm(const v1::ImageSpec& image, const v1::RunnerConfig&
   if (!port)
     return failed("cannot learn the SSH port: " + port.error().message);
   target.port = *port;
+  // Connected from now until the state is saved: the guest's agent sees the host
+  // side open, and so does every clone (whose runner connects before `cont`).
+  auto channel = IdentityChannel::connect(spec->identity_socket, Clock::now() + 10s);
+  if (!channel)
+    return failed(channel.error().message);
   auto boot_seconds = config.boot_timeout_seconds() ? config.boot_timeout_seconds() : 300;
   auto session = SshSession::wait_until_ready(
     target, Clock::now() + std::chrono::seconds(boot_seconds), 20ms, gone);
@@ -222,14 +259,19 @@ Result<void> run_template_vm(const v1::ImageSpec& image, const v1::RunnerConfig&
                              ExecOptions{std::chrono::seconds(boot_seconds), nullptr, {}});
   if (!quiet || quiet->exit_code != 0)
     return failed("cannot quiet the template's guest (sync)");
+  // Last: the agent must be waiting on its port when the state is saved.
+  identity_note = start_identity_agent(*session, *channel,
+                                       std::chrono::seconds(std::min<uint32_t>(boot_seconds, 120)));
   session = fail("closed");  // the guest's SSH connection ends before it is frozen
   if (auto saved = save_state(*qmp, dir); !saved)
     return failed(saved.error().message);
   (void)qmp->execute("quit", nlohmann::json::object(), 5s);
   if (!child->wait_for(10s))
     child->kill(SIGKILL);
+  channel->close();
   std::error_code ec;
   fs::remove(spec->qmp_socket, ec);
+  fs::remove(spec->identity_socket, ec);
   return {};
 }
 
@@ -242,10 +284,12 @@ Result<TemplateInfo> build_template(const v1::ImageSpec& image, const v1::Runner
   if (!dir)
     return tl::unexpected(dir.error());
   const auto started = Clock::now();
-  auto built = run_template_vm(image, config, key, accel, *dir);
+  std::string identity_note;
+  auto built = run_template_vm(image, config, key, accel, *dir, identity_note);
   auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started).count();
   Result<TemplateInfo> published =
-    built ? store.publish(*dir, key, image.label(), ms) : tl::unexpected(built.error());
+    built ? store.publish(*dir, key, image.label(), ms, identity_note.empty(), identity_note)
+          : tl::unexpected(built.error());
   if (!published) {
     std::error_code ec;
     fs::remove_all(*dir, ec);

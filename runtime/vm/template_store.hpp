@@ -8,6 +8,8 @@
 //       overlay.qcow2                  the frozen disk overlay (mode 0444; clones' backing file)
 //       seed.iso                       the seed CD-ROM it booted with
 //       key, key.pub                   the template's SSH key pair (0600; never leaves the host)
+//                                      (manifest "identity_agent": clones get their identity over
+//                                      the virtio-serial port; else over SSH)
 //       stale                          present once a restore failed: never restored again
 //   state_dir/templates/<id>.lock      flock: one build at a time, across runner processes
 //   state_dir/templates/<id>.failed    when and why the last build failed (jobs then boot
@@ -31,8 +33,10 @@
 
 namespace solstice {
 
-// Bumped when the way templates are made changes (devices, guest recipe).
-inline constexpr int template_format = 1;
+// Bumped when the way templates are made changes (devices, guest recipe): a
+// template of another format has another key, so it is never restored.
+// 2: the virtio-serial identity port and its agent (identity_channel.hpp).
+inline constexpr int template_format = 2;
 
 std::filesystem::path templates_dir(const std::string& state_dir);
 
@@ -67,6 +71,9 @@ struct TemplateInfo {
   int64_t build_ms = 0;
   uint64_t state_bytes = 0;
   std::string stale;  // why it is stale; "" when usable
+  // Its guest runs the identity agent; else why not (identity_note).
+  bool identity_agent = false;
+  std::string identity_note;
 };
 
 // An exclusive flock on templates/<id>.lock, released by the destructor.
@@ -108,8 +115,11 @@ class TemplateStore {
   std::optional<std::string> recent_failed_build(const std::string& id, int64_t within_us) const;
   // Writes the manifest into `build_dir`, freezes its overlay and renames it to
   // dir_of(key.id), replacing a stale or older one. The caller holds the lock.
+  // `identity_agent`: its guest runs the identity agent (else `identity_note` says why not).
   Result<TemplateInfo> publish(const std::filesystem::path& build_dir, const TemplateKey& key,
-                               const std::string& label, int64_t build_ms) const;
+                               const std::string& label, int64_t build_ms,
+                               bool identity_agent = false,
+                               const std::string& identity_note = {}) const;
 
  private:
   std::string state_dir_;

@@ -242,6 +242,14 @@ Result<v1::VmHandle> prepare_restore(v1::VmHandle h, const v1::ImageSpec& image,
   h.set_template_id(from.template_id());
   h.set_host_key_private(host_key_private);
   h.set_vmgenid(random_guid());
+  // The template's virtio-serial identity port is part of its device set: every
+  // clone has it (whether its guest runs the agent or not).
+  auto identity_socket = work_dir / "id.sock";
+  if (identity_socket.string().size() >= sizeof(sockaddr_un{}.sun_path))
+    return fail("identity socket path " + identity_socket.string() +
+                " is too long for a unix socket: choose a shorter state_dir");
+  h.set_identity_socket(identity_socket.string());
+  h.set_identity_agent(from.identity_agent());
   if (!from.frozen_overlay().empty()) {
     auto overlay = work_dir / "overlay.qcow2";
     if (auto ok = create_overlay("qemu-img", from.frozen_overlay(), "qcow2", overlay); !ok)
@@ -436,6 +444,7 @@ VmSpec vm_spec_from_handle(const v1::VmHandle& h) {
   spec.firmware_vars = h.firmware_vars();
   spec.vmgenid = h.vmgenid();
   spec.incoming_defer = !h.incoming_state().empty();
+  spec.identity_socket = h.identity_socket();
   return spec;
 }
 

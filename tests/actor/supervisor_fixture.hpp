@@ -190,6 +190,10 @@ struct fixture {
   bool restore_refused = false;
   // query-migrate answers "active" this many times before "completed".
   int migrate_polls_active = 1;
+  // The template's guest runs the identity agent (clones take their identity over
+  // the identity port); the agent's failure, when not empty.
+  bool template_has_agent = false;
+  std::string identity_failure;
   // Called after each journal entry (the fault matrix injects faults here).
   std::function<void(const entry&)> on_note;
   // Fake children made, and how many of them have ended.
@@ -482,6 +486,8 @@ fake_qemu_actor::behavior_type fake_qemu(fake_qemu_actor::pointer self, fixture*
         handle.set_private_key("job-private-key");
         handle.set_public_key("ssh-ed25519 JOBKEY job");
         handle.set_host_key_private("job-host-key");
+        handle.set_identity_socket("/nonexistent/work/identity.sock");
+        handle.set_identity_agent(image.restore_from().identity_agent());
       }
       handle.set_job_id(job.id());
       handle.set_work_dir("/nonexistent/work");
@@ -601,6 +607,18 @@ fake_ssh_actor::behavior_type ssh_behavior(fixture* fx, Handlers... handlers) {
           [=](rekey_atom, const v1::VmHandle& handle, uint32_t timeout_ms) -> caf::result<ok_atom> {
             fx->note("ssh", "rekey", std::to_string(handle.ssh_port()), std::to_string(timeout_ms));
             return ok_atom::value;
+          },
+          [=](connect_atom, const std::string& socket, uint32_t timeout_ms) -> caf::result<ok_atom> {
+            fx->note("ssh", "identity connect", socket, std::to_string(timeout_ms));
+            return ok_atom::value;
+          },
+          // detail: the key the guest is given; extra: the boot key still in the handle.
+          [=](identity_atom, const v1::VmHandle& handle, uint32_t timeout_ms) -> caf::result<ok_atom> {
+            fx->note("ssh", "identity", handle.public_key(), handle.boot_private_key(),
+                     handle.host_key_private() + " " + std::to_string(timeout_ms));
+            if (!fx->identity_failure.empty())
+              return caf::make_error(runner_errc::ssh_failed, fx->identity_failure);
+            return ok_atom::value;
           }};
 }
 
@@ -710,6 +728,7 @@ template_keeper_actor::behavior_type fake_keeper(template_keeper_actor::pointer,
       from->set_state_file("/nonexistent/templates/tmpl-1/state");
       from->set_template_private_key("template-private-key");
       from->set_template_host_key("template-host-key");
+      from->set_identity_agent(fx->template_has_agent);
       return {std::move(image), build};
     },
   };

@@ -152,3 +152,91 @@ TEST_CASE_FIXTURE(fixture, "snapshots off never asks for a template; a keeper th
     CHECK(entries("qemu", "prepare")[0].extra == "cold");
   }
 }
+
+// The identity port (vm_restore.cpp, runtime/vm/identity_channel.hpp): a template
+// whose guest runs the identity agent gives every clone its identity before any SSH.
+TEST_CASE_FIXTURE(fixture, "a clone of a template with the identity agent takes its identity over the port before the one SSH connection") {
+  keeper_answers = "ready";
+  template_has_agent = true;
+  start(two_step_job());
+  drive();
+  for (int i = 0; i < 5 && result_count() == 0; ++i) {
+    sched.advance_time(100ms);
+    sched.trigger_timeouts();
+    drive();
+  }
+
+  auto connect = first_seq(*this, "ssh", "identity connect");
+  auto migrate = first_seq(*this, "qmp", "command", "migrate-incoming");
+  auto cont = first_seq(*this, "qmp", "command", "cont");
+  auto identity = first_seq(*this, "ssh", "identity");
+  auto ready = first_seq(*this, "ssh", "ready");
+  REQUIRE(connect != UINT64_MAX);
+  REQUIRE(identity != UINT64_MAX);
+  // Connected before the state loads (the agent never sees the host side closed),
+  // the identity sent once the guest runs, SSH only after the agent answered.
+  CHECK(entries("ssh", "identity connect")[0].detail == "/nonexistent/work/identity.sock");
+  CHECK(connect < migrate);
+  CHECK(cont < identity);
+  CHECK(identity < ready);
+  auto given = entries("ssh", "identity");
+  REQUIRE(given.size() == 1);
+  CHECK(given[0].detail == "ssh-ed25519 JOBKEY job");
+  CHECK(given[0].input == "job-host-key 120000");  // the boot's time
+  // The one SSH connection already uses the job's key and pins the job's host key.
+  CHECK(ready_handle.boot_private_key().empty());
+  CHECK(ready_handle.boot_host_key().empty());
+  CHECK(ready_handle.private_key() == "job-private-key");
+  CHECK(count("ssh", "ready") == 1);
+  // No identity over SSH, no reconnect: the first exec is the job's set-up.
+  CHECK(count("ssh", "rekey") == 0);
+  auto execs = entries("ssh", "exec");
+  REQUIRE_FALSE(execs.empty());
+  CHECK(execs[0].extra.find("mkdir") != std::string::npos);
+  for (const auto& e : execs)
+    CHECK(e.extra.find("authorized_keys") == std::string::npos);
+
+  auto r = result();
+  CHECK(r.status() == v1::SUCCEEDED);
+  CHECK(r.start() == "restored");
+  // The phases add up: the state load, the identity exchange, the one handshake.
+  std::vector<std::string> names;
+  for (const auto& p : r.phases())
+    names.push_back(p.phase());
+  auto at = [&](const std::string& name) {
+    return std::find(names.begin(), names.end(), name) - names.begin();
+  };
+  REQUIRE(has_phase(r, "restore"));
+  REQUIRE(has_phase(r, "identity"));
+  REQUIRE(has_phase(r, "ssh_ready"));
+  CHECK(at("restore") < at("identity"));
+  CHECK(at("identity") < at("ssh_ready"));
+  CHECK(at("ssh_ready") < at("console_handoff"));
+}
+
+TEST_CASE_FIXTURE(fixture, "a clone whose identity agent fails is a failed restore: the template is marked stale and the job boots cold") {
+  keeper_answers = "ready";
+  template_has_agent = true;
+  identity_failure = "the guest's identity agent failed: no dropbear or OpenSSH server";
+  start(two_step_job());
+  drive();
+  for (int i = 0; i < 10 && result_count() == 0; ++i) {
+    sched.advance_time(timeouts.attempt.exit_report_grace);
+    sched.trigger_timeouts();
+    drive();
+  }
+  auto prepares = entries("qemu", "prepare");
+  REQUIRE(prepares.size() == 2);
+  CHECK(prepares[0].extra == "restore");
+  CHECK(prepares[1].extra == "cold");
+  // Nothing of the clone was reached over SSH: its only `ready` is the cold attempt's.
+  CHECK(first_seq(*this, "ssh", "identity") < prepares[1].seq);
+  CHECK(first_seq(*this, "ssh", "ready") > prepares[1].seq);
+  CHECK(first_seq(*this, "qemu", "cleanup") < prepares[1].seq);
+  CHECK(has_notice_containing("no dropbear or OpenSSH server"));
+  CHECK(has_notice_containing("marked stale"));
+  auto r = result();
+  CHECK(r.status() == v1::SUCCEEDED);
+  CHECK(r.start() == "cold");
+  CHECK(r.start_note().find("identity") != std::string::npos);
+}

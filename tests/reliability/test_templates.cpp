@@ -153,7 +153,13 @@ TEST_SUITE("templates") {
     CHECK(result->start() == "restored");
     CHECK(has_phase(*result, "restore"));
     CHECK_FALSE(has_phase(*result, "boot_to_ssh"));
+    // The test guest has virtio_console: its template runs the identity agent, and
+    // the clone took its identity over the port before its one SSH connection.
+    auto before = listed_templates(sandbox.state());
+    REQUIRE(before.size() == 1);
+    CHECK_MESSAGE(before[0].value("identity_agent", false), before[0].dump());
     CHECK(has_phase(*result, "identity"));
+    CHECK(has_phase(*result, "ssh_ready"));
     CHECK(result->shutdown_method() == "quit");  // a clone's disk is thrown away
     CHECK(sandbox.step_output("restored", 0) == "step ran\nsolstice-restored\n");
     CHECK(any_contains(sandbox.notices("restored"), "start: restored from template " + id));
@@ -271,6 +277,10 @@ TEST_SUITE("templates") {
       CHECK_FALSE(contains(p->at("AUTHKEYS"), template_key));
       CHECK(std::count(p->at("AUTHKEYS").begin(), p->at("AUTHKEYS").end(), ',') == 1);
     }
+    // Both took their identity over the identity port (the template has the agent).
+    CHECK(listed_templates(sandbox.state())[0].value("identity_agent", false));
+    for (const char* job : {"clone-a", "clone-b"})
+      CHECK(has_phase(*sandbox.result(job), "ssh_ready"));
     CHECK(pa.at("HOSTKEY") != pb.at("HOSTKEY"));
     CHECK(pa.at("AUTHKEYS") != pb.at("AUTHKEYS"));
     CHECK(pa.at("RANDOM") != pb.at("RANDOM"));
@@ -312,6 +322,58 @@ TEST_SUITE("templates") {
     CHECK_FALSE(SshSession::connect(target, 30s));
     runner.signal(SIGINT);
     REQUIRE(runner.wait(120s));
+    check_nothing_left(sandbox);
+  }
+
+  TEST_CASE("a guest without the virtio-serial driver: its template has no identity agent, and clones take their identity over SSH") {
+    Sandbox sandbox;
+    // The test guest with virtio_console refused by its kernel (module_blacklist):
+    // no identity port in the guest, as on an image without the driver.
+    const auto guest = test_guest_dir();
+    const auto cmdline = file_text(guest / "cmdline").substr(0, file_text(guest / "cmdline").find('\n'));
+    auto config = sandbox.write_json(
+      "config.json",
+      {{"images",
+        {{{"label", "no-vserial-guest"},
+          {"disk", (guest / "disk.raw").string()},
+          {"disk_format", "raw"},
+          {"boot_mode", "BOOT_MODE_KERNEL"},
+          {"kernel", (guest / "vmlinuz").string()},
+          {"initrd", (guest / "initrd.img").string()},
+          {"kernel_append", cmdline + " module_blacklist=virtio_console"},
+          {"memory_mib", 256}}}}});
+    auto job_json = guest_job("first", {"echo first"});
+    job_json["runs_on"] = "no-vserial-guest";
+    auto job = sandbox.write_json("job.json", job_json);
+    auto first_run = run_to_end(sandbox.snapshot_run_args(job, "tcg", config), 600s);
+    INFO(first_run.output());
+    auto listed = listed_templates(sandbox.state());
+    REQUIRE(listed.size() == 1);
+    CHECK_FALSE(listed[0].value("identity_agent", true));
+    CHECK_MESSAGE(contains(listed[0].value("identity_note", std::string{}), "no virtio-serial port"),
+                  listed[0].dump());
+    const auto template_dir = sandbox.state() / "templates" / listed[0].value("id", std::string{});
+    auto template_line = file_text(template_dir / "key.pub");
+    auto template_key = template_line.substr(template_line.find(' ') + 1);
+    template_key = template_key.substr(0, template_key.find(' '));
+
+    // A clone of it: the identity exec and the reconnect over SSH, as before.
+    job_json["id"] = "ssh-identity";
+    job_json["steps"] = nlohmann::json::array({{{"name", "identity"}, {"script", identity_script}}});
+    job = sandbox.write_json("job2.json", job_json);
+    auto run = run_to_end(sandbox.snapshot_run_args(job, "tcg", config), 300s);
+    INFO(run.output());
+    auto result = sandbox.result("ssh-identity");
+    REQUIRE(result);
+    CHECK(result->status() == v1::SUCCEEDED);
+    CHECK(result->start() == "restored");
+    CHECK(has_phase(*result, "identity"));
+    CHECK_FALSE(has_phase(*result, "ssh_ready"));
+    auto printed = printed_by(sandbox, "ssh-identity", 0);
+    CHECK(printed.values["HOSTNAME"] == "solstice-ssh-identity");
+    CHECK(printed.values["INSTANCE"] == "solstice-ssh-identity");
+    CHECK_FALSE(contains(printed.values["AUTHKEYS"], template_key));
+    CHECK(std::llabs(std::stoll(printed.values["NOW"]) - printed.host_time_us / 1000000) <= 2);
     check_nothing_left(sandbox);
   }
 

@@ -260,4 +260,15 @@ TEST_SUITE("guest_commands") {
     CHECK(run.out.empty());
     CHECK(run.err.find("cannot write the step script") != std::string::npos);
   }
+
+  TEST_CASE("the identity commands fit a command line dropbear accepts (at most 9000 bytes)") {
+    // Exceeding it, dropbear refuses the exec: the template then had no agent.
+    CHECK(identity_command().size() < 9000);
+    CHECK(identity_agent_command("org.solstice.identity").size() < 9000);
+    // Comment lines are not sent.
+    for (const auto& command : {identity_command(), identity_agent_command("org.solstice.identity")}) {
+      CHECK(command.find("\n#") == std::string::npos);
+      CHECK(command.find("\n\t#") == std::string::npos);
+    }
+  }
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "runtime/base/child_process.hpp"
+#include "runtime/vm/identity_channel.hpp"
 #include "runtime/vm/qemu_argv.hpp"
 #include "runtime/vm/qmp.hpp"
 #include "tests/unit/temp_dir.hpp"
@@ -147,6 +148,20 @@ TEST_SUITE("qemu_argv") {
     for (const auto& arg : argv) CHECK(arg.find("console.log") == std::string::npos);
   }
 
+  TEST_CASE("an identity socket adds a virtio-serial port named for the identity agent; none without") {
+    VmSpec spec = disk_spec();
+    CHECK_FALSE(contains(build_qemu_argv(spec), "virtio-serial-pci,id=vserial0"));
+    spec.identity_socket = "/run/solstice/job,1/identity.sock";
+    auto argv = build_qemu_argv(spec);
+    auto chardevs = values_of(argv, "-chardev");
+    CHECK(std::count(chardevs.begin(), chardevs.end(),
+                     "socket,id=identity0,path=/run/solstice/job,,1/identity.sock,server=on,wait=off") == 1);
+    auto devices = values_of(argv, "-device");
+    CHECK(std::count(devices.begin(), devices.end(), "virtio-serial-pci,id=vserial0") == 1);
+    CHECK(std::count(devices.begin(), devices.end(),
+                     "virtserialport,bus=vserial0.0,chardev=identity0,name=org.solstice.identity") == 1);
+  }
+
   TEST_CASE("kernel boot adds -kernel, -initrd and -append verbatim") {
     VmSpec spec = disk_spec();
     spec.boot = VmBoot::kernel;
@@ -170,6 +185,7 @@ TEST_SUITE("qemu_argv") {
       spec.seed_iso = dir.path / "seed,1.iso";
       spec.qmp_socket = dir.path / "q,mp.sock";
       spec.console_log = dir.path / "con,sole.log";
+      spec.identity_socket = dir.path / "iden,tity.sock";
       spec.snapshot = snapshot;
       spec.vcpus = 2;
       spec.memory_mib = 128;
@@ -186,6 +202,9 @@ TEST_SUITE("qemu_argv") {
         FAIL("QMP: " << qmp.error().message << "; QEMU stderr: "
                      << std::string(buffer, static_cast<size_t>(std::max<ssize_t>(n, 0))));
       }
+      // QEMU listens on the identity port's socket.
+      auto channel = IdentityChannel::connect(spec.identity_socket, std::chrono::steady_clock::now() + 5s);
+      CHECK_MESSAGE(channel.has_value(), (channel ? "" : channel.error().message));
       std::this_thread::sleep_for(1s);  // let the VM run under TCG for a moment
       auto status = qmp->execute("query-status");
       REQUIRE(status.has_value());
