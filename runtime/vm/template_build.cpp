@@ -357,7 +357,7 @@ Result<std::optional<v1::RestoreFrom>> find_template(const v1::ImageSpec& image,
       if (auto failed = store.recent_failed_build(key->id, failed_build_pause_us)) {
         auto on_tcg = find_template(image, config, "tcg");
         if (on_tcg && *on_tcg)
-          (*on_tcg)->set_kvm_unusable_reason("the KVM template's " + *failed);
+          (*on_tcg)->set_kvm_unusable_reason("the KVM template: " + *failed);
         return on_tcg;
       }
     }
