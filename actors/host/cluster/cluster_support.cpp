@@ -73,9 +73,7 @@ ClusterConfig::ClusterConfig(const NetworkOptions& net) {
   caf::timespan heartbeat = std::min<caf::timespan>(1s, timeout / 4);
   set("middleman.heartbeat-interval", caf::timespan{heartbeat});
   set("middleman.connection-timeout", caf::timespan{timeout});
-  // CAF's default work-stealing workers poll while idle; a node or coordinator
-  // is idle most of the time and shares its host with the guests' emulated CPUs.
-  use_sleeping_scheduler(*this, 4);
+  set("scheduler.max-threads", 4);
 }
 
 namespace {
