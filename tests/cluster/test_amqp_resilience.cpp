@@ -189,10 +189,12 @@ TEST_CASE("AMQP: a submitter whose own stdout is not read while a step floods ou
   CHECK(count_of(text, "y\n") == flood_bytes / 2 + 1);  // + the one of "flood-ready\n"
   CHECK(text.find("flood-done") != std::string::npos);
   // The node sent the flood in batches of events, not a message per output chunk.
+  // How many events a batch gets depends on how fast the guest writes within the
+  // batch's 40 ms (2 per message on a machine loaded to 7, 5 on a quiet one).
   const auto chunks = std::count_if(events.begin(), events.end(),
                                     [](const v1::JobEvent& e) { return e.has_output(); });
   MESSAGE(chunks << " output events; at most " << peak_queued << " messages waited at once");
-  CHECK(peak_queued * 3 < static_cast<uint32_t>(chunks));
+  CHECK(peak_queued * 3 < static_cast<uint32_t>(chunks) * 2);
   bus.stop_nodes();
 }
 
