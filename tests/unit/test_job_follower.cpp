@@ -128,5 +128,7 @@ TEST_CASE("job follower: a message of several events shows each once, in order; 
   broken.body.insert(broken.body.find('\n') + 1, "{not json\n");
   auto mixed = follower.accept(broken);
   CHECK(sequences(mixed) == std::vector<uint64_t>{11, 12});
-  CHECK(mixed.note.find("not JobEvent JSON") != std::string::npos);
+  CHECK_MESSAGE(mixed.note.find("JSON Lines event batch, line 2: not a job event") !=
+                  std::string::npos,
+                mixed.note);
 }
