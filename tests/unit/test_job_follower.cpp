@@ -10,7 +10,8 @@ using namespace solstice;
 
 namespace {
 
-// A message of the events `first` .. `last` (JSON Lines, as a node batches them).
+// A message of the events `first` .. `last` (JSON Lines, as nodes sent them before
+// protobuf batches and with --amqp-events-format json; test_event_batch.cpp has those).
 amqp::Delivery batch_message(const std::string& run, uint64_t first, uint64_t last,
                              bool redelivered = false) {
   amqp::Delivery delivery;
