@@ -21,12 +21,13 @@ namespace {
 // their bytes count against the outbox's bound until confirmed.
 constexpr size_t confirm_window = 256;
 
-// One message of events: at most this much (estimated_event_bytes). A job's events go at once when its last message went out at least
-// batch_hold ago (a lone line is not held), else they gather until then: a
-// persistent message costs the broker far more than its bytes (about 1.3 ms of
-// its CPU each: a 16 MiB step sent as ~1000 messages of one event took it 1.3 s
-// of CPU, more than a fifth of a core beside the guest), and a flood now goes
-// out in 25 messages a second (README, "Runner nodes on RabbitMQ").
+// One message of events: at most this much (estimated_event_bytes). A job's
+// events go at once when its last message went out at least batch_hold ago (a
+// lone line is not held), else they gather until then: a persistent message
+// costs the broker far more than its bytes (about 1.3 ms of its CPU each: a
+// 16 MiB step sent as ~1000 messages of one event took it 1.3 s of CPU, more
+// than a fifth of a core beside the guest), and a flood now goes out in 25
+// messages a second (README, "Runner nodes on RabbitMQ").
 constexpr uint64_t max_batch_bytes = 256 * 1024;
 constexpr auto batch_hold = std::chrono::milliseconds(40);
 // How long the loop sleeps at most: a frame from the broker or an event in the

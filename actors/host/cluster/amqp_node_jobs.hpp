@@ -20,8 +20,7 @@
 //
 // Events go out in batches: one message carries consecutive events of one job
 // (length-delimited binary protobuf, or JSON Lines: runtime/amqp/event_batch.hpp;
-// at most max_batch_bytes), because a persistent, confirmed message
-// costs the broker, the node and every follower far more than its bytes. A job's
+// at most max_batch_bytes), because a persistent, confirmed message costs the broker, the node and every follower far more than its bytes. A job's
 // events go at once when its last message went out at least batch_hold ago, and
 // gather until then otherwise: a lone line is not held, and a flood goes out in
 // a few large messages.
