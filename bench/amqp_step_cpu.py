@@ -86,6 +86,7 @@ def main():
     args = parser.parse_args()
     runner = os.path.abspath(args.runner)
     env = dict(os.environ, SOLSTICE_TEST_GUEST_DIR=os.path.abspath(args.guest_dir))
+    load_start = os.getloadavg()
     work = tempfile.mkdtemp(prefix="solstice-amqp-cpu-")
     os.chmod(work, 0o711)
     broker = Broker(work)
@@ -160,7 +161,8 @@ def main():
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"script": SCRIPT, "pairs": args.pairs, "raw": raw,
-                       "cpus": os.cpu_count()}, f, indent=1)
+                       "cpus": os.cpu_count(), "load_average_at_start": load_start,
+                       "load_average_at_end": os.getloadavg()}, f, indent=1)
     return 0
 
 

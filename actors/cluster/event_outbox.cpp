@@ -1,6 +1,10 @@
 #include "actors/cluster/event_outbox.hpp"
 
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdint>
 
 namespace solstice {
 
@@ -21,6 +25,47 @@ void answer_while_room(outbox_sink_actor::stateful_pointer<outbox_sink_state> se
 }
 
 }  // namespace
+
+EventOutbox::EventOutbox(uint64_t max_held_output_bytes)
+    : max_held_(max_held_output_bytes), wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+EventOutbox::~EventOutbox() {
+  if (wake_fd_ >= 0)
+    ::close(wake_fd_);
+}
+
+void EventOutbox::wake() {
+  if (woken_ || wake_fd_ < 0)
+    return;
+  const uint64_t one = 1;
+  (void)!::write(wake_fd_, &one, sizeof one);
+  woken_ = true;
+}
+
+void EventOutbox::push(v1::JobEvent event) {
+  held_ += held_bytes_of(event);
+  std::lock_guard<std::mutex> lock{mutex_};
+  if (wake_on_output_ || !event.has_output())
+    wake();
+  events_.push_back(std::move(event));
+}
+
+void EventOutbox::wake_on_output(bool wake_on_output) {
+  std::lock_guard<std::mutex> lock{mutex_};
+  wake_on_output_ = wake_on_output;
+  if (wake_on_output && !events_.empty())
+    wake();  // output that came while the loop did not listen for it
+}
+
+std::deque<v1::JobEvent> EventOutbox::take_all() {
+  std::lock_guard<std::mutex> lock{mutex_};
+  if (woken_) {
+    uint64_t count = 0;
+    (void)!::read(wake_fd_, &count, sizeof count);
+    woken_ = false;
+  }
+  return std::exchange(events_, {});
+}
 
 uint64_t held_bytes_of(const v1::JobEvent& event) {
   return event.has_output() ? event.output().data().size() : 0;

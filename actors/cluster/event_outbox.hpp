@@ -31,15 +31,13 @@ uint64_t held_bytes_of(const v1::JobEvent& event);
 
 class EventOutbox {
  public:
-  explicit EventOutbox(uint64_t max_held_output_bytes = default_max_held_output_bytes)
-      : max_held_(max_held_output_bytes) {}
+  explicit EventOutbox(uint64_t max_held_output_bytes = default_max_held_output_bytes);
+  ~EventOutbox();
+  EventOutbox(const EventOutbox&) = delete;
+  EventOutbox& operator=(const EventOutbox&) = delete;
 
   // The sink's side.
-  void push(v1::JobEvent event) {
-    held_ += held_bytes_of(event);
-    std::lock_guard<std::mutex> lock{mutex_};
-    events_.push_back(std::move(event));
-  }
+  void push(v1::JobEvent event);
   bool has_room() const { return !holding_.load() || held_.load() < max_held_; }
   // No more holding back (a node that shuts down without a broker: its jobs
   // must be able to end, and nothing will be published any more).
@@ -47,19 +45,28 @@ class EventOutbox {
 
   // The publishing loop's side: takes everything queued; gives back the bytes of
   // events the broker confirmed (or that were dropped).
-  std::deque<v1::JobEvent> take_all() {
-    std::lock_guard<std::mutex> lock{mutex_};
-    return std::exchange(events_, {});
-  }
+  std::deque<v1::JobEvent> take_all();
+  // Readable once an event waits to be taken (an eventfd, read by take_all): the
+  // loop sleeps in poll(2) on it and on its connection instead of looking on a
+  // timer. Output wakes the loop only while it says so: when it holds a batch
+  // that may still grow, it sleeps until the batch is due, and only the other
+  // events (states, steps, results: few, and never to be held) wake it.
+  int wake_fd() const { return wake_fd_; }
+  void wake_on_output(bool wake);
   void release(uint64_t bytes) { held_ -= std::min<uint64_t>(bytes, held_.load()); }
   uint64_t held_bytes() const { return held_.load(); }
 
  private:
+  void wake();  // under mutex_
+
   const uint64_t max_held_;
   std::atomic<uint64_t> held_{0};
   std::atomic<bool> holding_{true};
   std::mutex mutex_;
   std::deque<v1::JobEvent> events_;
+  int wake_fd_ = -1;
+  bool woken_ = false;  // wake_fd_ was written since the last take_all
+  bool wake_on_output_ = true;
 };
 
 struct outbox_sink_state {

@@ -36,6 +36,12 @@ void add_cluster_commands(CLI::App& app, std::optional<int>& exit_code) {
   add_network_options(*node_app, node_options->net);
   add_amqp_options(*node_app, node_options->amqp);
   join->excludes(node_app->get_option("--amqp"));
+  node_app
+    ->add_option("--amqp-events-format", node_options->amqp_events_format,
+                 "how events go on the bus: protobuf (length-delimited JobEvent, "
+                 "application/x-protobuf) or json (JSON Lines, application/x-ndjson)")
+    ->check(CLI::IsMember({"protobuf", "json"}))
+    ->capture_default_str();
   node_app->add_option("--name", node_options->name, "node name (default: host name and PID)");
   node_app->add_option("--slots", node_options->slots,
                        "jobs at once (default: max_concurrent_vms of the configuration)");

@@ -3,6 +3,7 @@
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
+#include <poll.h>
 #include <sys/time.h>
 
 #include <cstdlib>
@@ -329,9 +330,17 @@ Result<void> Client::publish_confirmed(const Message& message, std::chrono::mill
   return fail("the broker did not confirm the message in time");
 }
 
-Result<Frame> Client::next(std::chrono::milliseconds wait) {
+Result<Frame> Client::next(std::chrono::milliseconds wait, int wake_fd) {
   auto* conn = state_->conn;
   amqp_maybe_release_buffers(conn);
+  if (wake_fd >= 0 && !amqp_frames_enqueued(conn) && !amqp_data_in_buffer(conn)) {
+    // Sleep until the broker sends something or the caller is woken; then only
+    // read what is there. Reading (not just polling) every time also finds a
+    // frame that TLS holds already decrypted, which poll(2) cannot see.
+    pollfd fds[2] = {{amqp_get_sockfd(conn), POLLIN, 0}, {wake_fd, POLLIN, 0}};
+    (void)::poll(fds, 2, static_cast<int>(wait.count()));
+    wait = std::chrono::milliseconds(0);
+  }
   amqp_frame_t frame{};
   auto tv = timeval_of(wait);
   int rc = amqp_simple_wait_frame_noblock(conn, &frame, &tv);

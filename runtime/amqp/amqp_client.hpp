@@ -113,8 +113,10 @@ class Client {
   // client that is not consuming (deliveries are not expected meanwhile).
   Result<void> publish_confirmed(const Message& message, std::chrono::milliseconds timeout);
 
-  // The next delivery or confirm, waiting at most `wait`.
-  Result<Frame> next(std::chrono::milliseconds wait);
+  // The next delivery or confirm, waiting at most `wait`; a Timeout as soon as
+  // `wake_fd` (if given) is readable, so a caller with work of its own to wait
+  // for (events to publish) sleeps on both instead of looking on a timer.
+  Result<Frame> next(std::chrono::milliseconds wait, int wake_fd = -1);
 
   Result<void> ack(uint64_t tag);
   Result<void> reject(uint64_t tag, bool requeue);

@@ -1,11 +1,8 @@
 #include "runtime/amqp/job_follower.hpp"
 
-#include <algorithm>
-#include <string_view>
-
 #include <google/protobuf/util/json_util.h>
 
-#include "runtime/job/event_log.hpp"
+#include "runtime/amqp/event_batch.hpp"
 
 namespace solstice::amqp {
 
@@ -57,20 +54,11 @@ JobFollower::Verdict JobFollower::accept(const Delivery& delivery) {
     verdict.events.push_back(std::move(event));
     return verdict;
   }
-  std::string_view body = delivery.body;
-  while (!body.empty()) {
-    const auto end = std::min(body.find('\n'), body.size());
-    auto line = body.substr(0, end);
-    body.remove_prefix(std::min(end + 1, body.size()));
-    if (line.empty())
-      continue;
-    auto parsed = event_from_json_line(line);
-    if (!parsed) {
-      verdict.note = "an event on the bus is not JobEvent JSON: " + parsed.error().message;
-      continue;
-    }
-    accept_event(std::move(*parsed), verdict);
-  }
+  auto batch = decode_event_batch(delivery.body, delivery.content_type);
+  if (!batch.error.empty())
+    verdict.note = "events on the bus could not all be read: " + batch.error;
+  for (auto& event : batch.events)
+    accept_event(std::move(event), verdict);
   return verdict;
 }
 

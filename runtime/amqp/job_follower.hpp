@@ -29,7 +29,7 @@ class JobFollower {
     std::vector<v1::JobEvent> events;  // to show, in order; the result comes as a result event
     std::string note;                  // to tell the user ("" none)
   };
-  // One message: the job's result, or one or more of its events (JSON Lines).
+  // One message: the job's result, or one or more of its events (event_batch.hpp).
   Verdict accept(const Delivery& delivery);
 
   uint64_t duplicates_dropped() const { return duplicates_; }

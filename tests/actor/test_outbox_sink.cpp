@@ -4,6 +4,8 @@
 // a broker that pushes back holds the job's output at its source.
 #include <doctest/doctest.h>
 
+#include <poll.h>
+
 #include <memory>
 #include <string>
 
@@ -114,4 +116,44 @@ TEST_CASE("outbox sink: an output event sent without a request is only queued") 
   CHECK_FALSE(outbox->has_room());
   caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);
   sched.run();
+}
+
+namespace {
+
+bool readable(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
+}  // namespace
+
+TEST_CASE("outbox: its wake fd wakes the publishing loop for new events, for output only "
+          "while the loop is not holding a batch") {
+  EventOutbox outbox;
+  const int fd = outbox.wake_fd();
+  REQUIRE(fd >= 0);
+  CHECK_FALSE(readable(fd));
+  outbox.push(output_event(0, 10));
+  CHECK(readable(fd));  // the loop wakes for the first event
+  outbox.push(output_event(1, 10));
+  CHECK(outbox.take_all().size() == 2);
+  CHECK_FALSE(readable(fd));  // taken: the loop sleeps again
+
+  // The loop holds a batch that may still grow: output does not wake it...
+  outbox.wake_on_output(false);
+  outbox.push(output_event(2, 10));
+  CHECK_FALSE(readable(fd));
+  // ...but any other event does (a state, a step, a result is never held).
+  outbox.push(state_event(3));
+  CHECK(readable(fd));
+  CHECK(outbox.take_all().size() == 2);
+  CHECK_FALSE(readable(fd));
+
+  // Output that came while the loop did not listen wakes it once it listens again.
+  outbox.push(output_event(4, 10));
+  CHECK_FALSE(readable(fd));
+  outbox.wake_on_output(true);
+  CHECK(readable(fd));
+  CHECK(outbox.take_all().size() == 1);
+  CHECK_FALSE(readable(fd));
 }

@@ -6,6 +6,7 @@
 
 #include <signal.h>
 
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -17,6 +18,7 @@
 #include <google/protobuf/util/json_util.h>
 
 #include "runtime/amqp/amqp_client.hpp"
+#include "runtime/amqp/event_batch.hpp"
 #include "runtime/job/event_log.hpp"
 #include "solstice.pb.h"
 #include "tests/cluster/amqp_bus.hpp"
@@ -255,5 +257,73 @@ TEST_CASE("AMQP: a job the node refuses for what it asks ends INVALID_INPUT for 
   REQUIRE(waiting);
   CHECK(waiting->first == 0);
   CHECK_FALSE(node.status());
+  bus.stop_nodes();
+}
+
+TEST_CASE("AMQP: a step's output bytes, every byte value and invalid UTF-8 among them, reach "
+          "submit's stdout exactly; events travel as length-delimited protobuf (JSON Lines "
+          "with --amqp-events-format json)") {
+  std::string format = "protobuf", content_type = "application/x-protobuf";
+  SUBCASE("protobuf (the default)") {}
+  SUBCASE("json") {
+    format = "json";
+    content_type = "application/x-ndjson";
+  }
+  // 256 bytes 0x00..0xff doubled twelve times: 1 MiB, several messages of events.
+  std::string escapes, pattern;
+  for (int i = 0; i < 256; ++i) {
+    char octal[8];
+    std::snprintf(octal, sizeof octal, "\\%03o", i);
+    escapes += octal;
+    pattern += static_cast<char>(i);
+  }
+  std::string expected;
+  for (int i = 0; i < 4096; ++i)
+    expected += pattern;
+  const std::string script = "printf '" + escapes + "' > /tmp/p; for i in 1 2 3 4 5 6 7 8 9 10 "
+                             "11 12; do cat /tmp/p /tmp/p > /tmp/q; mv /tmp/q /tmp/p; done; "
+                             "cat /tmp/p";
+  const auto id = "bytes-" + format;
+
+  Bus bus;
+  auto connection = bus.amqp_args();
+  connection.insert(connection.end(), {"--amqp-events-format", format});
+  auto& node = bus.start_node("bytes", 1, connection);
+  // A second reader of the job's events, to see them as they are on the bus.
+  auto tap = bus.client();
+  auto queue = tap->declare_private_queue({{"solstice.events", amqp::job_routing_key(id)}});
+  REQUIRE_MESSAGE(queue, queue.error().message);
+  REQUIRE(tap->consume(*queue, 0, true));
+
+  auto submit = bus.submit(bus.job_file(id, job_json(id, script)), false);
+  REQUIRE_MESSAGE(submit.wait_exit(job_limit), submit.describe() << "\n" << node.describe());
+  CHECK_MESSAGE(submit.exit_code() == 0, submit.describe());
+  // Human output: the step's bytes as they are, once, between its start and end lines.
+  const auto& out = submit.out();
+  const auto at = out.find(expected);
+  CHECK_MESSAGE(at != std::string::npos, "submit's stdout (" << out.size() << " bytes) does not "
+                                                                "hold the guest's 1 MiB as it is");
+  CHECK(out.find(expected, at + 1) == std::string::npos);
+
+  std::string on_bus;
+  size_t messages = 0;
+  for (auto quiet_until = Clock::now() + 5s; Clock::now() < quiet_until;) {
+    auto frame = tap->next(500ms);
+    REQUIRE_MESSAGE(frame, frame.error().message);
+    auto* delivery = std::get_if<amqp::Delivery>(&*frame);
+    if (!delivery)
+      continue;
+    ++messages;
+    CHECK(delivery->content_type == content_type);
+    CHECK(delivery->headers["x-solstice-schema"] == "JobEvent");
+    auto batch = amqp::decode_event_batch(delivery->body, delivery->content_type);
+    CHECK_MESSAGE(batch.error.empty(), batch.error);
+    for (const auto& event : batch.events)
+      if (event.has_output() && event.output().stream() == v1::STDOUT)
+        on_bus += event.output().data();
+    quiet_until = Clock::now() + 2s;
+  }
+  CHECK(messages > 1);
+  CHECK(on_bus == expected);
   bus.stop_nodes();
 }

@@ -10,7 +10,8 @@ using namespace solstice;
 
 namespace {
 
-// A message of the events `first` .. `last` (JSON Lines, as a node batches them).
+// A message of the events `first` .. `last` (JSON Lines, as nodes sent them before
+// protobuf batches and with --amqp-events-format json; test_event_batch.cpp has those).
 amqp::Delivery batch_message(const std::string& run, uint64_t first, uint64_t last,
                              bool redelivered = false) {
   amqp::Delivery delivery;
@@ -128,5 +129,7 @@ TEST_CASE("job follower: a message of several events shows each once, in order; 
   broken.body.insert(broken.body.find('\n') + 1, "{not json\n");
   auto mixed = follower.accept(broken);
   CHECK(sequences(mixed) == std::vector<uint64_t>{11, 12});
-  CHECK(mixed.note.find("not JobEvent JSON") != std::string::npos);
+  CHECK_MESSAGE(mixed.note.find("JSON Lines event batch, line 2: not a job event") !=
+                  std::string::npos,
+                mixed.note);
 }

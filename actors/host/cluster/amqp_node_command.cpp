@@ -51,7 +51,7 @@ class AmqpSession {
 
   std::optional<int> run(BlockedSignals& signals) {
     for (;;) {
-      auto frame = client_.next(jobs_.next_look());
+      auto frame = client_.next(jobs_.next_look(), jobs_.wake_fd());
       if (!frame)
         return lose_connection(frame.error().message);
       if (auto* delivery = std::get_if<amqp::Delivery>(&*frame))
@@ -169,8 +169,15 @@ int amqp_node_command(const NodeOptions& options) {
     caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);
     return code;
   };
-  AmqpNodeJobs jobs{sys,    names, node, outbox, caf::actor_cast<event_sink_actor>(sink),
-                    prepared->offer.name, slots};
+  AmqpNodeJobs jobs{sys,
+                    names,
+                    node,
+                    outbox,
+                    caf::actor_cast<event_sink_actor>(sink),
+                    prepared->offer.name,
+                    slots,
+                    options.amqp_events_format == "json" ? EventsFormat::json_lines
+                                                         : EventsFormat::protobuf};
   // Connects (again) with a growing back-off while the broker is unreachable.
   auto backoff = std::chrono::milliseconds(500ms);
   for (;;) {

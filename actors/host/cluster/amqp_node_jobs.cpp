@@ -4,6 +4,7 @@
 
 #include "actors/host/cluster/cluster_commands.hpp"
 #include "actors/runner_types.hpp"
+#include "runtime/amqp/event_batch.hpp"
 #include "runtime/base/clock.hpp"
 #include "runtime/job/event_log.hpp"
 #include "runtime/job/job_file.hpp"
@@ -20,21 +21,27 @@ namespace {
 // their bytes count against the outbox's bound until confirmed.
 constexpr size_t confirm_window = 256;
 
-// One message of events: at most this much JSON (output grows by a third in
-// base64). A job's events go at once when its last message went out at least
-// batch_hold ago (a lone line is not held), else they gather until then: a
-// persistent message costs the broker far more than its bytes (about 1.3 ms of
-// its CPU each: a 16 MiB step sent as ~1000 messages of one event took it 1.3 s
-// of CPU, more than a fifth of a core beside the guest), and a flood now goes
-// out in 25 messages a second (README, "Runner nodes on RabbitMQ").
+// One message of events: at most this much (estimated_event_bytes). A job's
+// events go at once when its last message went out at least batch_hold ago (a
+// lone line is not held), else they gather until then: a persistent message
+// costs the broker far more than its bytes (about 1.3 ms of its CPU each: a
+// 16 MiB step sent as ~1000 messages of one event took it 1.3 s of CPU, more
+// than a fifth of a core beside the guest), and a flood now goes out in 25
+// messages a second (README, "Runner nodes on RabbitMQ").
 constexpr uint64_t max_batch_bytes = 256 * 1024;
 constexpr auto batch_hold = std::chrono::milliseconds(40);
-// How often the loop looks at the outbox while jobs run (a frame wakes it too).
-constexpr auto look_while_running = std::chrono::milliseconds(5);
-const char* const events_content_type = "application/x-ndjson";
+// How long the loop sleeps at most: a frame from the broker or an event in the
+// outbox (its wake fd) wakes it at once, so this only bounds how late it sees a
+// signal, a node that is gone or a delivery's retry. Without a wake fd (no
+// eventfd) it looks at the outbox every 5 ms instead.
+constexpr auto longest_sleep = std::chrono::milliseconds(50);
+constexpr auto look_without_wake_fd = std::chrono::milliseconds(5);
 
-uint64_t estimated_line_bytes(const v1::JobEvent& event) {
-  return held_bytes_of(event) * 4 / 3 + 256;
+// What an event adds to a message: its output bytes as they are in protobuf, a
+// third more in JSON's base64, plus the fields around them.
+uint64_t estimated_event_bytes(const v1::JobEvent& event, EventsFormat format) {
+  const auto data = held_bytes_of(event);
+  return format == EventsFormat::protobuf ? data + 64 : data * 4 / 3 + 256;
 }
 
 void announce(const std::string& line) {
@@ -46,10 +53,11 @@ void announce(const std::string& line) {
 
 AmqpNodeJobs::AmqpNodeJobs(caf::actor_system& sys, const amqp::Names& names,
                            runner_node_actor node, std::shared_ptr<EventOutbox> outbox,
-                           event_sink_actor sink, std::string node_name, uint32_t slots)
+                           event_sink_actor sink, std::string node_name, uint32_t slots,
+                           EventsFormat events_format)
     : sys_(sys), names_(names), node_(std::move(node)), outbox_(std::move(outbox)),
       sink_(std::move(sink)), node_name_(std::move(node_name)), slots_(slots ? slots : 1),
-      self_(sys) {}
+      events_format_(events_format), self_(sys) {}
 
 uint32_t AmqpNodeJobs::jobs_without_result() const {
   uint32_t n = 0;
@@ -195,7 +203,7 @@ size_t AmqpNodeJobs::batch_size(const Job& job, const Events& events, bool& comp
       complete = true;  // nothing of the job comes after its result
       return count;
     }
-    bytes += estimated_line_bytes(event);
+    bytes += estimated_event_bytes(event, events_format_);
     if (count > 0 && bytes > max_batch_bytes) {
       complete = true;
       return count;
@@ -239,12 +247,19 @@ Result<void> AmqpNodeJobs::publish_job(amqp::Client& client, const std::string& 
     const auto count = batch_size(job->second, events, complete);
     if (!complete)
       return {};  // it may still grow: next_look() comes back in time
-    amqp::Message message{names_.events_exchange, amqp::job_routing_key(job_id), {},
-                          headers_for(job->second), job->second.correlation_id, true,
-                          events_content_type};
     // Persistent, events too: a follower's queue keeps them over a broker restart.
-    for (size_t i = 0; i < count; ++i)
-      message.body += (i ? "\n" : "") + event_to_json_line(events[i]);
+    amqp::Message message{names_.events_exchange, amqp::job_routing_key(job_id), {},
+                          headers_for(job->second), job->second.correlation_id, true};
+    message.headers["x-solstice-schema"] = "JobEvent";
+    if (events_format_ == EventsFormat::protobuf) {
+      message.content_type = amqp::events_protobuf_type;
+      for (size_t i = 0; i < count; ++i)
+        amqp::append_delimited(message.body, events[i]);
+    } else {
+      message.content_type = amqp::events_json_lines_type;
+      for (size_t i = 0; i < count; ++i)
+        amqp::append_json_line(message.body, events[i]);
+    }
     auto seq = client.publish(message);
     if (!seq)
       return tl::unexpected(seq.error());
@@ -261,6 +276,7 @@ Result<void> AmqpNodeJobs::publish(amqp::Client& client) {
   for (auto& event : outbox_->take_all()) {
     if (auto i = jobs_.find(event.job_id()); i != jobs_.end() && event.has_result())
       i->second.has_result = true;
+    event.set_v(event_format_version);  // as in a JSON line: a reader can refuse newer ones
     auto& line = pending_[event.job_id()];
     line.push_back(std::move(event));
   }
@@ -269,15 +285,18 @@ Result<void> AmqpNodeJobs::publish(amqp::Client& client) {
       return published;
     i = i->second.empty() ? pending_.erase(i) : std::next(i);
   }
+  // What is left waits for its batch to be due, a confirm or the broker: more
+  // output need not wake the loop before then (next_look).
+  outbox_->wake_on_output(pending_.empty());
   return {};
 }
 
 std::chrono::milliseconds AmqpNodeJobs::next_look() const {
   if (blocked_ || unconfirmed_.size() >= confirm_window)
-    return 50ms;  // a confirm or the unblocking is a frame: it wakes the loop
+    return longest_sleep;  // a confirm or the unblocking is a frame: it wakes the loop
   if (jobs_.empty() && pending_.empty())
-    return 50ms;
-  auto wait = std::chrono::milliseconds(look_while_running);
+    return longest_sleep;
+  auto wait = outbox_->wake_fd() >= 0 ? longest_sleep : look_without_wake_fd;
   const auto now = std::chrono::steady_clock::now();
   for (const auto& [id, events] : pending_)
     if (auto job = jobs_.find(id); job != jobs_.end() && !events.empty())

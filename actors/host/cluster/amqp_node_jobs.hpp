@@ -19,8 +19,8 @@
 // result says `redelivered`, and a follower shows one run only.
 //
 // Events go out in batches: one message carries consecutive events of one job
-// (JSON Lines, at most max_batch_bytes), because a persistent, confirmed message
-// costs the broker, the node and every follower far more than its bytes. A job's
+// (length-delimited binary protobuf, or JSON Lines: runtime/amqp/event_batch.hpp;
+// at most max_batch_bytes), because a persistent, confirmed message costs the broker, the node and every follower far more than its bytes. A job's
 // events go at once when its last message went out at least batch_hold ago, and
 // gather until then otherwise: a lone line is not held, and a flood goes out in
 // a few large messages.
@@ -46,11 +46,14 @@
 
 namespace solstice::cluster_cli {
 
+// How a node writes its messages of events (`node --amqp-events-format`).
+enum class EventsFormat { protobuf, json_lines };
+
 class AmqpNodeJobs {
  public:
   AmqpNodeJobs(caf::actor_system& sys, const amqp::Names& names, runner_node_actor node,
                std::shared_ptr<EventOutbox> outbox, event_sink_actor sink,
-               std::string node_name, uint32_t slots);
+               std::string node_name, uint32_t slots, EventsFormat events_format);
 
   // A delivery on the current connection: a new job starts (or waits for a
   // slot), a job of this node's comes back, anything else is dead-lettered.
@@ -61,9 +64,11 @@ class AmqpNodeJobs {
   // broker allow (a batch that may still grow waits); an error: the
   // connection is unusable.
   Result<void> publish(amqp::Client& client);
-  // How long the connection's loop may wait for a frame before it must look at
-  // the outbox again: short while jobs run (their events wait meanwhile).
+  // How long the connection's loop may sleep (waking early for a frame or for
+  // wake_fd): until a held batch is due.
   std::chrono::milliseconds next_look() const;
+  // Readable while the jobs have new events (the outbox's wake fd; -1: none).
+  int wake_fd() const { return outbox_->wake_fd(); }
   // The broker confirmed (or refused) publishes.
   void settle(amqp::Client& client, const amqp::Confirm& confirm);
   void set_blocked(bool blocked) { blocked_ = blocked; }
@@ -123,6 +128,7 @@ class AmqpNodeJobs {
   event_sink_actor sink_;
   std::string node_name_;
   uint32_t slots_;
+  EventsFormat events_format_;
   caf::scoped_actor self_;
   bool blocked_ = false;
   bool stopping_ = false;

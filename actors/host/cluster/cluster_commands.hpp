@@ -39,6 +39,7 @@ struct NodeOptions {
   std::string config_file, state_dir, accel;
   std::string metrics_listen;  // HOST:PORT of /metrics and /healthz, "" none
   bool cold = false;           // every job boots cold (snapshots: off)
+  std::string amqp_events_format = "protobuf";  // or "json": messages of events on AMQP
 };
 
 struct SubmitOptions {
