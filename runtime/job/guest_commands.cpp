@@ -155,11 +155,14 @@ if [ -d /etc/dropbear ] && command -v dropbear >/dev/null 2>&1; then
 	dropbearconvert openssh dropbear /run/solstice-host-key /etc/dropbear/dropbear_ed25519_host_key.new >/dev/null 2>&1
 	rm -f /run/solstice-host-key
 	mv -f /etc/dropbear/dropbear_ed25519_host_key.new /etc/dropbear/dropbear_ed25519_host_key
-	# The listener is the dropbear whose parent is init; this session's own stays.
+	# The listener is the dropbear whose parent is init; this session's own stays
+	# (found first, killed after: once the listener is gone, init adopts the session's).
+	listeners=
 	for stat in /proc/[0-9]*/stat; do
 		read -r pid comm _ ppid _ <"$stat" 2>/dev/null || continue
-		if [ "$comm" = "(dropbear)" ] && [ "$ppid" = 1 ]; then kill "$pid"; fi
+		if [ "$comm" = "(dropbear)" ] && [ "$ppid" = 1 ]; then listeners="$listeners $pid"; fi
 	done
+	[ -z "$listeners" ] || kill $listeners
 	n=0
 	while [ $n -lt 100 ] && listening; do sleep 0.02; n=$((n + 1)); done
 	setsid dropbear -F -E -s -p 22 -W 2097152 -r /etc/dropbear/dropbear_ed25519_host_key \
@@ -226,7 +229,7 @@ exec 3>&-
 // Run as root: $1 authorized_keys, $2 the port's name, $3 the agent, $4 the
 // identity script, $5 the user's uid:gid. /sys names each virtio-serial port;
 // devtmpfs has its node. OpenSSH's host keys of other types than the clones'
-// go now, so that no clone has to start `rm` for them.
+// go now (with or without the port), so that no clone has to start `rm` for them.
 constexpr const char* agent_installer = R"SH(find_port() {
 	for name in /sys/class/virtio-ports/*/name; do
 		[ -r "$name" ] && [ "$(cat "$name")" = "$2" ] || continue
@@ -236,6 +239,13 @@ constexpr const char* agent_installer = R"SH(find_port() {
 	done
 	return 1
 }
+for key in /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; do
+	[ -e "$key" ] || continue
+	case $key in */ssh_host_ed25519_key | */ssh_host_ed25519_key.pub) ;; *) rm -f "$key" ;; esac
+done
+# A clone rewrites these in place (they keep their modes): private and public.
+[ ! -e /etc/ssh/ssh_host_ed25519_key ] || chmod 0600 /etc/ssh/ssh_host_ed25519_key
+[ ! -e /etc/ssh/ssh_host_ed25519_key.pub ] || chmod 0644 /etc/ssh/ssh_host_ed25519_key.pub
 port=
 if ! find_port "$@" && modprobe virtio_console >/dev/null 2>&1; then
 	for _ in $(seq 50); do find_port "$@" && break; sleep 0.1; done
@@ -244,10 +254,6 @@ if [ -z "$port" ] || [ ! -c "$port" ]; then
 	echo "solstice: no virtio-serial port named $2 in this guest" >&2
 	exit 3
 fi
-for key in /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; do
-	[ -e "$key" ] || continue
-	case $key in */ssh_host_ed25519_key | */ssh_host_ed25519_key.pub) ;; *) rm -f "$key" ;; esac
-done
 setsid /bin/sh -c "$3" solstice-identity-agent "$1" "$port" "$4" "$5" </dev/null >/dev/null 2>&1 &
 )SH";
 

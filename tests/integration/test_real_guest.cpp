@@ -420,7 +420,7 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
     CHECK(values["SECRET"] == "same");
     CHECK(values["JOBDIR"] == "700 " + values["ME"]);
     CHECK(values["ENVFILE"] == "600 " + values["ME"]);
-    CHECK(values["UPDIR"] == "700 " + values["ME"] + " 700 " + values["ME"] + " ");
+    CHECK(values["UPDIR"] == "700 " + values["ME"] + " 700 " + values["ME"]);
     CHECK(values["UPLOAD"] == "uploaded");
   }
   CHECK(seen["cloud-clone-a"]["HOSTKEY"] != seen["cloud-clone-b"]["HOSTKEY"]);

@@ -166,7 +166,7 @@ void check_job_files(const Sandbox& sandbox, const std::string& id) {
   CHECK(printed.values["SECRET"] == "same");
   CHECK(printed.values["JOBDIR"] == "700 0:0");
   CHECK(printed.values["ENVFILE"] == "600 0:0");
-  CHECK(printed.values["UPDIR"] == "700 0:0 700 0:0 ");
+  CHECK(printed.values["UPDIR"] == "700 0:0 700 0:0");
   CHECK(contains(printed.values["UPLOAD"], "uploaded"));
 }
 
