@@ -65,7 +65,7 @@ GuestJobFiles guest_job_files(const v1::JobSpec& job);
 // The identity a restored clone of `handle` gets (its job's key only, the handle's
 // host key, its job's hostname and instance id, the host's clock now and 64 bytes
 // of host randomness, and `job_files` when given), as make_identity_input's text:
-// the stdin of identity_command over SSH, or the line sent over the channel (base64).
+// the stdin of identity_command over SSH, or the line sent over the channel (identity_line).
 std::string clone_identity_input(const v1::VmHandle& handle,
                                  const std::optional<GuestJobFiles>& job_files = std::nullopt);
 
