@@ -12,9 +12,14 @@ marker, on the built test guest, TCG:
                    over --jobs restored jobs (and the cold ones of the pairs)
   8 at once        one `run` of 8 restored jobs (max_concurrent_vms 8): p50 of each
                    job's spawn -> first byte, against the single-job p50
+  baseline         with --baseline-runner, a second runner (e.g. the one before a
+                   change) builds its own template and its restored jobs alternate
+                   with this runner's, one for one, so both meet the same load; its
+                   first byte p50 and phases are reported beside this runner's
 
   bench/restore.py --runner build/solstice-runner --guest-dir build/test-guest \
-                   [--pairs 5] [--jobs 10] [--builds 2] [--concurrent 8 (0: skip)] [--json OUT]
+                   [--pairs 5 (0: no cold jobs)] [--jobs 10] [--builds 2] [--concurrent 8 (0: skip)]
+                   [--baseline-runner OTHER] [--json OUT]
 """
 import argparse
 import json
@@ -83,6 +88,7 @@ def main():
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--builds", type=int, default=2)
     parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--baseline-runner")
     parser.add_argument("--json")
     args = parser.parse_args()
     env = dict(os.environ, SOLSTICE_TEST_GUEST_DIR=os.path.abspath(args.guest_dir))
@@ -110,6 +116,13 @@ def main():
             if i + 1 < args.builds:
                 shutil.rmtree(state)
         state = os.path.join(work, f"build-{args.builds - 1}")  # has the template now
+        baseline_state = None
+        if args.baseline_runner:
+            baseline_state = os.path.join(work, "baseline")
+            done = subprocess.run([args.baseline_runner, "template", "build", "--state-dir", baseline_state,
+                                   "--accel", "tcg"], env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit("restore.py: the baseline's template build failed:\n" + done.stderr)
 
         # Cold and restored jobs alternate.
         pairs = []
@@ -125,14 +138,22 @@ def main():
                 pair[kind] = {"wall_s": wall, "first_byte_s": first[job_id]}
             pairs.append(pair)
 
-        # Restored jobs one at a time: spawn -> first byte of step output.
-        singles = []
-        for i in range(args.jobs):
-            job_id = f"single-{i}"
-            wall, first, _ = run_jobs(args.runner, env, state, work, [job_id], False)
+        # Restored jobs one at a time: spawn -> first byte of step output (the
+        # baseline's, if any, alternating with them).
+        def single(runner, where, job_id):
+            wall, first, _ = run_jobs(runner, env, where, work, [job_id], False)
             phases = {p["phase"]: int(p["duration_ms"]) / 1000
-                      for p in result_of(state, job_id).get("phases", [])}
-            singles.append({"wall_s": wall, "first_byte_s": first[job_id], "phases_s": phases})
+                      for p in result_of(where, job_id).get("phases", [])}
+            return {"wall_s": wall, "first_byte_s": first[job_id], "phases_s": phases}
+
+        singles, baseline_singles = [], []
+        for i in range(args.jobs):
+            order = [False, True] if i % 2 == 0 else [True, False]
+            for is_baseline in order if baseline_state else [False]:
+                if is_baseline:
+                    baseline_singles.append(single(args.baseline_runner, baseline_state, f"baseline-{i}"))
+                else:
+                    singles.append(single(args.runner, state, f"single-{i}"))
 
         # N restored jobs at once, in one process (--concurrent 0: not measured).
         many = None
@@ -150,19 +171,33 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     med = statistics.median
-    ratio = med([p["restored"]["wall_s"] / p["cold"]["wall_s"] for p in pairs])
     single_p50 = med([s["first_byte_s"] for s in singles])
     many_p50 = med(many["first_byte_s"]) if many else None
     rows = [
         ("template build (wall, `template build`)", "s", med([b["wall_s"] for b in builds]), None, "-"),
         ("template build (recorded build_ms)", "s", med([b["build_ms"] / 1000 for b in builds]), None, "-"),
         ("template state file", "MiB", med([b["state_bytes"] / 2**20 for b in builds]), None, "-"),
-        ("job wall time, cold (no-op step)", "s", med([p["cold"]["wall_s"] for p in pairs]), None, "-"),
-        ("job wall time, restored", "s", med([p["restored"]["wall_s"] for p in pairs]), ratio,
-         "ratio <= 0.25"),
-        ("run -> first byte of step output, cold", "s", med([p["cold"]["first_byte_s"] for p in pairs]), None, "-"),
-        (f"run -> first byte, restored, p50 of {args.jobs}", "s", single_p50, None, "-"),
     ]
+    if pairs:
+        ratio = med([p["restored"]["wall_s"] / p["cold"]["wall_s"] for p in pairs])
+        rows += [
+            ("job wall time, cold (no-op step)", "s", med([p["cold"]["wall_s"] for p in pairs]), None, "-"),
+            ("job wall time, restored", "s", med([p["restored"]["wall_s"] for p in pairs]), ratio,
+             "ratio <= 0.25"),
+            ("run -> first byte of step output, cold", "s", med([p["cold"]["first_byte_s"] for p in pairs]),
+             None, "-"),
+        ]
+    rows.append((f"run -> first byte, restored, p50 of {args.jobs}", "s", single_p50, None, "-"))
+    if baseline_singles:
+        baseline_p50 = med([s["first_byte_s"] for s in baseline_singles])
+        rows.append((f"baseline runner: first byte, restored, p50 of {args.jobs}", "s", baseline_p50,
+                     single_p50 / baseline_p50, "-"))
+        for name in sorted({n for s in singles + baseline_singles for n in s["phases_s"]}):
+            if name.startswith("step:") or name in ("prepare", "console_handoff", "shutdown"):
+                continue
+            for label, runs in (("", singles), ("baseline ", baseline_singles)):
+                values = [s["phases_s"].get(name, 0.0) for s in runs]
+                rows.append((f"{label}phase {name}, p50", "s", med(values), None, "-"))
     if many:
         rows += [
             (f"{args.concurrent} restored at once: first byte p50", "s", many_p50, many_p50 / single_p50,
@@ -173,7 +208,8 @@ def main():
     for name, unit, value, r, target in rows:
         print(f"{name:52} {unit:5} {value:8.2f} {'' if r is None else f'{r:6.3f}':>6}  {target}")
     raw.update({"duration_s": now() - started, "pairs": pairs, "singles": singles, "many": many,
-                "builds": builds,
+                "builds": builds, "baseline_runner": args.baseline_runner,
+                "baseline_singles": baseline_singles,
                 "rows": [{"metric": n, "unit": u, "value": v, "ratio": r, "target": t}
                          for n, u, v, r, t in rows]})
     raw["machine"]["load_average_at_end"] = os.getloadavg()

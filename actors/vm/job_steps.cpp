@@ -309,6 +309,12 @@ void set_up_guest(supervisor_pointer self) {
   // no boot key left in its handle: only the others get it here, over SSH.
   if (!st.vm.incoming_state().empty() && !st.vm.boot_private_key().empty())
     return give_fresh_identity(self);
+  // The identity agent made the job's files with the identity (in its `identity`
+  // phase; its template waited for cloud-init before it was saved): no set-up.
+  if (!st.vm.incoming_state().empty() && st.vm.job_files_made()) {
+    st.phase = phase::uploads;
+    return upload_file(self, 0);
+  }
   create_job_files(self);
 }
 
@@ -320,15 +326,10 @@ static void create_job_files(supervisor_pointer self) {
   auto& st = self->state;
   // Its own phase: on a cloud-init guest it holds the wait for cloud-init.
   begin_phase(self, "setup");
-  std::vector<std::string> dirs;
-  for (const auto& upload : st.job.uploads())
-    dirs.push_back(fs::path(upload.destination()).parent_path().string());
-  std::map<std::string, std::string> env(st.job.env().begin(), st.job.env().end());
-  env["SOLSTICE_JOB_ID"] = st.job.id();
-  std::map<std::string, std::string> secrets(st.job.secrets().begin(), st.job.secrets().end());
+  auto files = guest_job_files(st.job);
   // The set-up waits for cloud-init to finish, which belongs to the boot.
   self->request(st.shell, st.timeouts.transfer, exec_atom::value, runner_setup_step,
-                setup_command(dirs), make_env_file(env, secrets), bring_up_timeout_ms(st))
+                setup_command(files.directories), files.env_file, bring_up_timeout_ms(st))
     .then(
       [=](v1::StepResult& result) {
         auto& st = self->state;

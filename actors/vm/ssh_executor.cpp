@@ -135,18 +135,25 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
       self->state.ok_replies.emplace(id, rp);
       return rp;
     },
-    [=](identity_atom, const v1::VmHandle& handle, uint32_t timeout_ms) {
+    [=](identity_atom, const v1::VmHandle& handle, std::vector<std::string>& directories,
+        std::string& env_file, uint32_t timeout_ms) {
       auto deadline = std::chrono::steady_clock::now() + milliseconds(timeout_ms);
-      auto id = post(self, [handle, deadline, channel = self->state.channel](
+      auto files_note = std::make_shared<std::string>();
+      GuestJobFiles files{std::move(directories), std::move(env_file)};
+      auto id = post(self, [handle, files = std::move(files), files_note, deadline,
+                            channel = self->state.channel](
                              std::optional<SshSession>&, std::atomic<bool>& cancel,
                              v1::StepResult&, const ssh_executor_internal&) -> std::string {
         // The clock and the randomness are taken now, as the guest gets them.
-        auto given = give_identity_over_channel(*channel, clone_identity_input(handle), deadline,
-                                                &cancel);
-        return given ? std::string{} : given.error().message;
+        auto given = give_identity_over_channel(*channel, clone_identity_input(handle, files),
+                                                deadline, &cancel);
+        if (!given)
+          return given.error().message;
+        *files_note = *given;
+        return {};
       });
-      auto rp = self->make_response_promise<ok_atom>();
-      self->state.ok_replies.emplace(id, rp);
+      auto rp = self->make_response_promise<std::string>();
+      self->state.text_replies.emplace(id, std::pair{rp, files_note});
       return rp;
     },
     [=](rekey_atom, const v1::VmHandle& handle, uint32_t timeout_ms) -> caf::result<ok_atom> {
@@ -314,6 +321,12 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
         else
           i->second.deliver(err());
         st.ok_replies.erase(i);
+      } else if (auto t = st.text_replies.find(id); t != st.text_replies.end()) {
+        if (error.empty())
+          t->second.first.deliver(std::move(*t->second.second));
+        else
+          t->second.first.deliver(err());
+        st.text_replies.erase(t);
       } else if (auto j = st.exec_replies.find(id); j != st.exec_replies.end()) {
         if (error.empty())
           j->second.deliver(std::move(result));

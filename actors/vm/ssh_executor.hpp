@@ -38,6 +38,9 @@ struct ssh_executor_state {
   std::shared_ptr<ByteCredit> output_credit = std::make_shared<ByteCredit>(output_credit_bytes);
   std::map<uint64_t, caf::typed_response_promise<ok_atom>> ok_replies;
   std::map<uint64_t, caf::typed_response_promise<v1::StepResult>> exec_replies;
+  // Operations that answer a text, which their work leaves in the shared string.
+  std::map<uint64_t, std::pair<caf::typed_response_promise<std::string>, std::shared_ptr<std::string>>>
+    text_replies;
   // Cancel flags of the operations not finished yet.
   std::map<uint64_t, std::shared_ptr<std::atomic<bool>>> in_flight;
   // Declared last: destroyed first, after the destructor has cancelled all work.

@@ -12,6 +12,7 @@
 
 #include "actors/runner_types.hpp"
 #include "actors/vm/vm_attempt_parts.hpp"
+#include "runtime/vm/identity_channel.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice::attempt {
@@ -28,23 +29,33 @@ nlohmann::json reply_json(const std::string& reply) {
   return nlohmann::json::parse(reply, nullptr, false);
 }
 
-// The clone takes its identity over its port; from then on its guest has the job's
-// key and host key only, and the handle says so (no boot key: `ready` and the
-// job's set-up use the job's own).
+// The clone takes its identity over its port, and its job's directories and env
+// file with it (no set-up exec then: a program start less on the emulated CPU,
+// and the first exec over SSH is the first step). From then on its guest has the
+// job's key and host key only, and the handle says so (no boot key: `ready` and
+// the job's steps use the job's own).
 void give_identity(attempt_pointer self) {
   auto& st = self->state;
   st.phase = phase::identifying;
   self->send(st.observer, timing_atom::value, std::string{"identity"}, true);
   auto timeout = boot_timeout_of(st);
+  auto files = guest_job_files(st.spec.job);
   self->request(st.ssh, timeout + std::chrono::seconds(30), identity_atom::value, st.vm,
+                std::move(files.directories), std::move(files.env_file),
                 static_cast<uint32_t>(timeout.count()))
     .then(
-      [=](ok_atom) {
+      [=](const std::string& files_note) {
         auto& st = self->state;
         if (st.phase != phase::identifying)
           return unexpected(self, "identity given");
         st.vm.clear_boot_private_key();
         st.vm.clear_boot_host_key();
+        // Otherwise the job's set-up makes them, and says what goes wrong.
+        st.vm.set_job_files_made(files_note.empty());
+        if (!files_note.empty())
+          self->send(st.observer, notice_atom::value,
+                     "the identity agent did not make the job's files (the set-up makes them): " +
+                       files_note);
         self->send(st.observer, timing_atom::value, std::string{"identity"}, false);
         wait_for_ssh(self);
       },

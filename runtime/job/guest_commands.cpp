@@ -1,6 +1,9 @@
 #include "runtime/job/guest_commands.hpp"
 
+#include <algorithm>
+#include <cctype>
 #include <cstdio>
+#include <cstring>
 
 #include "runtime/ssh/ssh_keys.hpp"
 
@@ -67,19 +70,25 @@ namespace solstice {
 
 namespace {
 
-// Reads the input's lines, then the host key (the rest). Each part says what
-// failed; the RNG reseed is best effort (a guest without perl still gets the
-// bytes mixed in, and a kernel with the vmgenid driver reseeds by itself).
-// Shell built-ins wherever they do the work: every program started costs a clone
-// on TCG 50-150 ms (its code translated anew), and the clone waits for this.
+// $1 the user's authorized_keys, $2 the user's uid:gid (for the job files). Reads
+// the input's lines, then the host key (the rest). Each part says what failed;
+// the RNG reseed is best effort (a guest without perl still gets the bytes mixed
+// in). Exits 0, or 4 when all but the job files was done (make_job_files says
+// why on stderr). Shell built-ins wherever they do the work: every program
+// started costs a clone on TCG 50-150 ms (its code translated anew), and the
+// clone waits for this.
 constexpr const char* identity_script = R"SH(set -e
 keys=$1
+owner=$2
 read -r authorized_key
 read -r new_hostname
 read -r instance_id
 read -r now
 read -r random
 read -r host_key_public
+IFS= read -r job_dirs
+IFS= read -r job_env_path
+IFS= read -r job_env
 host_key=
 while IFS= read -r line; do host_key="$host_key$line
 "; done
@@ -94,7 +103,10 @@ printf '%s\n' "$authorized_key" >"$keys"
 umask 022  # hostname and instance id are for everyone to read
 date -u -s "@$now" >/dev/null
 printf "$random" >/dev/urandom  # octal escapes, made by the runner
-if command -v perl >/dev/null 2>&1; then
+# A bound vmgenid driver reseeded the kernel's RNG on QEMU's new GUID for this clone.
+vmgenid=
+for d in /sys/bus/acpi/drivers/vmgenid/*:*; do [ ! -e "$d" ] || vmgenid=1; done
+if [ -z "$vmgenid" ] && command -v perl >/dev/null 2>&1; then
 	perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' \
 		|| echo "solstice: the kernel RNG was not reseeded (RNDRESEEDCRNG failed)" >&2
 fi
@@ -111,22 +123,58 @@ if [ -w /etc/hosts ]; then
 fi
 echo "$instance_id" >/run/instance-id
 if [ -d /var/lib/cloud/data ]; then echo "$instance_id" >/var/lib/cloud/data/instance-id; fi
+# The job's files, as the set-up makes them as the user: $job_dirs lists every
+# component of every directory, parents first (shell words made by the runner);
+# the ones made here and the env file (0600) get the user's uid:gid.
+make_job_files() {
+	eval "set -- $job_dirs"
+	new= i=0
+	for dir; do
+		i=$((i + 1))
+		[ -e "$dir" ] || new="$new \"\${$i}\""
+	done
+	mkdir -p -- "$@" || return 1
+	printf "$job_env" >"$job_env_path" || return 1
+	[ "$owner" = 0:0 ] || eval "chown -h -- \"\$owner\" $new \"\$job_env_path\"" || return 1
+}
 umask 077
-listening() { grep -q '^ *[0-9]*: [0-9A-F]*:0016 [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null; }
+job_files=0
+[ -z "$job_dirs" ] || make_job_files || job_files=4
+# Something listens on port 22 (state 0A), read with built-ins.
+listening() {
+	for table in /proc/net/tcp /proc/net/tcp6; do
+		[ -r "$table" ] || continue
+		while read -r _ local _ state _; do
+			case "$local $state" in *:0016" "0A) return 0 ;; esac
+		done <"$table"
+	done
+	return 1
+}
 if [ -d /etc/dropbear ] && command -v dropbear >/dev/null 2>&1; then
 	printf '%s' "$host_key" >/run/solstice-host-key
 	dropbearconvert openssh dropbear /run/solstice-host-key /etc/dropbear/dropbear_ed25519_host_key.new >/dev/null 2>&1
 	rm -f /run/solstice-host-key
 	mv -f /etc/dropbear/dropbear_ed25519_host_key.new /etc/dropbear/dropbear_ed25519_host_key
-	# The listener is the dropbear whose parent is init; this session's own stays.
-	for pid in $(pidof dropbear); do
-		if [ "$(cut -d' ' -f4 /proc/$pid/stat)" = 1 ]; then kill "$pid"; fi
+	# The listener is the dropbear whose parent is init; this session's own stays
+	# (found first, killed after: once the listener is gone, init adopts the session's).
+	listeners=
+	for stat in /proc/[0-9]*/stat; do
+		read -r pid comm _ ppid _ <"$stat" 2>/dev/null || continue
+		if [ "$comm" = "(dropbear)" ] && [ "$ppid" = 1 ]; then listeners="$listeners $pid"; fi
 	done
-	for _ in $(seq 100); do listening || break; sleep 0.02; done
+	[ -z "$listeners" ] || kill $listeners
+	n=0
+	while [ $n -lt 100 ] && listening; do sleep 0.02; n=$((n + 1)); done
 	setsid dropbear -F -E -s -p 22 -W 2097152 -r /etc/dropbear/dropbear_ed25519_host_key \
-		</dev/null >>/var/log/dropbear.log 2>&1 &
+		</dev/null >>/var/log/dropbear.log 2>&1 3>&- &
 elif [ -d /etc/ssh ]; then
-	rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+	# Its only host key is the new one (the template's build removed the others
+	# where it could: one program start less here).
+	others=
+	for f in /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; do
+		case $f in */ssh_host_ed25519_key | */ssh_host_ed25519_key.pub) ;; *) [ ! -e "$f" ] || others=1 ;; esac
+	done
+	[ -z "$others" ] || rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
 	printf '%s' "$host_key" >/etc/ssh/ssh_host_ed25519_key
 	umask 022  # the public key is public, as sshd's own are
 	printf '%s\n' "$host_key_public" >/etc/ssh/ssh_host_ed25519_key.pub
@@ -144,17 +192,19 @@ else
 	echo "solstice: no dropbear or OpenSSH server to give the new host key" >&2
 	exit 1
 fi
-for _ in $(seq 250); do listening && exit 0; sleep 0.02; done
+n=0
+while [ $n -lt 250 ]; do listening && exit $job_files; sleep 0.02; n=$((n + 1)); done
 echo "solstice: the SSH server did not listen again" >&2
 exit 1
 )SH";
 
 // Run as root: $1 the user's authorized_keys, $2 the port's device, $3 the
-// identity script. Nothing but the one line is read from the port; the answer is
-// one line too (the failing command's stderr, on one line).
+// identity script, $4 the user's uid:gid. Nothing but the one line is read from
+// the port; the answer is one line too (the failing command's stderr, on one line).
 constexpr const char* agent_script = R"SH(keys=$1
 port=$2
 identity=$3
+owner=$4
 exec 3<>"$port" || exit 1
 printf '%s\n' 'solstice-identity ready' >&3
 line=
@@ -162,8 +212,14 @@ line=
 until IFS= read -r line <&3 && [ -n "$line" ]; do
 	sleep 0.2 2>/dev/null || sleep 1
 done
-if out=$(printf '%s\n' "$line" | base64 -d | /bin/sh -c "$identity" identity "$keys" 2>&1 >/dev/null); then
+# printf decodes the line (identity_line); the script runs in a subshell of this
+# shell: no program start for either.
+out=$(printf "$line" | { set -- "$keys" "$owner"; eval "$identity"; } 2>&1 >/dev/null)
+status=$?
+if [ "$status" = 0 ]; then
 	printf '%s\n' 'solstice-identity ok' >&3
+elif [ "$status" = 4 ]; then
+	printf 'solstice-identity ok without job files: %s\n' "$(printf '%s' "$out" | tr '\n' ' ' | cut -c1-300)" >&3
 else
 	printf 'solstice-identity failed: %s\n' "$(printf '%s' "$out" | tr '\n' ' ' | cut -c1-300)" >&3
 fi
@@ -171,7 +227,9 @@ exec 3>&-
 )SH";
 
 // Run as root: $1 authorized_keys, $2 the port's name, $3 the agent, $4 the
-// identity script. /sys names each virtio-serial port; devtmpfs has its node.
+// identity script, $5 the user's uid:gid. /sys names each virtio-serial port;
+// devtmpfs has its node. OpenSSH's host keys of other types than the clones'
+// go now (with or without the port), so that no clone has to start `rm` for them.
 constexpr const char* agent_installer = R"SH(find_port() {
 	for name in /sys/class/virtio-ports/*/name; do
 		[ -r "$name" ] && [ "$(cat "$name")" = "$2" ] || continue
@@ -181,6 +239,13 @@ constexpr const char* agent_installer = R"SH(find_port() {
 	done
 	return 1
 }
+for key in /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; do
+	[ -e "$key" ] || continue
+	case $key in */ssh_host_ed25519_key | */ssh_host_ed25519_key.pub) ;; *) rm -f "$key" ;; esac
+done
+# A clone rewrites these in place (they keep their modes): private and public.
+[ ! -e /etc/ssh/ssh_host_ed25519_key ] || chmod 0600 /etc/ssh/ssh_host_ed25519_key
+[ ! -e /etc/ssh/ssh_host_ed25519_key.pub ] || chmod 0644 /etc/ssh/ssh_host_ed25519_key.pub
 port=
 if ! find_port "$@" && modprobe virtio_console >/dev/null 2>&1; then
 	for _ in $(seq 50); do find_port "$@" && break; sleep 0.1; done
@@ -189,7 +254,7 @@ if [ -z "$port" ] || [ ! -c "$port" ]; then
 	echo "solstice: no virtio-serial port named $2 in this guest" >&2
 	exit 3
 fi
-setsid /bin/sh -c "$3" solstice-identity-agent "$1" "$port" "$4" </dev/null >/dev/null 2>&1 &
+setsid /bin/sh -c "$3" solstice-identity-agent "$1" "$port" "$4" "$5" </dev/null >/dev/null 2>&1 &
 )SH";
 
 // The script as sent: without its comment lines (a command line is bounded, e.g.
@@ -208,35 +273,81 @@ std::string quoted_script(const char* script) {
   return shell_quote(out);
 }
 
-// Runs as root: itself for root, through sudo -n for another user.
+// Runs as root: itself for root, through sudo -n for another user (whose
+// uid:gid $owner keeps).
 constexpr const char* as_root_prefix =
-  "keys=\"$HOME/.ssh/authorized_keys\"; as_root=; [ \"$(id -u)\" = 0 ] || as_root=\"sudo -n\"; ";
+  "keys=\"$HOME/.ssh/authorized_keys\"; owner=\"$(id -u):$(id -g)\"; as_root=; "
+  "[ \"${owner%%:*}\" = 0 ] || as_root=\"sudo -n\"; ";
 
 }  // namespace
 
 std::string identity_agent_command(const std::string& port_name) {
   return std::string{as_root_prefix} + "$as_root /bin/sh -c " + quoted_script(agent_installer) +
          " install \"$keys\" " + shell_quote(port_name) + " " + quoted_script(agent_script) + " " +
-         quoted_script(identity_script);
+         quoted_script(identity_script) + " \"$owner\"";
 }
 
 std::string identity_command() {
   return std::string{as_root_prefix} + "$as_root /bin/sh -c " + quoted_script(identity_script) +
-         " identity \"$keys\"";
+         " identity \"$keys\" \"$owner\"";
 }
+
+namespace {
+
+// `bytes` as a printf format that prints them (one line, written by a shell
+// built-in): octal escapes for all but plain characters (`all`: for every byte;
+// never a leading `-`, which printf would take for an option).
+std::string printf_format(const std::string& bytes, bool all = false) {
+  std::string out;
+  for (unsigned char c : bytes) {
+    if (!all && c != '\0' && (std::isalnum(c) || std::strchr(" ,./:=@_+'", c) != nullptr)) {
+      out += static_cast<char>(c);
+      continue;
+    }
+    char escape[5];
+    std::snprintf(escape, sizeof escape, "\\%03o", c);
+    out += escape;
+  }
+  return out;
+}
+
+// The job files' lines: every component of every directory, parents first, as
+// shell words; the env file's path; its text as a printf format.
+std::string job_files_lines(const GuestJobFiles& files) {
+  std::vector<std::string> all{guest_job_dir};
+  all.insert(all.end(), files.directories.begin(), files.directories.end());
+  std::vector<std::string> components;
+  for (const auto& directory : all) {
+    if (directory.empty())
+      continue;
+    // "/a/b/c": "/a", "/a/b", "/a/b/c"
+    for (auto end = directory.find('/', 1);; end = directory.find('/', end + 1)) {
+      auto component = directory.substr(0, end);
+      if (component != "/" && std::find(components.begin(), components.end(), component) == components.end())
+        components.push_back(component);
+      if (end == std::string::npos)
+        break;
+    }
+  }
+  std::string words;
+  for (const auto& component : components)
+    words += (words.empty() ? "" : " ") + shell_quote(component);
+  return words + "\n" + env_file_path() + "\n" + printf_format(files.env_file) + "\n";
+}
+
+}  // namespace
 
 std::string make_identity_input(const GuestIdentity& identity) {
   const int64_t seconds = (identity.unix_now_us + 500000) / 1000000;
-  // The random bytes as printf's octal escapes: written by a shell built-in.
-  std::string octal;
-  for (unsigned char c : identity.random_bytes) {
-    char escape[5];
-    std::snprintf(escape, sizeof escape, "\\%03o", c);
-    octal += escape;
-  }
   return identity.authorized_key + "\n" + identity.hostname + "\n" + identity.instance_id + "\n" +
-         std::to_string(seconds) + "\n" + octal + "\n" + identity.host_key_public + "\n" +
+         std::to_string(seconds) + "\n" + printf_format(identity.random_bytes, true) + "\n" +
+         identity.host_key_public + "\n" +
+         (identity.job_files ? job_files_lines(*identity.job_files) : "\n\n\n") +
          identity.host_key_private;
+}
+
+std::string identity_line(const std::string& identity_input) {
+  return printf_format(identity_input);
 }
 
 }  // namespace solstice

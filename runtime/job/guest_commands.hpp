@@ -5,6 +5,7 @@
 // in its command line, which the guest's process list shows to everyone.
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -53,6 +54,13 @@ std::string step_command(unsigned index);
 
 namespace solstice {
 
+// What the set-up makes in the guest for a job (setup_command): its directories
+// and its env file (make_env_file's text, secrets included).
+struct GuestJobFiles {
+  std::vector<std::string> directories;  // besides guest_job_dir; empty names skipped
+  std::string env_file;
+};
+
 // A restored clone's fresh identity, given before any step (README "Fast starts").
 struct GuestIdentity {
   std::string authorized_key;    // the job's own public key line: the only one accepted
@@ -62,27 +70,45 @@ struct GuestIdentity {
   std::string instance_id;
   int64_t unix_now_us = 0;       // the host's wall clock when the command is sent
   std::string random_bytes;      // host randomness mixed into the guest's kernel RNG
+  // Given over the identity port only: the identity agent also makes the job's
+  // files, as the set-up would (which then does not run).
+  std::optional<GuestJobFiles> job_files;
 };
 
 // The command that gives a clone `identity` (its stdin: make_identity_input): the
 // job's key replaces every authorized key (the template's stops working at once),
-// the clock is set, the kernel RNG gets the random bytes and is reseeded
-// (RNDRESEEDCRNG, through perl where there is one), hostname and instance id change,
-// and the SSH server is restarted with the new host key (dropbear or OpenSSH). The
-// running session stays up; new connections meet the new host key. Runs as root
-// (through sudo -n for another user).
+// the clock is set, the kernel RNG gets the random bytes and is reseeded (by the
+// kernel's vmgenid driver where it is bound, else RNDRESEEDCRNG through perl where
+// there is one), hostname and instance id change, and the SSH server is restarted
+// with the new host key (dropbear or OpenSSH). The running session stays up; new
+// connections meet the new host key. Runs as root (through sudo -n for another
+// user). Over SSH the identity carries no job files (the set-up makes them).
 std::string identity_command();
 std::string make_identity_input(const GuestIdentity& identity);
+
+// make_identity_input's text as the one line the identity agent reads from its
+// port: printf's escapes (octal for newlines and all but plain characters), which
+// the agent's shell decodes with its printf built-in (no program start).
+std::string identity_line(const std::string& identity_input);
 
 // Run over SSH in a template's guest (as its user; sudo -n for root) before it is
 // saved: finds the virtio-serial port named `port_name` (loading virtio_console
 // where it is a module) and starts the identity agent there, as root and detached
 // (runtime/vm/identity_channel.hpp has its protocol). The agent writes its ready
 // line, then blocks reading one line: a clone's identity, which it gives the guest
-// as identity_command's script does (the user's authorized_keys path is fixed
-// now), writes its status line and exits. Exits 0 when the agent was started, or
-// identity_agent_no_port_exit when the guest has no such port (no driver).
+// as identity_command's script does (the user's authorized_keys path and uid:gid
+// are fixed now), makes the identity's job files (owned by that user, modes as
+// the set-up makes them), writes its status line and exits: identity_ok_line, or
+// identity_ok_without_files_prefix and why when only the job files failed (the
+// set-up then makes them), or identity_failed_prefix and why. Exits 0 when the
+// agent was started, or identity_agent_no_port_exit when the guest has no such
+// port (no driver).
 std::string identity_agent_command(const std::string& port_name);
 inline constexpr int identity_agent_no_port_exit = 3;
+
+// The agent's status lines (one per clone); runtime/vm/identity_channel.hpp reads them.
+inline constexpr const char* identity_ok_line = "solstice-identity ok";
+inline constexpr const char* identity_ok_without_files_prefix = "solstice-identity ok without job files: ";
+inline constexpr const char* identity_failed_prefix = "solstice-identity failed: ";
 
 }  // namespace solstice

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <thread>
 #include <utility>
 
@@ -158,8 +159,21 @@ Result<std::string> IdentityChannel::read_line(Deadline deadline, const std::ato
   }
 }
 
-std::string clone_identity_input(const v1::VmHandle& handle) {
+GuestJobFiles guest_job_files(const v1::JobSpec& job) {
+  GuestJobFiles files;
+  for (const auto& upload : job.uploads())
+    files.directories.push_back(std::filesystem::path(upload.destination()).parent_path().string());
+  std::map<std::string, std::string> env(job.env().begin(), job.env().end());
+  env["SOLSTICE_JOB_ID"] = job.id();
+  std::map<std::string, std::string> secrets(job.secrets().begin(), job.secrets().end());
+  files.env_file = make_env_file(env, secrets);
+  return files;
+}
+
+std::string clone_identity_input(const v1::VmHandle& handle,
+                                 const std::optional<GuestJobFiles>& job_files) {
   GuestIdentity identity;
+  identity.job_files = job_files;
   identity.authorized_key = handle.public_key();
   identity.host_key_private = handle.host_key_private();
   identity.host_key_public = handle.host_key_public();
@@ -182,12 +196,13 @@ Result<void> await_identity_agent(IdentityChannel& channel, IdentityChannel::Dea
   return {};
 }
 
-Result<void> give_identity_over_channel(IdentityChannel& channel, const std::string& identity_input,
-                                        IdentityChannel::Deadline deadline,
-                                        const std::atomic<bool>* cancel) {
-  if (auto sent = channel.send_line(base64_encode(identity_input), deadline, cancel); !sent) {
+Result<std::string> give_identity_over_channel(IdentityChannel& channel,
+                                               const std::string& identity_input,
+                                               IdentityChannel::Deadline deadline,
+                                               const std::atomic<bool>* cancel) {
+  if (auto sent = channel.send_line(identity_line(identity_input), deadline, cancel); !sent) {
     channel.close();
-    return sent;
+    return tl::unexpected(sent.error());
   }
   auto answer = channel.read_line(deadline, cancel);
   // One answer is all the runner reads: the host side closes now, whatever it was.
@@ -195,7 +210,12 @@ Result<void> give_identity_over_channel(IdentityChannel& channel, const std::str
   if (!answer)
     return fail("no answer from the guest's identity agent: " + answer.error().message);
   if (*answer == identity_ok_line)
-    return {};
+    return std::string{};
+  const std::string without_files = identity_ok_without_files_prefix;
+  if (answer->rfind(without_files, 0) == 0) {
+    auto why = printable(answer->substr(without_files.size()));
+    return why.empty() ? std::string{"the agent did not say why"} : why;
+  }
   const std::string failed = identity_failed_prefix;
   if (answer->rfind(failed, 0) == 0)
     return fail("the guest's identity agent failed: " + printable(answer->substr(failed.size())));

@@ -9,23 +9,25 @@
 //
 // The protocol, one line each way (nothing else the guest writes is trusted):
 //   agent -> runner  "solstice-identity ready"           (once, at the template build)
-//   runner -> agent  base64(make_identity_input(...))     (once per clone)
-//   agent -> runner  "solstice-identity ok"  or  "solstice-identity failed: <why>"
+//   runner -> agent  identity_line(make_identity_input(...))  (once per clone)
+//   agent -> runner  "solstice-identity ok", or "solstice-identity ok without job
+//                    files: <why>" (the identity given, the job's files not made),
+//                    or "solstice-identity failed: <why>"
 //
 // Blocking calls with a deadline and a cancel flag: run them on a worker thread.
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <optional>
 #include <string>
 
 #include "runtime/base/error.hpp"
+#include "runtime/job/guest_commands.hpp"  // GuestJobFiles, the agent's status lines
 #include "solstice.pb.h"
 
 namespace solstice {
 
 inline constexpr const char* identity_ready_line = "solstice-identity ready";
-inline constexpr const char* identity_ok_line = "solstice-identity ok";
-inline constexpr const char* identity_failed_prefix = "solstice-identity failed: ";
 
 class IdentityChannel {
  public:
@@ -56,20 +58,28 @@ class IdentityChannel {
   std::string buffered_;
 };
 
+// What the set-up makes for `job` in the guest: the directories of its uploads and
+// its env file (env, SOLSTICE_JOB_ID, secrets).
+GuestJobFiles guest_job_files(const v1::JobSpec& job);
+
 // The identity a restored clone of `handle` gets (its job's key only, the handle's
 // host key, its job's hostname and instance id, the host's clock now and 64 bytes
-// of host randomness), as make_identity_input's text: the stdin of
-// identity_command over SSH, or the line sent over the channel (base64).
-std::string clone_identity_input(const v1::VmHandle& handle);
+// of host randomness, and `job_files` when given), as make_identity_input's text:
+// the stdin of identity_command over SSH, or the line sent over the channel (identity_line).
+std::string clone_identity_input(const v1::VmHandle& handle,
+                                 const std::optional<GuestJobFiles>& job_files = std::nullopt);
 
 // The template build: waits for the agent's ready line.
 Result<void> await_identity_agent(IdentityChannel& channel, IdentityChannel::Deadline deadline);
 
-// A clone: sends `identity_input` (make_identity_input's text) as one base64 line,
-// waits for the agent's status line and closes the channel. The error says what
-// the agent answered (printable characters only, shortened) or that it did not.
-Result<void> give_identity_over_channel(IdentityChannel& channel, const std::string& identity_input,
-                                        IdentityChannel::Deadline deadline,
-                                        const std::atomic<bool>* cancel = nullptr);
+// A clone: sends `identity_input` (make_identity_input's text) as one line (identity_line),
+// waits for the agent's status line and closes the channel. The identity is
+// given: "" when the agent made the input's job files too, else why not (then
+// the set-up makes them). The error says what the agent answered (printable
+// characters only, shortened) or that it did not.
+Result<std::string> give_identity_over_channel(IdentityChannel& channel,
+                                               const std::string& identity_input,
+                                               IdentityChannel::Deadline deadline,
+                                               const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace solstice

@@ -36,7 +36,8 @@ namespace solstice {
 // Bumped when the way templates are made changes (devices, guest recipe): a
 // template of another format has another key, so it is never restored.
 // 2: the virtio-serial identity port and its agent (identity_channel.hpp).
-inline constexpr int template_format = 2;
+// 3: the agent also makes the job's files (guest_commands.hpp, GuestJobFiles).
+inline constexpr int template_format = 3;
 
 std::filesystem::path templates_dir(const std::string& state_dir);
 

@@ -194,6 +194,8 @@ struct fixture {
   // the identity port); the agent's failure, when not empty.
   bool template_has_agent = false;
   std::string identity_failure;
+  // The agent's answer about the job's files ("" when it made them).
+  std::string identity_files_note;
   // Called after each journal entry (the fault matrix injects faults here).
   std::function<void(const entry&)> on_note;
   // Fake children made, and how many of them have ended.
@@ -613,12 +615,18 @@ fake_ssh_actor::behavior_type ssh_behavior(fixture* fx, Handlers... handlers) {
             return ok_atom::value;
           },
           // detail: the key the guest is given; extra: the boot key still in the handle.
-          [=](identity_atom, const v1::VmHandle& handle, uint32_t timeout_ms) -> caf::result<ok_atom> {
+          // input: the host key and timeout, then the job files (directories | env file).
+          [=](identity_atom, const v1::VmHandle& handle, const std::vector<std::string>& directories,
+              const std::string& env_file, uint32_t timeout_ms) -> caf::result<std::string> {
+            std::string files;
+            for (const auto& directory : directories)
+              files += directory + " ";
             fx->note("ssh", "identity", handle.public_key(), handle.boot_private_key(),
-                     handle.host_key_private() + " " + std::to_string(timeout_ms));
+                     handle.host_key_private() + " " + std::to_string(timeout_ms) + "\n" + files + "| " +
+                       env_file);
             if (!fx->identity_failure.empty())
               return caf::make_error(runner_errc::ssh_failed, fx->identity_failure);
-            return ok_atom::value;
+            return fx->identity_files_note;
           }};
 }
 

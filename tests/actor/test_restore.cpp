@@ -155,10 +155,16 @@ TEST_CASE_FIXTURE(fixture, "snapshots off never asks for a template; a keeper th
 
 // The identity port (vm_restore.cpp, runtime/vm/identity_channel.hpp): a template
 // whose guest runs the identity agent gives every clone its identity before any SSH.
-TEST_CASE_FIXTURE(fixture, "a clone of a template with the identity agent takes its identity over the port before the one SSH connection") {
+TEST_CASE_FIXTURE(fixture, "a clone of a template with the identity agent takes its identity and its job's files over the port before the one SSH connection, and runs no set-up") {
   keeper_answers = "ready";
   template_has_agent = true;
-  start(two_step_job());
+  auto job = two_step_job();
+  (*job.mutable_env())["STAGE"] = "ci";
+  (*job.mutable_secrets())["TOKEN"] = "s3cret";
+  auto* upload = job.add_uploads();
+  upload->set_source("/nonexistent/tool");
+  upload->set_destination("/opt/tools/tool");
+  start(job);
   drive();
   for (int i = 0; i < 5 && result_count() == 0; ++i) {
     sched.advance_time(100ms);
@@ -182,19 +188,25 @@ TEST_CASE_FIXTURE(fixture, "a clone of a template with the identity agent takes 
   auto given = entries("ssh", "identity");
   REQUIRE(given.size() == 1);
   CHECK(given[0].detail == "ssh-ed25519 JOBKEY job");
-  CHECK(given[0].input == "job-host-key 120000");  // the boot's time
+  // The boot's time; the job's files go with the identity: the upload's directory
+  // and the env file as the set-up would write it (secrets too, never on a command line).
+  CHECK(given[0].input ==
+        "job-host-key 120000\n/opt/tools | " +
+          make_env_file({{"SOLSTICE_JOB_ID", job.id()}, {"STAGE", "ci"}}, {{"TOKEN", "s3cret"}}));
   // The one SSH connection already uses the job's key and pins the job's host key.
   CHECK(ready_handle.boot_private_key().empty());
   CHECK(ready_handle.boot_host_key().empty());
   CHECK(ready_handle.private_key() == "job-private-key");
   CHECK(count("ssh", "ready") == 1);
-  // No identity over SSH, no reconnect: the first exec is the job's set-up.
+  // No identity over SSH, no reconnect, no set-up: the upload, then the steps.
   CHECK(count("ssh", "rekey") == 0);
   auto execs = entries("ssh", "exec");
-  REQUIRE_FALSE(execs.empty());
-  CHECK(execs[0].extra.find("mkdir") != std::string::npos);
+  REQUIRE(execs.size() == 2);
+  CHECK(execs[0].extra == step_command(0));
+  CHECK(execs[1].extra == step_command(1));
   for (const auto& e : execs)
     CHECK(e.extra.find("authorized_keys") == std::string::npos);
+  CHECK(first_seq(*this, "ssh", "put_file") < first_seq(*this, "ssh", "exec"));
 
   auto r = result();
   CHECK(r.status() == v1::SUCCEEDED);
@@ -209,9 +221,33 @@ TEST_CASE_FIXTURE(fixture, "a clone of a template with the identity agent takes 
   REQUIRE(has_phase(r, "restore"));
   REQUIRE(has_phase(r, "identity"));
   REQUIRE(has_phase(r, "ssh_ready"));
+  CHECK_FALSE(has_phase(r, "setup"));  // it did not run: `identity` holds that work
   CHECK(at("restore") < at("identity"));
   CHECK(at("identity") < at("ssh_ready"));
   CHECK(at("ssh_ready") < at("console_handoff"));
+}
+
+TEST_CASE_FIXTURE(fixture, "a clone whose agent gave the identity but could not make the job's files gets the set-up over SSH") {
+  keeper_answers = "ready";
+  template_has_agent = true;
+  identity_files_note = "mkdir: cannot create directory '/opt': Read-only file system";
+  start(two_step_job());
+  drive();
+  for (int i = 0; i < 5 && result_count() == 0; ++i) {
+    sched.advance_time(100ms);
+    sched.trigger_timeouts();
+    drive();
+  }
+  auto execs = entries("ssh", "exec");
+  REQUIRE(execs.size() == 3);
+  CHECK(execs[0].extra == setup_command({}));
+  CHECK(first_seq(*this, "ssh", "identity") < first_seq(*this, "ssh", "exec"));
+  CHECK(has_notice_containing("Read-only file system"));
+  auto r = result();
+  CHECK(r.status() == v1::SUCCEEDED);
+  CHECK(r.start() == "restored");  // not a failed restore: the template stays good
+  CHECK(has_phase(r, "setup"));
+  CHECK(count("ssh", "rekey") == 0);
 }
 
 TEST_CASE_FIXTURE(fixture, "a clone whose identity agent fails is a failed restore: the template is marked stale and the job boots cold") {

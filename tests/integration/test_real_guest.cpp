@@ -351,11 +351,26 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
     "echo AUTHKEYS=$(cut -d' ' -f2 ~/.ssh/authorized_keys | tr '\\n' ,)\n"
     "echo HOSTNAME=$(hostname)\n"
     "echo INSTANCE=$(cat /run/instance-id)\n"
-    "echo CLOUD_INSTANCE=$(cat /var/lib/cloud/data/instance-id)\n";
+    "echo CLOUD_INSTANCE=$(cat /var/lib/cloud/data/instance-id)\n"
+    "echo RANDOM=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')\n"
+    // The job's files, made by the identity agent (as root) for the job's user.
+    "echo ME=$(id -u):$(id -g)\n"
+    "echo STAGE=\"$STAGE\"\n"
+    "[ \"$TOKEN\" = \"s3cr'et \\$x\" ] && echo SECRET=same || echo SECRET=differs\n"
+    "echo JOBDIR=$(stat -c '%a %u:%g' /tmp/solstice)\n"
+    "echo ENVFILE=$(stat -c '%a %u:%g' /tmp/solstice/env)\n"
+    "echo UPDIR=$(stat -c '%a %u:%g' /home/runner/job-tools /home/runner/job-tools/bin | tr '\\n' ' ')\n"
+    "echo UPLOAD=$(cat /home/runner/job-tools/bin/tool.txt)\n";
+  const auto tool = temp.path() / "tool.txt";
+  write_file(tool, "uploaded\n");
   std::vector<std::string> args{"run"};
   for (const char* id : {"cloud-clone-a", "cloud-clone-b"}) {
     const auto file = temp.path() / (std::string(id) + ".json");
     write_file(file, json{{"id", id}, {"runs_on", "debian-12-cloud"},
+                          {"env", {{"STAGE", "ci 'quoted'"}}},
+                          {"secrets", {{"TOKEN", "s3cr'et $x"}}},
+                          {"uploads", json::array({json{{"source", tool.string()},
+                                                        {"destination", "/home/runner/job-tools/bin/tool.txt"}}})},
                           {"steps", json::array({json{{"name", "identity"}, {"script", identity}}})}}
                        .dump(2));
     args.push_back(file.string());
@@ -373,9 +388,13 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
     CHECK(result.status() == v1::SUCCEEDED);
     CHECK(result.start() == "restored");
     bool one_handshake = false;  // the phases of the identity port's path
-    for (const auto& phase : result.phases())
+    bool setup = false;          // the agent made the job's files: no set-up exec
+    for (const auto& phase : result.phases()) {
       one_handshake |= phase.phase() == "ssh_ready";
+      setup |= phase.phase() == "setup";
+    }
     CHECK(one_handshake);
+    CHECK_FALSE(setup);
     auto events = read_event_log(records.at(id) / "events.jsonl");
     REQUIRE_MESSAGE(events.has_value(), why(events));
     auto& values = seen[id] = key_values(step_output(*events, 0, v1::STDOUT));
@@ -395,9 +414,20 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
     CHECK(values["HOSTNAME"] == std::string("solstice-") + id);
     CHECK(values["INSTANCE"] == std::string("solstice-") + id);
     CHECK(values["CLOUD_INSTANCE"] == std::string("solstice-") + id);
+    // The job's files as the set-up made them as the job's user (uid 1000 here).
+    CHECK(values["ME"] != "0:0");
+    CHECK(values["STAGE"] == "ci 'quoted'");
+    CHECK(values["SECRET"] == "same");
+    CHECK(values["JOBDIR"] == "700 " + values["ME"]);
+    CHECK(values["ENVFILE"] == "600 " + values["ME"]);
+    CHECK(values["UPDIR"] == "700 " + values["ME"] + " 700 " + values["ME"]);
+    CHECK(values["UPLOAD"] == "uploaded");
   }
   CHECK(seen["cloud-clone-a"]["HOSTKEY"] != seen["cloud-clone-b"]["HOSTKEY"]);
   CHECK(seen["cloud-clone-a"]["AUTHKEYS"] != seen["cloud-clone-b"]["AUTHKEYS"]);
+  // The kernel RNG was reseeded in each clone (its template's state is shared).
+  CHECK(seen["cloud-clone-a"]["RANDOM"].size() == 64);
+  CHECK(seen["cloud-clone-a"]["RANDOM"] != seen["cloud-clone-b"]["RANDOM"]);
   CHECK(processes_mentioning(state_dir.string()).empty());
 }
 

@@ -136,6 +136,40 @@ const char* identity_script =
   "echo HOSTNAME=$(hostname)\n"
   "echo INSTANCE=$(cat /run/instance-id)\n";
 
+// What a job sees of its files: the env and a secret (its value compared in the
+// guest: output hides it), the directories' and env file's owner and mode, and an
+// upload into a directory that did not exist.
+const char* job_files_script =
+  "echo STAGE=\"$STAGE\"\n"
+  "echo JOB=\"$SOLSTICE_JOB_ID\"\n"
+  "[ \"$TOKEN\" = \"s3cr'et \\$x\" ] && echo SECRET=same || echo SECRET=differs\n"
+  "echo JOBDIR=$(stat -c '%a %u:%g' /tmp/solstice)\n"
+  "echo ENVFILE=$(stat -c '%a %u:%g' /tmp/solstice/env)\n"
+  "echo UPDIR=$(stat -c '%a %u:%g' /opt/job-tools /opt/job-tools/bin | tr '\\n' ' ')\n"
+  "echo UPLOAD=$(cat /opt/job-tools/bin/tool.txt)\n";
+
+// A job running job_files_script, with an env value, a secret and an upload.
+nlohmann::json job_files_job(const Sandbox& sandbox, const std::string& id) {
+  auto job = guest_job(id, {job_files_script});
+  job["env"] = {{"STAGE", "ci 'quoted'"}};
+  job["secrets"] = {{"TOKEN", "s3cr'et $x"}};
+  auto source = sandbox.write_json("tool-" + id + ".json", {{"uploaded", true}});
+  job["uploads"] = {{{"source", source.string()}, {"destination", "/opt/job-tools/bin/tool.txt"}}};
+  return job;
+}
+
+// The job's files are as the set-up over SSH makes them (the test guest's user is uid 0).
+void check_job_files(const Sandbox& sandbox, const std::string& id) {
+  auto printed = printed_by(sandbox, id, 0);
+  CHECK(printed.values["STAGE"] == "ci 'quoted'");
+  CHECK(printed.values["JOB"] == id);
+  CHECK(printed.values["SECRET"] == "same");
+  CHECK(printed.values["JOBDIR"] == "700 0:0");
+  CHECK(printed.values["ENVFILE"] == "600 0:0");
+  CHECK(printed.values["UPDIR"] == "700 0:0 700 0:0");
+  CHECK(contains(printed.values["UPLOAD"], "uploaded"));
+}
+
 }  // namespace
 
 TEST_SUITE("templates") {
@@ -144,7 +178,9 @@ TEST_SUITE("templates") {
     Sandbox sandbox;
     give_template(sandbox);
     auto id = template_id(sandbox);
-    auto job = sandbox.write_json("job.json", guest_job("restored", {"echo step ran; hostname"}));
+    auto job_json = job_files_job(sandbox, "restored");
+    job_json["steps"].push_back({{"name", "step 2"}, {"script", "echo step ran; hostname"}});
+    auto job = sandbox.write_json("job.json", job_json);
     auto run = run_to_end(sandbox.snapshot_run_args(job, "tcg"), 300s);
     INFO(run.output());
     auto result = sandbox.result("restored");
@@ -153,6 +189,10 @@ TEST_SUITE("templates") {
     CHECK(result->start() == "restored");
     CHECK(has_phase(*result, "restore"));
     CHECK_FALSE(has_phase(*result, "boot_to_ssh"));
+    // The identity agent made the job's directories and env file: no set-up ran,
+    // and the step sees them as the set-up would have made them.
+    CHECK_FALSE(has_phase(*result, "setup"));
+    check_job_files(sandbox, "restored");
     // The test guest has virtio_console: its template runs the identity agent, and
     // the clone took its identity over the port before its one SSH connection.
     auto before = listed_templates(sandbox.state());
@@ -161,7 +201,7 @@ TEST_SUITE("templates") {
     CHECK(has_phase(*result, "identity"));
     CHECK(has_phase(*result, "ssh_ready"));
     CHECK(result->shutdown_method() == "quit");  // a clone's disk is thrown away
-    CHECK(sandbox.step_output("restored", 0) == "step ran\nsolstice-restored\n");
+    CHECK(sandbox.step_output("restored", 1) == "step ran\nsolstice-restored\n");
     CHECK(any_contains(sandbox.notices("restored"), "start: restored from template " + id));
     CHECK(contains(run.out(), "restored from template"));  // the terminal says it too
     // Cleaned up as after a cold boot; the template is untouched and still ready.
@@ -357,9 +397,10 @@ TEST_SUITE("templates") {
     auto template_key = template_line.substr(template_line.find(' ') + 1);
     template_key = template_key.substr(0, template_key.find(' '));
 
-    // A clone of it: the identity exec and the reconnect over SSH, as before.
-    job_json["id"] = "ssh-identity";
-    job_json["steps"] = nlohmann::json::array({{{"name", "identity"}, {"script", identity_script}}});
+    // A clone of it: the identity exec and the reconnect over SSH, and the set-up, as before.
+    job_json = job_files_job(sandbox, "ssh-identity");
+    job_json["runs_on"] = "no-vserial-guest";
+    job_json["steps"].push_back({{"name", "identity"}, {"script", identity_script}});
     job = sandbox.write_json("job2.json", job_json);
     auto run = run_to_end(sandbox.snapshot_run_args(job, "tcg", config), 300s);
     INFO(run.output());
@@ -369,7 +410,9 @@ TEST_SUITE("templates") {
     CHECK(result->start() == "restored");
     CHECK(has_phase(*result, "identity"));
     CHECK_FALSE(has_phase(*result, "ssh_ready"));
-    auto printed = printed_by(sandbox, "ssh-identity", 0);
+    CHECK(has_phase(*result, "setup"));
+    check_job_files(sandbox, "ssh-identity");
+    auto printed = printed_by(sandbox, "ssh-identity", 1);
     CHECK(printed.values["HOSTNAME"] == "solstice-ssh-identity");
     CHECK(printed.values["INSTANCE"] == "solstice-ssh-identity");
     CHECK_FALSE(contains(printed.values["AUTHKEYS"], template_key));

@@ -261,6 +261,35 @@ TEST_SUITE("guest_commands") {
     CHECK(run.err.find("cannot write the step script") != std::string::npos);
   }
 
+  TEST_CASE("the identity input carries the job's files as the guest's shell reads them back") {
+    GuestIdentity identity;
+    identity.authorized_key = "ssh-ed25519 AAAA job";
+    identity.hostname = "solstice-job";
+    identity.instance_id = "solstice-job";
+    identity.random_bytes = std::string("\0\n%\\-x", 6);
+    identity.host_key_public = "ssh-ed25519 BBBB";
+    identity.host_key_private = "-----BEGIN-----\nkey\n-----END-----\n";
+    // Every byte a value may hold: quotes, newlines, printf's % and \, a leading
+    // dash, spaces at both ends, UTF-8.
+    const auto env = make_env_file({{"A", " -lead %s \\n 'q' \"d\" "}, {"SOLSTICE_JOB_ID", "job"}},
+                                   {{"TOKEN", "s3cr\net\t\xc3\xa9"}});
+    identity.job_files = GuestJobFiles{{"/opt/my tools/bin", "/opt/my tools", "/srv/it's"}, env};
+    // As the identity script reads it: six lines, then the job files' three.
+    auto out = run_sh("printf %s " + shell_quote(make_identity_input(identity)) +
+                      " | { for _ in 1 2 3 4 5 6; do read -r x; done; IFS= read -r dirs; "
+                      "IFS= read -r path; IFS= read -r text; eval \"set -- $dirs\"; "
+                      "for d; do printf '[%s]' \"$d\"; done; printf '\\n%s\\n' \"$path\"; "
+                      "printf \"$text\"; read -r rest; printf '%s|' \"$rest\"; }");
+    CHECK(out == "[/tmp][/tmp/solstice][/opt][/opt/my tools][/opt/my tools/bin][/srv][/srv/it's]\n" +
+                   env_file_path() + "\n" + env + "-----BEGIN-----|");
+    // Without job files (the identity over SSH) the three lines are empty.
+    identity.job_files.reset();
+    out = run_sh("printf %s " + shell_quote(make_identity_input(identity)) +
+                 " | { for _ in 1 2 3 4 5 6; do read -r x; done; IFS= read -r a; IFS= read -r b; "
+                 "IFS= read -r c; read -r rest; printf '%s|%s|%s|%s' \"$a\" \"$b\" \"$c\" \"$rest\"; }");
+    CHECK(out == "|||-----BEGIN-----");
+  }
+
   TEST_CASE("the identity commands fit a command line dropbear accepts (at most 9000 bytes)") {
     // Exceeding it, dropbear refuses the exec: the template then had no agent.
     CHECK(identity_command().size() < 9000);

@@ -1,6 +1,6 @@
 // The host side of the identity port (runtime/vm/identity_channel.hpp) against a
 // unix socket that plays QEMU's chardev with the guest's agent behind it: the
-// identity goes as one base64 line; only the agent's one status line is read;
+// identity goes as one printf-escaped line; only the agent's one status line is read;
 // a failure, a strange answer or silence is an error that says which.
 #include <doctest/doctest.h>
 
@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -81,7 +82,7 @@ void say(int fd, const std::string& text) {
 }  // namespace
 
 TEST_SUITE("identity_channel") {
-  TEST_CASE("the identity goes as one base64 line; the agent's ok ends it and the host side closes") {
+  TEST_CASE("the identity goes as one printf-escaped line; the agent's ok ends it and the host side closes") {
     test::TempDir dir;
     const auto socket = dir.path / "identity.sock";
     FakePort port(socket, [](int fd, FakePort& self) {
@@ -105,7 +106,7 @@ TEST_SUITE("identity_channel") {
     CHECK_MESSAGE(given.has_value(), (given ? "" : given.error().message));
     CHECK_FALSE(channel->is_open());
     port.thread.join();
-    CHECK(port.received == base64_encode(input));
+    CHECK(port.received == identity_line(input));
     CHECK(port.saw_eof);
   }
 
@@ -127,8 +128,17 @@ TEST_SUITE("identity_channel") {
       received = port.received;
       eof = port.saw_eof;
     }
-    CHECK(received == base64_encode("line one\nline two\nkey\n"));
+    CHECK(received == identity_line("line one\nline two\nkey\n"));
     CHECK(received.find('\n') == std::string::npos);
+    // The agent's shell decodes it with its printf built-in.
+    std::string decoded;
+    auto* pipe = ::popen(("printf \"$(cat <<'EOF'\n" + received + "\nEOF\n)\"").c_str(), "r");
+    REQUIRE(pipe != nullptr);
+    char buf[256];
+    for (size_t n; (n = fread(buf, 1, sizeof buf, pipe)) > 0;)
+      decoded.append(buf, n);
+    ::pclose(pipe);
+    CHECK(decoded == "line one\nline two\nkey\n");
     CHECK(eof);
   }
 
