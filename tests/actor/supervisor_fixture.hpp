@@ -98,7 +98,7 @@ struct exec_plan {
   bool hold = false;
 };
 
-v1::OutputChunk chunk(v1::OutputStream stream, std::string data) {
+inline v1::OutputChunk chunk(v1::OutputStream stream, std::string data) {
   v1::OutputChunk c;
   c.set_stream(stream);
   c.set_data(std::move(data));
