@@ -106,11 +106,14 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
       auto target = target_of(handle);
       self->state.target = std::make_shared<const SshTarget>(target);
       auto deadline = std::chrono::steady_clock::now() + milliseconds(timeout_ms);
-      auto id = post(self, [target, deadline](std::optional<SshSession>& session,
-                                              std::atomic<bool>& cancel, v1::StepResult&,
-                                              const ssh_executor_internal&) -> std::string {
-        auto ready = SshSession::wait_until_ready(target, deadline, ready_poll_interval,
-                                                  [&cancel] { return cancel.load(); });
+      // A restored clone's identity agent has answered: its SSH server listens.
+      const bool listening = handle.identity_agent() && !handle.incoming_state().empty();
+      auto id = post(self, [target, deadline, listening](std::optional<SshSession>& session,
+                                                         std::atomic<bool>& cancel,
+                                                         v1::StepResult&,
+                                                         const ssh_executor_internal&) -> std::string {
+        auto ready = SshSession::wait_until_ready(
+          target, deadline, ready_poll_interval, [&cancel] { return cancel.load(); }, listening);
         if (!ready)
           return ready.error().message;
         session = std::move(*ready);

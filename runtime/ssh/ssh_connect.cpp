@@ -204,13 +204,17 @@ Result<SshSession> SshSession::connect(const SshTarget& target,
 Result<SshSession> SshSession::wait_until_ready(const SshTarget& target,
                                                 Clock::time_point deadline,
                                                 std::chrono::milliseconds interval,
-                                                const std::function<bool()>& give_up) {
+                                                const std::function<bool()>& give_up,
+                                                bool server_listening) {
   std::string where = target.user + "@" + target.host + ":" + std::to_string(target.port);
   auto started = Clock::now();
   // A forward can accept and then stay silent (e.g. QEMU's user network while the
   // guest's network is not up yet): bound each attempt, longer after timeouts so a
   // slow emulated guest still completes its handshake.
-  Clock::duration attempt_limit = 2s;
+  // A server known to listen is never dropped early: OpenSSH re-executes sshd for
+  // every connection, which with several emulated guests per core takes seconds,
+  // and each dropped attempt leaves one more sshd starting in the guest.
+  Clock::duration attempt_limit = server_listening ? Clock::duration(15s) : Clock::duration(2s);
   std::string last_error = "no attempt was made";
   // An attempt that the overall deadline cut short says less than the one before.
   bool last_cut_short = false;
@@ -231,7 +235,7 @@ Result<SshSession> SshSession::wait_until_ready(const SshTarget& target,
     auto impl = std::make_unique<Impl>();
     // Short banner waits first (the silent phase of a boot), longer ones later
     // so a very slow emulated guest still gets its banner out.
-    auto banner_wait = attempts < 20 ? Clock::duration(500ms) : attempt_limit;
+    auto banner_wait = attempts < 20 && !server_listening ? Clock::duration(500ms) : attempt_limit;
     auto attempt = connect_once(*impl, target, attempt_deadline, &give_up, banner_wait);
     ++attempts;
     if (attempt) {
@@ -246,7 +250,7 @@ Result<SshSession> SshSession::wait_until_ready(const SshTarget& target,
     if (!cut_short && !(silent && server_spoke)) last_error = attempt.error().message;
     if (!silent) server_spoke = true;
     last_cut_short = cut_short;
-    if (attempt.error().timed_out) attempt_limit = std::min<Clock::duration>(attempt_limit * 2, 16s);
+    if (attempt.error().timed_out || (silent && server_listening)) attempt_limit = std::min<Clock::duration>(attempt_limit * 2, 16s);
     auto next = std::min(deadline, Clock::now() + interval);
     while (Clock::now() < next && !(give_up && give_up()))
       std::this_thread::sleep_for(std::min<Clock::duration>(next - Clock::now(), kPollSlice));

@@ -55,11 +55,14 @@ class SshSession {
 
   // Polls connect() every `interval` until it succeeds, `deadline` passes, or
   // `give_up()` returns true (e.g. QEMU exited). The error says why it stopped and
-  // what the last attempt met.
+  // what the last attempt met. With `server_listening` (the guest has said its SSH
+  // server listens, e.g. a restored clone's identity agent), a connection is given
+  // the whole attempt to speak instead of being dropped as a silent forward.
   static Result<SshSession> wait_until_ready(const SshTarget& target,
                                              std::chrono::steady_clock::time_point deadline,
                                              std::chrono::milliseconds interval,
-                                             const std::function<bool()>& give_up);
+                                             const std::function<bool()>& give_up,
+                                             bool server_listening = false);
 
   // Runs `command` with the user's login shell; its stdin is `options.input`,
   // then EOF (empty by default). stdout/stderr chunks go to `on_output` as they
