@@ -3,6 +3,7 @@
 // SshSession against the real test guest (dropbear + sftp-server) under QEMU, and
 // against local sockets that never speak SSH.
 #include <doctest/doctest.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
 #include <sys/socket.h>
@@ -534,6 +535,33 @@ TEST_CASE("a listener that never speaks: clear error at the deadline") {
   CHECK(attempt.error().message.find(std::to_string(silent.port)) != std::string::npos);
   CHECK(elapsed >= 2s);
   CHECK(elapsed < 4s);
+}
+
+// The connections a SilentListener's backlog holds (each attempt leaves one):
+// accepted until accept would block.
+int connections_made(SilentListener& listener) {
+  ::fcntl(listener.fd, F_SETFL, ::fcntl(listener.fd, F_GETFL) | O_NONBLOCK);
+  int count = 0;
+  for (int fd; (fd = ::accept4(listener.fd, nullptr, nullptr, SOCK_CLOEXEC)) >= 0; ++count)
+    ::close(fd);
+  return count;
+}
+
+TEST_CASE("a server known to listen is given the whole attempt to speak, not dropped as a "
+          "silent forward") {
+  // A restored clone's sshd re-executes for every connection, slowly on a busy
+  // host: a dropped attempt only starts another. Without server_listening, the
+  // silent-forward rule drops a connection after 500 ms and opens the next.
+  SilentListener patient, hasty;
+  auto waited = SshSession::wait_until_ready(unreachable_target(patient.port),
+                                             Clock::now() + 2500ms, 50ms, [] { return false; },
+                                             true);
+  REQUIRE_FALSE(waited.has_value());
+  auto hurried = SshSession::wait_until_ready(unreachable_target(hasty.port),
+                                              Clock::now() + 2500ms, 50ms, [] { return false; });
+  REQUIRE_FALSE(hurried.has_value());
+  CHECK(connections_made(patient) == 1);
+  CHECK(connections_made(hasty) >= 3);
 }
 
 TEST_CASE("give_up() stops waiting at once") {
