@@ -15,6 +15,16 @@ uint64_t first_seq(const fixture& fx, const std::string& actor, const std::strin
   return UINT64_MAX;
 }
 
+// Timers (query-migrate polls, grace periods) in 100 ms ticks until the job has
+// a result, at most half a second.
+void tick_until_result(fixture& f) {
+  for (int i = 0; i < 5 && f.result_count() == 0; ++i) {
+    f.sched.advance_time(100ms);
+    f.sched.trigger_timeouts();
+    f.drive();
+  }
+}
+
 }  // namespace
 
 TEST_CASE_FIXTURE(fixture, "a restored VM loads the template's state, runs, then SSH; identity and rekey come before the job's files") {
@@ -23,11 +33,7 @@ TEST_CASE_FIXTURE(fixture, "a restored VM loads the template's state, runs, then
   start(two_step_job());
   drive();
   // query-migrate is polled on a timer while the state loads.
-  for (int i = 0; i < 5 && result_count() == 0; ++i) {
-    sched.advance_time(100ms);
-    sched.trigger_timeouts();
-    drive();
-  }
+  tick_until_result(*this);
 
   auto migrate = first_seq(*this, "qmp", "command", "migrate-incoming");
   auto cont = first_seq(*this, "qmp", "command", "cont");
@@ -84,11 +90,7 @@ TEST_CASE_FIXTURE(fixture, "a job without a template has it built first, says so
   keeper_answers = "build";
   start(two_step_job());
   drive();
-  for (int i = 0; i < 5 && result_count() == 0; ++i) {
-    sched.advance_time(100ms);
-    sched.trigger_timeouts();
-    drive();
-  }
+  tick_until_result(*this);
   CHECK(first_seq(*this, "keeper", "lookup") < first_seq(*this, "keeper", "build"));
   CHECK(first_seq(*this, "keeper", "build") < first_seq(*this, "qemu", "prepare"));
   CHECK(has_notice_containing("no template yet for image 'test-image'"));
@@ -107,11 +109,7 @@ TEST_CASE_FIXTURE(fixture, "a restore QEMU refuses marks the template stale and 
   sched.advance_time(timeouts.attempt.exit_report_grace);
   sched.trigger_timeouts();
   drive();
-  for (int i = 0; i < 5 && result_count() == 0; ++i) {
-    sched.advance_time(100ms);
-    sched.trigger_timeouts();
-    drive();
-  }
+  tick_until_result(*this);
   auto prepares = entries("qemu", "prepare");
   REQUIRE(prepares.size() == 2);
   CHECK(prepares[0].extra == "restore");
@@ -166,11 +164,7 @@ TEST_CASE_FIXTURE(fixture, "a clone of a template with the identity agent takes 
   upload->set_destination("/opt/tools/tool");
   start(job);
   drive();
-  for (int i = 0; i < 5 && result_count() == 0; ++i) {
-    sched.advance_time(100ms);
-    sched.trigger_timeouts();
-    drive();
-  }
+  tick_until_result(*this);
 
   auto connect = first_seq(*this, "ssh", "identity connect");
   auto migrate = first_seq(*this, "qmp", "command", "migrate-incoming");
@@ -233,11 +227,7 @@ TEST_CASE_FIXTURE(fixture, "a clone whose agent gave the identity but could not 
   identity_files_note = "mkdir: cannot create directory '/opt': Read-only file system";
   start(two_step_job());
   drive();
-  for (int i = 0; i < 5 && result_count() == 0; ++i) {
-    sched.advance_time(100ms);
-    sched.trigger_timeouts();
-    drive();
-  }
+  tick_until_result(*this);
   auto execs = entries("ssh", "exec");
   REQUIRE(execs.size() == 3);
   CHECK(execs[0].extra == setup_command({}));
