@@ -364,9 +364,25 @@ TEST_CASE("Ctrl-C cancels every job of the run") {
   REQUIRE(ids.size() == 2);
   for (const auto& id : ids) {
     auto record = load_record(ws, id);
+    std::string console;
+    for (const auto& line : record.result.console_tail()) console += line + "\n";
+    INFO("console of " << id << ":\n" << console);
     CHECK(record.result.status() == v1::CANCELLED);
     CHECK(record.result.exit_code() == 130);
-    CHECK(record.result.shutdown_method() == "powerdown");
+    // Each VM was asked to power off. Whether a guest obeys within the grace
+    // period is the guest's business (under a loaded host it may not): then the
+    // runner quits QEMU and says so.
+    auto noticed = [&](const std::string& text) {
+      for (const auto& event : record.events)
+        if (event.has_notice() && contains(event.notice().message(), text))
+          return true;
+      return false;
+    };
+    CHECK(noticed("QMP event POWERDOWN"));
+    if (record.result.shutdown_method() != "powerdown") {
+      CHECK(record.result.shutdown_method() == "quit");
+      CHECK(noticed("the guest did not power off in time; quitting QEMU"));
+    }
   }
   CHECK(contains(run.out, "2 jobs: 0 succeeded, 2 did not; exit code 130 from one"));
   check_nothing_left(ws);
