@@ -91,6 +91,8 @@ int build_command(const TemplateOptions& options) {
   else
     std::printf("clones take their identity over SSH: %s\n",
                 info.identity_note.empty() ? "no identity agent" : info.identity_note.c_str());
+  if (info.cloud_init_errors)
+    std::printf("cloud-init finished with errors in its guest (each job says so)\n");
   return 0;
 }
 
@@ -111,6 +113,7 @@ int list_command(const TemplateOptions& options) {
                                                  {"stale", t.stale},
                                                  {"identity_agent", t.identity_agent},
                                                  {"identity_note", t.identity_note},
+                                                 {"cloud_init_errors", t.cloud_init_errors},
                                                  {"path", t.dir.string()}}
                             .dump()
                             .c_str());

@@ -26,6 +26,11 @@ namespace fs = std::filesystem;
 using std::chrono::milliseconds;
 using phase = job_phase;
 
+// A cold boot's set-up finds it out; a clone's template recorded it.
+constexpr const char* cloud_init_errors_notice =
+  "cloud-init finished with errors in the guest (`cloud-init status --long` there says "
+  "which); the job goes on";
+
 }  // namespace
 
 // ------------------------------------------------------------------ artifacts
@@ -312,6 +317,8 @@ void set_up_guest(supervisor_pointer self) {
   // The identity agent made the job's files with the identity (in its `identity`
   // phase; its template waited for cloud-init before it was saved): no set-up.
   if (!st.vm.incoming_state().empty() && st.vm.job_files_made()) {
+    if (st.image.restore_from().cloud_init_errors())
+      notice(self, cloud_init_errors_notice);
     st.phase = phase::uploads;
     return upload_file(self, 0);
   }
@@ -337,8 +344,7 @@ static void create_job_files(supervisor_pointer self) {
           return unexpected(self, "set-up done");
         end_phase(self, "setup");
         if (result.exit_code() == setup_cloud_init_failed_exit)
-          notice(self, "cloud-init finished with errors in the guest (`cloud-init status --long` "
-                       "there says which); the job goes on");
+          notice(self, cloud_init_errors_notice);
         else if (result.exit_code() != 0)
           return infrastructure_error(
             self, with_console_tail(st, "cannot create the job's directories and " +

@@ -54,6 +54,12 @@ std::string setup_command(const std::vector<std::string>& directories) {
          std::to_string(setup_cloud_init_failed_exit) + "; }";
 }
 
+std::string template_quiet_command() {
+  return std::string{"if command -v cloud-init >/dev/null 2>&1; then "
+                     "cloud-init status --wait </dev/null >/dev/null 2>&1 || echo "} +
+         template_cloud_init_errors_word + "; fi; sync";
+}
+
 std::string step_command(unsigned index) {
   const auto path = step_script_path(index);
   const auto script = shell_quote(path);

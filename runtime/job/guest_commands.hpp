@@ -43,6 +43,13 @@ std::string setup_command(const std::vector<std::string>& directories);
 // errors (`cloud-init status` says which): the job goes on, with a notice.
 inline constexpr int setup_cloud_init_failed_exit = 97;
 
+// What a template's guest runs before it is frozen: waits for cloud-init to finish
+// (where there is one) and writes everything to disk. It prints
+// template_cloud_init_errors_word when cloud-init ended with errors, a state every
+// clone inherits (the template records it; each job gets the notice).
+std::string template_quiet_command();
+inline constexpr const char* template_cloud_init_errors_word = "solstice-cloud-init-errors";
+
 // The command that runs step `index`: writes its stdin (the make_step_script text)
 // to step_script_path(index) with mode 0755, then runs that script from $HOME
 // (or /) with the env file sourced and stdin from /dev/null. Its exit code and

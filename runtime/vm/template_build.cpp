@@ -30,11 +30,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// What the guest runs before it is frozen: cloud-init finished (where there is
-// one), everything on disk. Its output is not needed.
-constexpr const char* quiet_command =
-  "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null 2>&1; fi; sync";
-
 std::string file_tail(const fs::path& path, size_t lines) {
   std::ifstream in(path);
   std::deque<std::string> kept;
@@ -205,12 +200,11 @@ std::string start_identity_agent(SshSession& session, IdentityChannel& channel,
   return "";
 }
 
-// Boot, SSH, quiet, stop, save: the template's files end up in `dir`.
-// `identity_note`: "" when its clones take their identity over the virtio-serial
-// port, else why they take it over SSH.
+// Boot, SSH, quiet, stop, save: the template's files end up in `dir`, what was
+// learnt about its guest in `facts`.
 Result<void> run_template_vm(const v1::ImageSpec& image, const v1::RunnerConfig& config,
                              const TemplateKey& key, const std::string& accel, const fs::path& dir,
-                             std::string& identity_note) {
+                             TemplateGuestFacts& facts) {
   SshTarget target;
   auto spec = make_template_files(image, config, key, accel, dir, target);
   if (!spec)
@@ -255,12 +249,19 @@ Result<void> run_template_vm(const v1::ImageSpec& image, const v1::RunnerConfig&
     return failed(stopped ? "QEMU stopped the template's guest while it booted (a KVM that "
                             "cannot run it?)"
                           : "the template's guest did not get to SSH: " + session.error().message);
-  auto quiet = session->exec(quiet_command, [](SshStream, std::string_view) {},
-                             ExecOptions{std::chrono::seconds(boot_seconds), nullptr, {}});
+  std::string quiet_output;
+  auto quiet = session->exec(
+    template_quiet_command(),
+    [&](SshStream stream, std::string_view bytes) {
+      if (stream == SshStream::out && quiet_output.size() < 4096)
+        quiet_output.append(bytes);
+    },
+    ExecOptions{std::chrono::seconds(boot_seconds), nullptr, {}});
   if (!quiet || quiet->exit_code != 0)
     return failed("cannot quiet the template's guest (sync)");
+  facts.cloud_init_errors = quiet_output.find(template_cloud_init_errors_word) != std::string::npos;
   // Last: the agent must be waiting on its port when the state is saved.
-  identity_note = start_identity_agent(*session, *channel,
+  facts.identity_note = start_identity_agent(*session, *channel,
                                        std::chrono::seconds(std::min<uint32_t>(boot_seconds, 120)));
   session = fail("closed");  // the guest's SSH connection ends before it is frozen
   if (auto saved = save_state(*qmp, dir); !saved)
@@ -284,11 +285,12 @@ Result<TemplateInfo> build_template(const v1::ImageSpec& image, const v1::Runner
   if (!dir)
     return tl::unexpected(dir.error());
   const auto started = Clock::now();
-  std::string identity_note;
-  auto built = run_template_vm(image, config, key, accel, *dir, identity_note);
+  TemplateGuestFacts facts;
+  auto built = run_template_vm(image, config, key, accel, *dir, facts);
+  facts.identity_agent = facts.identity_note.empty();
   auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started).count();
   Result<TemplateInfo> published =
-    built ? store.publish(*dir, key, image.label(), ms, identity_note.empty(), identity_note)
+    built ? store.publish(*dir, key, image.label(), ms, facts)
           : tl::unexpected(built.error());
   if (!published) {
     std::error_code ec;

@@ -115,6 +115,7 @@ std::optional<TemplateInfo> read_info(const fs::path& dir) {
   info.state_bytes = manifest.value("state_bytes", uint64_t{0});
   info.identity_agent = manifest.value("identity_agent", false);
   info.identity_note = manifest.value("identity_note", std::string{});
+  info.cloud_init_errors = manifest.value("cloud_init_errors", false);
   if (fs::exists(dir / "stale")) {
     info.stale = read_text(dir / "stale");
     if (info.stale.empty())
@@ -300,6 +301,7 @@ Result<v1::RestoreFrom> TemplateStore::restore_spec(const std::string& id) const
   from.set_template_public_key(read_text(dir / "key.pub"));
   from.set_template_host_key(bytes_of_hex(manifest.value("host_key_blob", std::string{})));
   from.set_identity_agent(manifest.value("identity_agent", false));
+  from.set_cloud_init_errors(manifest.value("cloud_init_errors", false));
   if (from.template_private_key().empty() || from.template_host_key().empty())
     return fail("template " + id + ": its key or host key is missing");
   return from;
@@ -382,8 +384,7 @@ std::optional<std::string> TemplateStore::recent_failed_build(const std::string&
 
 Result<TemplateInfo> TemplateStore::publish(const fs::path& build_dir, const TemplateKey& key,
                                             const std::string& label, int64_t build_ms,
-                                            bool identity_agent,
-                                            const std::string& identity_note) const {
+                                            const TemplateGuestFacts& guest) const {
   std::error_code ec;
   auto overlay = build_dir / "overlay.qcow2";
   // Frozen: nothing writes to a clone's backing file again.
@@ -406,8 +407,9 @@ Result<TemplateInfo> TemplateStore::publish(const fs::path& build_dir, const Tem
     {"build_ms", build_ms},
     {"state_bytes", fs::file_size(build_dir / "state", ec)},
     {"host_key_blob", hex_of(host_key)},
-    {"identity_agent", identity_agent},
-    {"identity_note", identity_note},
+    {"identity_agent", guest.identity_agent},
+    {"identity_note", guest.identity_note},
+    {"cloud_init_errors", guest.cloud_init_errors},
   };
   if (auto ok = write_text_atomic(build_dir / "manifest.json", manifest.dump(2) + "\n", 0644); !ok)
     return tl::unexpected(ok.error());

@@ -75,6 +75,16 @@ struct TemplateInfo {
   // Its guest runs the identity agent; else why not (identity_note).
   bool identity_agent = false;
   std::string identity_note;
+  // cloud-init ended with errors in its guest before it was saved.
+  bool cloud_init_errors = false;
+};
+
+// What the template's build learnt about its guest (recorded in the manifest).
+struct TemplateGuestFacts {
+  // Its guest runs the identity agent; else `identity_note` says why not.
+  bool identity_agent = false;
+  std::string identity_note;
+  bool cloud_init_errors = false;
 };
 
 // An exclusive flock on templates/<id>.lock, released by the destructor.
@@ -116,11 +126,9 @@ class TemplateStore {
   std::optional<std::string> recent_failed_build(const std::string& id, int64_t within_us) const;
   // Writes the manifest into `build_dir`, freezes its overlay and renames it to
   // dir_of(key.id), replacing a stale or older one. The caller holds the lock.
-  // `identity_agent`: its guest runs the identity agent (else `identity_note` says why not).
   Result<TemplateInfo> publish(const std::filesystem::path& build_dir, const TemplateKey& key,
                                const std::string& label, int64_t build_ms,
-                               bool identity_agent = false,
-                               const std::string& identity_note = {}) const;
+                               const TemplateGuestFacts& guest = {}) const;
 
  private:
   std::string state_dir_;

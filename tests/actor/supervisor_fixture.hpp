@@ -193,6 +193,7 @@ struct fixture {
   // The template's guest runs the identity agent (clones take their identity over
   // the identity port); the agent's failure, when not empty.
   bool template_has_agent = false;
+  bool template_cloud_init_errors = false;
   std::string identity_failure;
   // The agent's answer about the job's files ("" when it made them).
   std::string identity_files_note;
@@ -737,6 +738,7 @@ template_keeper_actor::behavior_type fake_keeper(template_keeper_actor::pointer,
       from->set_template_private_key("template-private-key");
       from->set_template_host_key("template-host-key");
       from->set_identity_agent(fx->template_has_agent);
+      from->set_cloud_init_errors(fx->template_cloud_init_errors);
       return {std::move(image), build};
     },
   };

@@ -221,6 +221,26 @@ TEST_CASE_FIXTURE(fixture, "a clone of a template with the identity agent takes 
   CHECK(at("ssh_ready") < at("console_handoff"));
 }
 
+TEST_CASE_FIXTURE(fixture, "a clone of a template whose cloud-init ended with errors says so, as a cold boot's set-up does") {
+  keeper_answers = "ready";
+  template_has_agent = true;
+  SUBCASE("errors") {
+    template_cloud_init_errors = true;
+    start(two_step_job());
+    drive();
+    tick_until_result(*this);
+    CHECK(has_notice_containing("cloud-init finished with errors in the guest"));
+  }
+  SUBCASE("none") {
+    start(two_step_job());
+    drive();
+    tick_until_result(*this);
+    CHECK_FALSE(has_notice_containing("cloud-init"));
+  }
+  CHECK(entries("ssh", "exec").size() == 2);  // no set-up in either case
+  CHECK(result().status() == v1::SUCCEEDED);
+}
+
 TEST_CASE_FIXTURE(fixture, "a clone whose agent gave the identity but could not make the job's files gets the set-up over SSH") {
   keeper_answers = "ready";
   template_has_agent = true;

@@ -341,6 +341,10 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
   // systemd's udev loads virtio_console: the template runs the identity agent, and
   // each clone takes its identity over its virtio-serial port before any SSH.
   CHECK_MESSAGE(manifest.value("identity_agent", false), manifest.dump());
+  // cloud-init ended cleanly in the template's guest (real cloud-init's status):
+  // no clone is told otherwise.
+  CHECK_MESSAGE(manifest.contains("cloud_init_errors"), manifest.dump());
+  CHECK_FALSE(manifest.value("cloud_init_errors", true));
 
   // Two clones at once; the clock is read first.
   const char* identity =
@@ -378,6 +382,7 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
   auto run = run_runner(with(args));
   INFO("run: " << run.describe());
   REQUIRE(run.exit_code() == 0);
+  CHECK(run.out.find("cloud-init finished with errors") == std::string::npos);
 
   std::map<std::string, std::map<std::string, std::string>> seen;
   const auto records = job_records(state_dir);

@@ -195,6 +195,34 @@ TEST_SUITE("guest_commands") {
     CHECK(mode_of(job_dir / "env") == 0600);
   }
 
+  TEST_CASE("a template's quiet command waits for cloud-init and says when it ended with errors") {
+    test::TempDir scratch{scratch_prefix};
+    const auto bin = scratch.path / "bin";
+    const auto calls = scratch.path / "calls";
+    fs::create_directories(bin);
+    scratch.write("bin/cloud-init", "#!/bin/sh\necho \"$*\" >> " + shell_quote(calls.string()) +
+                                      "\nexit $(cat " + shell_quote((scratch.path / "rc").string()) +
+                                      ")\n");
+    fs::permissions(bin / "cloud-init", fs::perms::owner_all);
+    const auto with_cloud_init = "PATH=" + shell_quote(bin.string()) + ":$PATH; " + template_quiet_command();
+    const std::string word = template_cloud_init_errors_word;
+
+    scratch.write("rc", "0");
+    auto run = run_with_input(with_cloud_init, "", scratch.path, scratch);
+    CHECK(exit_code(run) == 0);
+    CHECK(run.out.find(word) == std::string::npos);
+    CHECK(read_file(calls) == "status --wait\n");
+
+    scratch.write("rc", "1");
+    run = run_with_input(with_cloud_init, "", scratch.path, scratch);
+    CHECK(exit_code(run) == 0);
+    CHECK(run.out.find(word) != std::string::npos);
+
+    // No cloud-init at all (PATH without it): nothing to wait for, no errors.
+    run = run_with_input("PATH=/nonexistent; " + template_quiet_command(), "", scratch.path, scratch);
+    CHECK(run.out.find(word) == std::string::npos);
+  }
+
   TEST_CASE("set-up command fails when a directory cannot be made") {
     test::TempDir scratch{scratch_prefix};
     scratch.write("a-file", "x");

@@ -163,6 +163,8 @@ TEST_SUITE("template_store") {
     CHECK(from->frozen_overlay() == (store.dir_of(key.id) / "overlay.qcow2").string());
     CHECK(from->template_host_key() == std::string("\x00\x01host", 6));
     CHECK(from->template_public_key() == "ssh-ed25519 AAAA template");
+    CHECK_FALSE(from->identity_agent());
+    CHECK_FALSE(from->cloud_init_errors());
 
     REQUIRE(store.mark_stale(key.id, "QEMU refused the state"));
     CHECK_FALSE(store.find_ready(key.id));
@@ -174,10 +176,18 @@ TEST_SUITE("template_store") {
     auto again = store.make_build_dir(key.id);
     REQUIRE(again);
     fill_build_dir(state, *again);
-    REQUIRE(store.publish(*again, key, "img", 99));
+    REQUIRE(store.publish(*again, key, "img", 99,
+                          TemplateGuestFacts{true, "", /*cloud_init_errors=*/true}));
     auto rebuilt = store.find_ready(key.id);
     REQUIRE(rebuilt);
     CHECK(rebuilt->build_ms == 99);
+    // What the build learnt about its guest reaches every clone's restore.
+    CHECK(rebuilt->identity_agent);
+    CHECK(rebuilt->cloud_init_errors);
+    auto rebuilt_from = store.restore_spec(key.id);
+    REQUIRE(rebuilt_from);
+    CHECK(rebuilt_from->identity_agent());
+    CHECK(rebuilt_from->cloud_init_errors());
 
     REQUIRE(store.remove(key.id));
     CHECK(store.list().empty());
