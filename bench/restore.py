@@ -30,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import resource
 import tempfile
 import time
 
@@ -40,8 +41,15 @@ def now():
     return time.monotonic()
 
 
-def run_jobs(runner, env, state, work, ids, cold, config=None):
-    """Runs one `run` process for the jobs `ids`; returns (wall s, {id: first byte s}, out)."""
+def children_cpu_s():
+    """CPU seconds of every waited-for descendant so far: the runner and the QEMUs it reaped."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_jobs(runner, env, state, work, ids, cold, config=None, cpu=None):
+    """Runs one `run` process for the jobs `ids`; returns (wall s, {id: first byte s}, out).
+    `cpu` (a dict), when given, gets the run's CPU seconds (runner and QEMUs) as "cpu_s"."""
     files = []
     for job_id in ids:
         path = os.path.join(work, job_id + ".json")
@@ -55,6 +63,7 @@ def run_jobs(runner, env, state, work, ids, cold, config=None):
     if config:
         command += ["--config", config]
     started = now()
+    cpu_before = children_cpu_s()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     first = {}
     out = b""
@@ -70,6 +79,8 @@ def run_jobs(runner, env, state, work, ids, cold, config=None):
                     first[job_id] = now() - started
     code = process.wait()
     wall = now() - started
+    if cpu is not None:
+        cpu["cpu_s"] = children_cpu_s() - cpu_before
     if code != 0 or len(first) != len(ids):
         sys.exit(f"restore.py: run failed (exit {code}):\n{out.decode(errors='replace')}")
     return wall, first, out.decode(errors="replace")
@@ -141,10 +152,11 @@ def main():
         # Restored jobs one at a time: spawn -> first byte of step output (the
         # baseline's, if any, alternating with them).
         def single(runner, where, job_id):
-            wall, first, _ = run_jobs(runner, env, where, work, [job_id], False)
+            cpu = {}
+            wall, first, _ = run_jobs(runner, env, where, work, [job_id], False, cpu=cpu)
             phases = {p["phase"]: int(p["duration_ms"]) / 1000
                       for p in result_of(where, job_id).get("phases", [])}
-            return {"wall_s": wall, "first_byte_s": first[job_id], "phases_s": phases}
+            return {"wall_s": wall, "first_byte_s": first[job_id], "phases_s": phases, **cpu}
 
         singles, baseline_singles = [], []
         for i in range(args.jobs):
@@ -162,11 +174,12 @@ def main():
             with open(config, "w") as f:
                 json.dump({"max_concurrent_vms": args.concurrent}, f)
             ids = [f"many-{i}" for i in range(args.concurrent)]
-            wall, first, _ = run_jobs(args.runner, env, state, work, ids, False, config)
+            cpu = {}
+            wall, first, _ = run_jobs(args.runner, env, state, work, ids, False, config, cpu=cpu)
             for job_id in ids:
                 if result_of(state, job_id).get("start") != "restored":
                     sys.exit(f"restore.py: {job_id} was not restored")
-            many = {"wall_s": wall, "first_byte_s": [first[j] for j in ids]}
+            many = {"wall_s": wall, "first_byte_s": [first[j] for j in ids], **cpu}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -188,6 +201,9 @@ def main():
              None, "-"),
         ]
     rows.append((f"run -> first byte, restored, p50 of {args.jobs}", "s", single_p50, None, "-"))
+    single_cpu = med([s["cpu_s"] for s in singles])
+    rows.append(("CPU of one restored job (runner + QEMU), p50", "s", single_cpu,
+                 single_cpu / med([s["wall_s"] for s in singles]), "- (ratio: of its wall)"))
     if baseline_singles:
         baseline_p50 = med([s["first_byte_s"] for s in baseline_singles])
         rows.append((f"baseline runner: first byte, restored, p50 of {args.jobs}", "s", baseline_p50,
@@ -203,6 +219,13 @@ def main():
             (f"{args.concurrent} restored at once: first byte p50", "s", many_p50, many_p50 / single_p50,
              "ratio <= 2"),
             (f"{args.concurrent} restored at once: total wall time", "s", many["wall_s"], None, "-"),
+            # The jobs share the cores: their first bytes cannot come before the CPU they
+            # need has been given, on average half of it for the median job.
+            (f"{args.concurrent} restored at once: CPU (runner + QEMUs)", "s", many["cpu_s"],
+             many["cpu_s"] / (args.concurrent * single_cpu), f"- (ratio: of {args.concurrent} single jobs' CPU)"),
+            (f"  CPU / {os.cpu_count()} cores (the wall a full machine needs)", "s",
+             many["cpu_s"] / os.cpu_count(), many["cpu_s"] / os.cpu_count() / single_p50,
+             "- (ratio: of one job's first byte)"),
         ]
     print(f"{'metric':52} {'unit':5} {'value':>8} {'ratio':>6}  target")
     for name, unit, value, r, target in rows:
