@@ -16,8 +16,12 @@ constexpr auto look_again = std::chrono::milliseconds(20);
 
 void answer_while_room(outbox_sink_actor::stateful_pointer<outbox_sink_state> self) {
   auto& st = self->state;
+  const auto now = std::chrono::steady_clock::now();
   while (!st.held.empty() && st.outbox->has_room()) {
-    st.held.front().deliver(caf::unit);
+    auto& [promise, since] = st.held.front();
+    promise.deliver(caf::unit);
+    st.outbox->count_answer_held(static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(now - since).count()));
     st.held.pop_front();
   }
   if (!st.held.empty())
@@ -43,7 +47,9 @@ void EventOutbox::wake() {
 }
 
 void EventOutbox::push(v1::JobEvent event) {
-  held_ += held_bytes_of(event);
+  const auto held = held_ += held_bytes_of(event);
+  for (auto peak = peak_held_.load(); held > peak && !peak_held_.compare_exchange_weak(peak, held);)
+    ;
   std::lock_guard<std::mutex> lock{mutex_};
   if (wake_on_output_ || !event.has_output())
     wake();
@@ -83,7 +89,7 @@ outbox_sink_actor::behavior_type event_outbox_sink(
       const bool request = self->current_mailbox_element()->mid.is_request();
       if (!output || !request || (st.held.empty() && st.outbox->has_room()))
         return;  // answered now (an empty reply)
-      st.held.push_back(self->make_response_promise());
+      st.held.emplace_back(self->make_response_promise(), std::chrono::steady_clock::now());
       if (st.held.size() == 1)
         self->delayed_send(self, look_again, tick_atom::value);
     },
