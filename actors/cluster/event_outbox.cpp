@@ -16,16 +16,20 @@ constexpr auto look_again = std::chrono::milliseconds(20);
 
 void answer_while_room(outbox_sink_actor::stateful_pointer<outbox_sink_state> self) {
   auto& st = self->state;
-  const auto now = std::chrono::steady_clock::now();
+  if (st.held.empty())
+    return;
   while (!st.held.empty() && st.outbox->has_room()) {
-    auto& [promise, since] = st.held.front();
-    promise.deliver(caf::unit);
-    st.outbox->count_answer_held(static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::microseconds>(now - since).count()));
+    st.held.front().deliver(caf::unit);
     st.held.pop_front();
   }
-  if (!st.held.empty())
+  if (!st.held.empty()) {
     self->delayed_send(self, look_again, tick_atom::value);
+    return;
+  }
+  st.outbox->count_time_held(static_cast<uint64_t>(
+    std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() -
+                                                          st.holding_since)
+      .count()));
 }
 
 }  // namespace
@@ -89,9 +93,12 @@ outbox_sink_actor::behavior_type event_outbox_sink(
       const bool request = self->current_mailbox_element()->mid.is_request();
       if (!output || !request || (st.held.empty() && st.outbox->has_room()))
         return;  // answered now (an empty reply)
-      st.held.emplace_back(self->make_response_promise(), std::chrono::steady_clock::now());
-      if (st.held.size() == 1)
+      st.held.push_back(self->make_response_promise());
+      st.outbox->count_answer_held();
+      if (st.held.size() == 1) {
+        st.holding_since = std::chrono::steady_clock::now();
         self->delayed_send(self, look_again, tick_atom::value);
+      }
     },
     [self](tick_atom) { answer_while_room(self); },
   };

@@ -348,8 +348,8 @@ std::string AmqpNodeJobs::flow_report(const std::string& job_id, const Job& job)
          " unconfirmed), broker blocked " + std::to_string(flow.blocked) +
          " times; output held back " +
          std::to_string(outbox.answers_held - flow.outbox_at_start.answers_held) + " times (" +
-         std::to_string((outbox.answers_held_us - flow.outbox_at_start.answers_held_us) / 1000) +
-         " ms), at most " + std::to_string(outbox_->take_peak_held_bytes() / 1024) +
+         std::to_string((outbox.held_us - flow.outbox_at_start.held_us) / 1000) +
+         " ms in all), at most " + std::to_string(outbox_->take_peak_held_bytes() / 1024) +
          " KiB output held by the node";
 }
 
