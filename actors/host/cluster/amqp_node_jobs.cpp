@@ -27,7 +27,7 @@ constexpr size_t confirm_window = 256;
 // lone line is not held), else they gather until then: a persistent message
 // costs the broker far more than its bytes. Measured without a VM
 // (bench/amqp_broker_cost.py), 16 MiB cost the broker 0.38-0.43 s of CPU as 200
-// messages (a 40 ms hold), 0.21-0.23 s as 80 and 0.155 s as 32 (about 1.4 ms
+// messages (a 40 ms hold), 0.20-0.24 s as 80 and 0.14-0.17 s as 32 (about 1.4 ms
 // per message and 0.1 s for the bytes); on a 2-core machine that CPU is partly
 // taken from the guest. A flood now goes out in about 10 messages a second.
 // The follower's prefetch (amqp_submit_command.cpp) bounds what waits in it:
