@@ -76,6 +76,21 @@ def step_window(state_dir, job_id):
     return times["step_started"], times["step_finished"]
 
 
+def flow_notes(log_path, job_id, side):
+    """What the runner said about the job's flow control: the node's line
+    "job ID answered: ..." (events, messages, confirm window, output held back)
+    and, at --log-level debug, how often the step's output waited for credit
+    (the last such line in the log is this job's: one job runs at a time)."""
+    notes = {}
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            if side == "amqp" and line.startswith(f"job {job_id} answered:"):
+                notes["node_flow"] = line.strip()
+            if "its output waited for credit" in line and "step 0:" in line:
+                notes["credit_waits"] = line.strip().split("step 0: ", 1)[1]
+    return notes
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +98,9 @@ def main():
     parser.add_argument("--guest-dir", required=True)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--json", dest="json_out")
+    parser.add_argument("--log-level", default="info",
+                        help="the runner's --log-level; at debug each row also says how often "
+                             "the step's output waited for its sinks' credit")
     args = parser.parse_args()
     runner = os.path.abspath(args.runner)
     env = dict(os.environ, SOLSTICE_TEST_GUEST_DIR=os.path.abspath(args.guest_dir))
@@ -96,7 +114,8 @@ def main():
         node = subprocess.Popen([runner, "node", "--name", "bench", "--slots", "1", "--memory-mib",
                                  "4096", "--state-dir", os.path.join(work, "node-state"),
                                  "--accel", "tcg", "--amqp", broker.url, "--amqp-password-file",
-                                 broker.password_file], stdout=open(node_log, "wb"),
+                                 broker.password_file, "--log-level", args.log_level],
+                                stdout=open(node_log, "wb"),
                                 stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 60
         while b"takes jobs from queue" not in open(node_log, "rb").read():
@@ -116,7 +135,8 @@ def main():
                     state = os.path.join(work, "node-state")
                 else:
                     command = [runner, "run", job_file, "--state-dir",
-                               os.path.join(work, "local-state"), "--accel", "tcg"]
+                               os.path.join(work, "local-state"), "--accel", "tcg",
+                               "--log-level", args.log_level]
                     state = os.path.join(work, "local-state")
                 client = subprocess.Popen(command, stdout=open(os.path.join(work, job_id + ".out"),
                                                                "wb"),
@@ -146,6 +166,12 @@ def main():
                 row = {"pair": pair + 1, "side": side, "step_s": finished - started,
                        "cpu_s": {k: round(v, 3) for k, v in sorted(used.items())},
                        "load_average": os.getloadavg()[0]}
+                log_path = node_log if side == "amqp" else os.path.join(work, job_id + ".out")
+                notes = flow_notes(log_path, job_id, side)
+                if side == "amqp" and "node_flow" not in notes:
+                    time.sleep(1)  # the node says it once the broker confirmed the result
+                    notes = flow_notes(log_path, job_id, side)
+                row.update(notes)
                 raw.append(row)
                 log(f"pair {pair + 1} {side}: step {row['step_s']:.2f} s, CPU {row['cpu_s']}")
     finally:

@@ -16,12 +16,20 @@ constexpr auto look_again = std::chrono::milliseconds(20);
 
 void answer_while_room(outbox_sink_actor::stateful_pointer<outbox_sink_state> self) {
   auto& st = self->state;
+  if (st.held.empty())
+    return;
   while (!st.held.empty() && st.outbox->has_room()) {
     st.held.front().deliver(caf::unit);
     st.held.pop_front();
   }
-  if (!st.held.empty())
+  if (!st.held.empty()) {
     self->delayed_send(self, look_again, tick_atom::value);
+    return;
+  }
+  st.outbox->count_time_held(static_cast<uint64_t>(
+    std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() -
+                                                          st.holding_since)
+      .count()));
 }
 
 }  // namespace
@@ -43,7 +51,9 @@ void EventOutbox::wake() {
 }
 
 void EventOutbox::push(v1::JobEvent event) {
-  held_ += held_bytes_of(event);
+  const auto held = held_ += held_bytes_of(event);
+  for (auto peak = peak_held_.load(); held > peak && !peak_held_.compare_exchange_weak(peak, held);)
+    ;
   std::lock_guard<std::mutex> lock{mutex_};
   if (wake_on_output_ || !event.has_output())
     wake();
@@ -84,8 +94,11 @@ outbox_sink_actor::behavior_type event_outbox_sink(
       if (!output || !request || (st.held.empty() && st.outbox->has_room()))
         return;  // answered now (an empty reply)
       st.held.push_back(self->make_response_promise());
-      if (st.held.size() == 1)
+      st.outbox->count_answer_held();
+      if (st.held.size() == 1) {
+        st.holding_since = std::chrono::steady_clock::now();
         self->delayed_send(self, look_again, tick_atom::value);
+      }
     },
     [self](tick_atom) { answer_while_room(self); },
   };

@@ -10,6 +10,7 @@
 // stops the guest's output at its source, as a slow terminal does, and the node
 // never buffers more than the bound (plus what one request in flight carries).
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -56,12 +57,31 @@ class EventOutbox {
   void release(uint64_t bytes) { held_ -= std::min<uint64_t>(bytes, held_.load()); }
   uint64_t held_bytes() const { return held_.load(); }
 
+  // What the flow control did, since the outbox was made: how many output
+  // requests' answers were held back (the guest's output stopped at its source)
+  // and for how long answers were held (wall time while at least one was), and
+  // the most output bytes held at once. The node reports the change over each
+  // job (amqp_node_jobs.cpp) so a benchmark or an operator sees whether the
+  // broker paced a step.
+  struct FlowCounts {
+    uint64_t answers_held = 0;
+    uint64_t held_us = 0;
+  };
+  FlowCounts flow_counts() const { return {answers_held_.load(), held_us_.load()}; }
+  void count_answer_held() { ++answers_held_; }
+  void count_time_held(uint64_t us) { held_us_ += us; }
+  // The most output bytes held at once since the last call (then reset).
+  uint64_t take_peak_held_bytes() { return peak_held_.exchange(held_.load()); }
+
  private:
   void wake();  // under mutex_
 
   const uint64_t max_held_;
   std::atomic<uint64_t> held_{0};
   std::atomic<bool> holding_{true};
+  std::atomic<uint64_t> peak_held_{0};
+  std::atomic<uint64_t> answers_held_{0};
+  std::atomic<uint64_t> held_us_{0};
   std::mutex mutex_;
   std::deque<v1::JobEvent> events_;
   int wake_fd_ = -1;
@@ -73,6 +93,7 @@ struct outbox_sink_state {
   std::shared_ptr<EventOutbox> outbox;
   // Answers to output requests not given yet, oldest first.
   std::deque<caf::response_promise> held;
+  std::chrono::steady_clock::time_point holding_since;  // when `held` last became non-empty
 };
 
 // Appends every event it receives to `outbox`; answers an output request only

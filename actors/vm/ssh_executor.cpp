@@ -3,6 +3,7 @@
 #include <chrono>
 
 #include <caf/send.hpp>
+#include <spdlog/spdlog.h>
 
 #include "actors/runner_types.hpp"
 
@@ -277,7 +278,14 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
           caf::anon_send(me, output_atom::value, std::move(chunk));
         };
         auto started = std::chrono::steady_clock::now();
+        const auto waits_before = credit->waits();
         auto outcome = session->exec(command, on_output, options);
+        // Did the sinks pace the guest (a slow terminal, a broker pushing back)?
+        const auto waits = credit->waits();
+        spdlog::debug("step {}: its output waited for credit {} times, {} ms in all", step,
+                      waits.count - waits_before.count,
+                      std::chrono::duration_cast<milliseconds>(waits.total - waits_before.total)
+                        .count());
         result.set_step_index(step);
         result.set_duration_ms(std::chrono::duration_cast<milliseconds>(
                                  std::chrono::steady_clock::now() - started)

@@ -254,13 +254,16 @@ Result<std::string> Client::declare_private_queue(
 
 Result<void> Client::declare_follow_queue(
   const std::string& name, const std::map<std::string, std::string>& exchange_to_key,
-  std::chrono::milliseconds unused_for) {
-  amqp_table_entry_t expires{};
-  expires.key = amqp_cstring_bytes("x-expires");
-  expires.value.kind = AMQP_FIELD_KIND_I64;
-  expires.value.value.i64 = unused_for.count();
+  std::chrono::milliseconds unused_for, int queue_version) {
+  amqp_table_entry_t args[2]{};
+  args[0].key = amqp_cstring_bytes("x-expires");
+  args[0].value.kind = AMQP_FIELD_KIND_I64;
+  args[0].value.value.i64 = unused_for.count();
+  args[1].key = amqp_cstring_bytes("x-queue-version");
+  args[1].value.kind = AMQP_FIELD_KIND_I64;
+  args[1].value.value.i64 = queue_version;
   amqp_queue_declare(state_->conn, consume_channel, bytes_of(name), 0, 1, 0, 0,
-                     amqp_table_t{1, &expires});
+                     amqp_table_t{queue_version ? 2 : 1, args});
   if (auto checked = state_->check(("cannot declare queue " + name).c_str()); !checked)
     return checked;
   for (const auto& [exchange, key] : exchange_to_key) {

@@ -100,9 +100,11 @@ class Client {
   // A durable queue of this name bound to `exchange` with each key, that the
   // broker deletes after `unused_for` without a consumer (a follower's queue
   // that outlives a broker restart). Declaring it again is harmless.
+  // `queue_version` (x-queue-version, RabbitMQ 3.10+; 0: not given, the
+  // broker's default) picks the classic queue's storage format.
   Result<void> declare_follow_queue(const std::string& name,
                                     const std::map<std::string, std::string>& exchange_to_key,
-                                    std::chrono::milliseconds unused_for);
+                                    std::chrono::milliseconds unused_for, int queue_version = 0);
   Result<void> delete_queue(const std::string& name);
   // Starts consuming `queue` on channel 1, at most `prefetch` unacknowledged.
   Result<void> consume(const std::string& queue, uint16_t prefetch, bool no_ack = false);

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <mutex>
 
 namespace solstice {
@@ -24,12 +25,20 @@ class ByteCredit {
   // The consumer has handled `bytes`.
   void give_back(size_t bytes);
   size_t in_flight() const;
+  // How often take() had to wait for credit and for how long in all, since
+  // the credit was made (diagnostics: did the consumer pace the producer?).
+  struct Waits {
+    uint64_t count = 0;
+    std::chrono::microseconds total{0};
+  };
+  Waits waits() const;
 
  private:
   const size_t limit_;
   mutable std::mutex mutex_;
   std::condition_variable freed_;
   size_t in_flight_ = 0;
+  Waits waits_;
 };
 
 }  // namespace solstice

@@ -69,8 +69,10 @@ TEST_CASE("outbox sink: output requests are answered only while the outbox has r
     sched.run();
   };
 
+  CHECK(outbox->take_peak_held_bytes() == 0);
   emit(output_event(0, 60));
   CHECK(*answers == 1);  // 60 of 100 bytes held: answered at once
+  CHECK(outbox->flow_counts().answers_held == 0);
   emit(output_event(1, 60));
   CHECK(*answers == 1);  // 120 held: no room, the answer waits
   emit(state_event(2));
@@ -92,6 +94,11 @@ TEST_CASE("outbox sink: output requests are answered only while the outbox has r
   sched.trigger_timeouts();
   sched.run();
   CHECK(*answers == 3);
+  // Counted for the node's report: one answer held back, 120 bytes held at most
+  // (then the peak starts again from what is held now).
+  CHECK(outbox->flow_counts().answers_held == 1);
+  CHECK(outbox->take_peak_held_bytes() == 120);
+  CHECK(outbox->take_peak_held_bytes() == 60);
   // Answers leave in order and nothing is held any more: the next is at once.
   outbox->release(60);
   emit(output_event(3, 10));

@@ -26,6 +26,9 @@ TEST_SUITE("byte_credit") {
     producer.join();
     CHECK(third_taken.load());
     CHECK(credit.in_flight() == 50);
+    // Counted: the first two took credit at once, the third waited ~100 ms.
+    CHECK(credit.waits().count == 1);
+    CHECK(credit.waits().total >= 90ms);
   }
 
   TEST_CASE("a chunk larger than the limit passes alone") {

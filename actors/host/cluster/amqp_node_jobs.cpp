@@ -1,5 +1,6 @@
 #include "actors/host/cluster/amqp_node_jobs.hpp"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "actors/host/cluster/cluster_commands.hpp"
@@ -24,12 +25,15 @@ constexpr size_t confirm_window = 256;
 // One message of events: at most this much (estimated_event_bytes). A job's
 // events go at once when its last message went out at least batch_hold ago (a
 // lone line is not held), else they gather until then: a persistent message
-// costs the broker far more than its bytes (about 1.3 ms of its CPU each: a
-// 16 MiB step sent as ~1000 messages of one event took it 1.3 s of CPU, more
-// than a fifth of a core beside the guest), and a flood now goes out in 25
-// messages a second (README, "Runner nodes on RabbitMQ").
-constexpr uint64_t max_batch_bytes = 256 * 1024;
-constexpr auto batch_hold = std::chrono::milliseconds(40);
+// costs the broker far more than its bytes. Measured without a VM
+// (bench/amqp_broker_cost.py), 16 MiB cost the broker 0.38-0.43 s of CPU as 200
+// messages (a 40 ms hold), 0.20-0.24 s as 80 and 0.14-0.17 s as 32 (about 1.4 ms
+// per message and 0.1 s for the bytes); on a 2-core machine that CPU is partly
+// taken from the guest. A flood now goes out in about 10 messages a second.
+// The follower's prefetch (amqp_submit_command.cpp) bounds what waits in it:
+// 8 messages of this size.
+constexpr uint64_t max_batch_bytes = 512 * 1024;
+constexpr auto batch_hold = std::chrono::milliseconds(100);
 // How long the loop sleeps at most: a frame from the broker or an event in the
 // outbox (its wake fd) wakes it at once, so this only bounds how late it sees a
 // signal, a node that is gone or a delivery's retry. Without a wake fd (no
@@ -131,7 +135,12 @@ void AmqpNodeJobs::start(amqp::Client& client, const amqp::Delivery& delivery, v
                         delivery.correlation_id.empty() ? job.id() : delivery.correlation_id,
                         node_name_ + "/" + std::to_string(unix_now_us()),
                         document.is_object() && is_job_request(document) ? document
-                                                                         : nlohmann::json{}};
+                                                                         : nlohmann::json{},
+                        {},
+                        {}};
+  auto& flow = jobs_[job.id()].flow;
+  flow.outbox_at_start = outbox_->flow_counts();
+  (void)outbox_->take_peak_held_bytes();
   announce("job " + job.id() + " taken" + (delivery.redelivered ? " (redelivered)" : ""));
 }
 
@@ -170,7 +179,9 @@ void AmqpNodeJobs::dead_letter(amqp::Client& client, const amqp::Delivery& deliv
                 true,
                 delivery.correlation_id.empty() ? job_id : delivery.correlation_id,
                 node_name_ + "/" + std::to_string(unix_now_us()),
-                request ? document : nlohmann::json{}};
+                request ? document : nlohmann::json{},
+                {},
+                {}};
   auto answer = stand_in_result(job_id, 0, status, "node " + node_name_ + " refused the job: " + reason);
   if (auto result = client.publish(result_message(answer, job)))
     unconfirmed_[*result].events.push_back(std::move(answer));
@@ -264,10 +275,18 @@ Result<void> AmqpNodeJobs::publish_job(amqp::Client& client, const std::string& 
     if (!seq)
       return tl::unexpected(seq.error());
     job->second.last_batch_at = std::chrono::steady_clock::now();
+    auto& flow = job->second.flow;
+    flow.events += count;
+    ++flow.messages;
+    flow.peak_unconfirmed = std::max(flow.peak_unconfirmed, unconfirmed_.size() + 1);
     auto& batch = unconfirmed_[*seq].events;
     batch.assign(std::make_move_iterator(events.begin()),
                  std::make_move_iterator(events.begin() + static_cast<long>(count)));
     events.erase(events.begin(), events.begin() + static_cast<long>(count));
+  }
+  if (auto job = jobs_.find(job_id); job != jobs_.end() && !events.empty()) {
+    job->second.flow.blocked += blocked_ ? 1 : 0;
+    job->second.flow.window_full += unconfirmed_.size() >= confirm_window ? 1 : 0;
   }
   return {};
 }
@@ -319,10 +338,26 @@ void AmqpNodeJobs::put_back(std::vector<v1::JobEvent> events) {
   }
 }
 
+std::string AmqpNodeJobs::flow_report(const std::string& job_id, const Job& job) {
+  const auto& flow = job.flow;
+  const auto outbox = outbox_->flow_counts();
+  return "job " + job_id + " answered: " + std::to_string(flow.events) + " events in " +
+         std::to_string(flow.messages) + " messages; confirm window full " +
+         std::to_string(flow.window_full) + " times (at most " +
+         std::to_string(flow.peak_unconfirmed) + " of " + std::to_string(confirm_window) +
+         " unconfirmed), broker blocked " + std::to_string(flow.blocked) +
+         " times; output held back " +
+         std::to_string(outbox.answers_held - flow.outbox_at_start.answers_held) + " times (" +
+         std::to_string((outbox.held_us - flow.outbox_at_start.held_us) / 1000) +
+         " ms in all), at most " + std::to_string(outbox_->take_peak_held_bytes() / 1024) +
+         " KiB output held by the node";
+}
+
 void AmqpNodeJobs::answered(amqp::Client& client, const std::string& job_id) {
   auto i = jobs_.find(job_id);
   if (i == jobs_.end())
     return;
+  announce(flow_report(job_id, i->second));
   if (i->second.delivery_tag)
     (void)client.ack(*i->second.delivery_tag);
   else

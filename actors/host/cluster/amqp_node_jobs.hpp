@@ -94,6 +94,15 @@ class AmqpNodeJobs {
     std::string dispatch;  // this node's run of the job: <node>/<start time in µs>
     nlohmann::json request;  // a jobrequest.v1 (answered as jobresult.v1); null for a JobSpec
     std::chrono::steady_clock::time_point last_batch_at{};  // its last message of events
+    // What its events cost and whether the broker paced it (reported once the
+    // result is confirmed): the node's line "job ID answered: ...".
+    struct Flow {
+      uint64_t events = 0, messages = 0;
+      uint64_t window_full = 0;     // rounds that left events waiting for a confirm
+      uint64_t blocked = 0;         // rounds that left events waiting for the broker
+      size_t peak_unconfirmed = 0;  // publishes awaiting a confirm (the node's, at most)
+      EventOutbox::FlowCounts outbox_at_start;
+    } flow;
   };
   // A publish the broker has not confirmed yet.
   struct Unconfirmed {
@@ -115,6 +124,8 @@ class AmqpNodeJobs {
   // result comes first); `complete`: the batch cannot grow any more.
   size_t batch_size(const Job& job, const Events& events, bool& complete) const;
   std::map<std::string, std::string> headers_for(const Job& job) const;
+  // The line that says what a job's events cost and whether anything held them.
+  std::string flow_report(const std::string& job_id, const Job& job);
   amqp::Message result_message(const v1::JobEvent& event, const Job& job) const;
   // Back to the front of their jobs' lines, in order (lost or refused publishes).
   void put_back(std::vector<v1::JobEvent> events);

@@ -60,9 +60,10 @@ Result<std::unique_ptr<amqp::Client>> connect_follower(const amqp::Endpoint& end
 enum class Following { printer_done, connection_lost, signalled };
 
 // How many messages of its queue the broker gives the follower before they are
-// acknowledged: with events in batches of up to 256 KiB, enough to stream, and
-// a bound on what waits in this process.
-constexpr uint16_t follow_prefetch = 16;
+// acknowledged: with events in batches of up to 512 KiB, one every 100 ms while
+// output floods (amqp_node_jobs.cpp), enough to stream, and a bound on what
+// waits in this process (4 MiB).
+constexpr uint16_t follow_prefetch = 8;
 
 // Hands one message's events to the printer and waits until it has written
 // them (its reply to the last one), looking at signals meanwhile. So a
