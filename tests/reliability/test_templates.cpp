@@ -543,13 +543,15 @@ nlohmann::json iso_upload_job(const Sandbox& sandbox, const std::string& id, con
   return job;
 }
 
-void check_iso_uploads(const Sandbox& sandbox, const std::string& id, const fs::path& big) {
+// `by_iso`: the ISO was used; otherwise the uploads fell back to SFTP.
+void check_iso_uploads(const Sandbox& sandbox, const std::string& id, const fs::path& big, bool by_iso = true) {
   auto result = sandbox.result(id);
   REQUIRE(result);
   CHECK(result->status() == v1::SUCCEEDED);
-  CHECK(has_phase(*result, "uploads_iso"));  // they went by ISO, not SFTP
-  for (const auto& notice : sandbox.notices(id))
-    CHECK_FALSE(contains(notice, "SFTP"));
+  CHECK(has_phase(*result, "uploads_iso"));  // the ISO was tried first
+  if (by_iso)
+    for (const auto& notice : sandbox.notices(id))
+      CHECK_FALSE(contains(notice, "SFTP"));
   auto printed = printed_by(sandbox, id, 0);
   CHECK(printed.values["BIG"] == sha256_of(big));
   CHECK(printed.values["BIGSTAT"] == "640 runner " + std::to_string(fs::file_size(big)));
@@ -580,6 +582,27 @@ TEST_SUITE("templates") {
       INFO(run.output());
       CHECK(sandbox.result("iso-restored")->start() == "restored");
       check_iso_uploads(sandbox, "iso-restored", big);
+    }
+    SUBCASE("a guest that finds no uploads ISO says so, and the uploads go over SFTP") {
+      // The real QEMU with the uploads drive left empty.
+      auto wrapper = sandbox.write("qemu-no-uploads-iso",
+                                   "#!/bin/sh\n"
+                                   "for arg do\n"
+                                   "  shift\n"
+                                   "  case \"$arg\" in if=none,id=uploads-medium,*) arg=if=none,id=uploads-medium,readonly=on ;; esac\n"
+                                   "  set -- \"$@\" \"$arg\"\n"
+                                   "done\n"
+                                   "exec qemu-system-x86_64 \"$@\"\n");
+      fs::permissions(wrapper, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                                 fs::perms::others_read | fs::perms::others_exec);
+      auto config = sandbox.write_json("config.json", {{"qemu_binary", wrapper.string()}});
+      auto job = sandbox.write_json("job.json", iso_upload_job(sandbox, "iso-fallback", big));
+      auto run = run_to_end(sandbox.run_args(job, "tcg", config), 300s);
+      INFO(run.output());
+      check_iso_uploads(sandbox, "iso-fallback", big, false);
+      CHECK(any_contains(sandbox.notices("iso-fallback"),
+                         "the uploads ISO cannot be used in this guest (no CD-ROM drive holds the volume "
+                         "SOLSTICEUPLOADS): the uploads go over SFTP"));
     }
     SUBCASE("a destination that cannot be written fails the job, naming the upload") {
       auto job_json = iso_upload_job(sandbox, "iso-bad", big);
