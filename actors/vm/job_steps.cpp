@@ -260,7 +260,8 @@ static std::string last_line(const std::string& text) {
   if (end == std::string::npos)
     return {};
   auto begin = text.rfind('\n', end);
-  return text.substr(begin == std::string::npos ? 0 : begin + 1, end - (begin == std::string::npos ? 0 : begin + 1) + 1);
+  begin = begin == std::string::npos ? 0 : begin + 1;
+  return text.substr(begin, end - begin + 1);
 }
 
 // What the guest's copy from the uploads ISO answered (uploads_iso_command).
