@@ -86,6 +86,7 @@ if [[ -n "$disk" ]]; then
   argv+=(-drive "file=$vm/overlay.qcow2,if=virtio,format=qcow2")
 fi
 argv+=(-drive "file=$vm/seed.iso,if=ide,media=cdrom,readonly=on,format=raw"
+  -drive "if=none,id=uploads-medium,readonly=on" -device "ide-cd,drive=uploads-medium,bus=ide.1,unit=0,id=uploads"
   -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22" -device "virtio-net-pci,netdev=net0"
   -add-fd fd=3,set=1,opaque=console -chardev "file,id=console0,path=/dev/fdset/1" -serial chardev:console0
   -chardev "socket,id=qmp0,path=$vm/qmp.sock,server=on,wait=off" -mon "chardev=qmp0,mode=control")

@@ -2,6 +2,7 @@
 // after another, artifacts, and the steps' output with its flow control back to
 // the SSH reader. The lifecycle around it is in job_supervisor.cpp.
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <map>
 
@@ -16,6 +17,7 @@
 #include "runtime/job/guest_commands.hpp"
 #include "runtime/job/job_result.hpp"
 #include "runtime/vm/identity_channel.hpp"
+#include "runtime/vm/qemu_argv.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice::supervision {
@@ -229,6 +231,11 @@ static void start_steps(supervisor_pointer self) {
   run_step(self, 0);
 }
 
+static std::string upload_name(const v1::Upload& upload) {
+  return "upload " + (upload.has_content() ? std::string{"(packed content)"} : upload.source()) + " -> " +
+         upload.destination();
+}
+
 static void upload_file(supervisor_pointer self, int index) {
   auto& st = self->state;
   if (index >= st.job.uploads_size())
@@ -248,12 +255,78 @@ static void upload_file(supervisor_pointer self, int index) {
         upload_file(self, index + 1);
       },
       [=](caf::error& err) {
-        const auto& upload = self->state.job.uploads(index);
-        decide(self, v1::FAILED,
-               "upload " + (upload.has_content() ? std::string{"(packed content)"} : upload.source()) +
-                 " -> " + upload.destination() + ": " +
-                 error_text(err));
+        decide(self, v1::FAILED, upload_name(self->state.job.uploads(index)) + ": " + error_text(err));
       });
+}
+
+// The last non-empty line of a guest command's stderr.
+static std::string last_line(const std::string& text) {
+  auto end = text.find_last_not_of("\r\n");
+  if (end == std::string::npos)
+    return {};
+  auto begin = text.rfind('\n', end);
+  begin = begin == std::string::npos ? 0 : begin + 1;
+  return text.substr(begin, end - begin + 1);
+}
+
+// What the guest's copy from the uploads ISO answered (uploads_iso_command).
+static void uploads_copied(supervisor_pointer self, const v1::StepResult& result) {
+  auto& st = self->state;
+  end_phase(self, "uploads_iso");
+  if (result.exit_code() == 0)
+    return start_steps(self);
+  const auto why = last_line(result.runner_stderr());
+  if (result.exit_code() == uploads_iso_unusable_exit) {
+    notice(self, "the uploads ISO cannot be used in this guest (" + why + "): the uploads go over SFTP");
+    return upload_file(self, 0);
+  }
+  // "upload INDEX: why"
+  int index = -1, consumed = 0;
+  if (result.exit_code() == uploads_iso_failed_exit &&
+      std::sscanf(why.c_str(), "upload %d: %n", &index, &consumed) == 1 && consumed > 0 && index >= 0 &&
+      index < st.job.uploads_size())
+    return decide(self, v1::FAILED, upload_name(st.job.uploads(index)) + ": " + why.substr(static_cast<size_t>(consumed)));
+  decide(self, v1::FAILED, "the uploads (copied from their ISO in the guest): exit code " +
+                             std::to_string(result.exit_code()) + (why.empty() ? "" : ": " + why));
+}
+
+// Prepare put the uploads on an ISO in the VM's uploads drive: one guest command
+// copies them all into place (the same destinations, modes and owner as SFTP).
+static void copy_uploads_from_iso(supervisor_pointer self) {
+  auto& st = self->state;
+  std::vector<IsoUpload> uploads;
+  for (int i = 0; i < st.job.uploads_size(); ++i) {
+    const auto& upload = st.job.uploads(i);
+    uploads.push_back({i, upload.destination(), upload.mode() ? upload.mode() : 0644u});
+  }
+  // Its own phase in the result: it says the uploads went this way, and how long.
+  begin_phase(self, "uploads_iso");
+  self->request(st.shell, st.timeouts.transfer + std::chrono::seconds(30), exec_atom::value,
+                runner_setup_step, uploads_iso_command(uploads_iso_label, uploads), std::string{},
+                static_cast<uint32_t>(st.timeouts.transfer.count()))
+    .then(
+      [=](v1::StepResult& result) {
+        if (self->state.phase != phase::uploads)
+          return unexpected(self, "uploads copied");
+        uploads_copied(self, result);
+      },
+      [=](caf::error& err) {
+        if (self->state.phase != phase::uploads)
+          return unexpected(self, "uploads copy failed");
+        end_phase(self, "uploads_iso");
+        decide(self, v1::FAILED, "the uploads (copied from their ISO in the guest): " + error_text(err));
+      });
+}
+
+// The uploads go on the ISO prepare made, else one by one over SFTP.
+static void start_uploads(supervisor_pointer self) {
+  auto& st = self->state;
+  st.phase = phase::uploads;
+  if (!st.vm.uploads_iso_note().empty())
+    notice(self, st.vm.uploads_iso_note());
+  if (st.vm.uploads_iso().empty() || st.job.uploads_size() == 0)
+    return upload_file(self, 0);
+  copy_uploads_from_iso(self);
 }
 
 static void create_job_files(supervisor_pointer self);
@@ -319,8 +392,7 @@ void set_up_guest(supervisor_pointer self) {
   if (!st.vm.incoming_state().empty() && st.vm.job_files_made()) {
     if (st.image.restore_from().cloud_init_errors())
       notice(self, cloud_init_errors_notice);
-    st.phase = phase::uploads;
-    return upload_file(self, 0);
+    return start_uploads(self);
   }
   create_job_files(self);
 }
@@ -350,8 +422,7 @@ static void create_job_files(supervisor_pointer self) {
             self, with_console_tail(st, "cannot create the job's directories and " +
                                           env_file_path() + " in the guest (exit code " +
                                           std::to_string(result.exit_code()) + ")"));
-        st.phase = phase::uploads;
-        upload_file(self, 0);
+        start_uploads(self);
       },
       [=](caf::error& err) {
         if (self->state.phase != phase::setup)

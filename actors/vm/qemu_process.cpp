@@ -67,6 +67,7 @@ VmFiles vm_files_of(const v1::VmHandle& handle, const v1::RunnerConfig& config,
   if (!handle.snapshot())
     files.writable_disk = handle.disk();  // the overlay; its backing file is image.disk()
   files.seed_iso = handle.seed_iso();
+  files.uploads_iso = handle.uploads_iso();
   files.firmware_vars = handle.firmware_vars();
   files.read_only = {image.disk(), image.kernel(), image.initrd(), handle.firmware_code(),
                      image.restore_from().frozen_overlay()};

@@ -15,6 +15,7 @@ using executor_pointer = ssh_executor_internal::stateful_pointer<ssh_executor_st
 using std::chrono::milliseconds;
 
 constexpr auto ready_poll_interval = milliseconds(20);
+constexpr size_t runner_stderr_limit = 2048;
 
 // The handle's own identity; with `boot_identity`, the one its guest has at first
 // (a restored clone answers with the template's until its set-up changes it).
@@ -244,7 +245,15 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
         if (step == runner_setup_step) {
           // The runner's own set-up command is safe to repeat on a new connection.
           return with_reconnect(session, target, cancel, [&](SshSession& s) {
-            auto outcome = s.exec(command, [](SshStream, std::string_view) {}, options);
+            // Its stderr's end says what failed (e.g. which upload).
+            std::string errors;
+            auto outcome = s.exec(command, [&errors](SshStream stream, std::string_view bytes) {
+              if (stream != SshStream::err)
+                return;
+              errors.append(bytes);
+              if (errors.size() > runner_stderr_limit)
+                errors.erase(0, errors.size() - runner_stderr_limit);
+            }, options);
             if (!outcome)
               return outcome.error().message;
             if (outcome->cancelled)
@@ -256,6 +265,8 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
             result.set_exit_code(outcome->exit_code);
             result.set_exit_signal(outcome->exit_signal);
             result.set_outcome(outcome->exit_code == 0 ? v1::STEP_SUCCEEDED : v1::STEP_FAILED);
+            if (!errors.empty())
+              result.set_runner_stderr(std::move(errors));
             return std::string{};
           });
         }

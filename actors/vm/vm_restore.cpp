@@ -13,6 +13,7 @@
 #include "actors/runner_types.hpp"
 #include "actors/vm/vm_attempt_parts.hpp"
 #include "runtime/vm/identity_channel.hpp"
+#include "runtime/vm/qemu_argv.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
 namespace solstice::attempt {
@@ -65,6 +66,39 @@ void give_identity(attempt_pointer self) {
       });
 }
 
+// After the restore, the identity (over its port, where the agent waits) or SSH.
+void after_restore(attempt_pointer self) {
+  if (self->state.vm.identity_agent())
+    return give_identity(self);
+  wait_for_ssh(self);
+}
+
+// A clone's uploads drive was empty in its template: the job's uploads ISO goes
+// in now (the guest sees the medium change when the job's uploads look for it).
+// Should QEMU refuse, the uploads go over SFTP instead, with a notice.
+void insert_uploads_iso(attempt_pointer self) {
+  auto& st = self->state;
+  nlohmann::json args = {{"id", uploads_drive_id}, {"filename", st.vm.uploads_iso()},
+                         {"format", "raw"}, {"read-only-mode", "read-only"}};
+  self->request(st.qmp, st.timeouts.qmp_command, command_atom::value,
+                std::string{"blockdev-change-medium"}, args.dump())
+    .then(
+      [=](const std::string&) {
+        if (self->state.phase != phase::restoring)
+          return unexpected(self, "blockdev-change-medium reply");
+        after_restore(self);
+      },
+      [=](caf::error& err) {
+        auto& st = self->state;
+        if (st.phase != phase::restoring)
+          return unexpected(self, "blockdev-change-medium failed");
+        st.vm.set_uploads_iso_note("QEMU did not take the uploads ISO into the restored VM's drive (" +
+                                   error_text(err) + "): the uploads go over SFTP");
+        st.vm.clear_uploads_iso();
+        after_restore(self);
+      });
+}
+
 void run_guest(attempt_pointer self) {
   auto& st = self->state;
   self->request(st.qmp, st.timeouts.qmp_command, command_atom::value, std::string{"cont"},
@@ -73,9 +107,9 @@ void run_guest(attempt_pointer self) {
       [=](const std::string&) {
         if (self->state.phase != phase::restoring)
           return unexpected(self, "cont reply");
-        if (self->state.vm.identity_agent())
-          return give_identity(self);
-        wait_for_ssh(self);
+        if (!self->state.vm.uploads_iso().empty())
+          return insert_uploads_iso(self);
+        after_restore(self);
       },
       [=](caf::error& err) {
         boot_problem(self, "cannot run the restored guest (cont): " + error_text(err));

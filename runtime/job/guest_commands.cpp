@@ -60,6 +60,40 @@ std::string template_quiet_command() {
          template_cloud_init_errors_word + "; fi; sync";
 }
 
+std::string uploads_iso_file_name(int index) { return "u" + std::to_string(index); }
+
+std::string uploads_iso_command(const std::string& label, const std::vector<IsoUpload>& uploads) {
+  const auto mount_point = shell_quote(std::string{guest_job_dir} + "/uploads-iso");
+  const auto unusable = std::to_string(uploads_iso_unusable_exit);
+  // One root shell finds the drive and mounts it: every sudo is a program start
+  // and a PAM session, up to a second each on an emulated CPU. The volume label
+  // sits at byte 40 of sector 16 (the primary volume descriptor).
+  const std::string find_and_mount =
+    "tries=0; while :; do for d in /dev/sr*; do [ -b \"$d\" ] || continue; "
+    "if [ \"$(dd if=\"$d\" bs=2048 skip=16 count=1 2>/dev/null | dd bs=1 skip=40 count=" +
+    std::to_string(label.size()) + " 2>/dev/null)\" = \"$1\" ]; then "
+    "mount -t iso9660 -o ro \"$d\" \"$2\" && exit 0; echo \"cannot mount $d (iso9660) on $2\" >&2; exit 1; fi; "
+    "done; tries=$((tries + 1)); "
+    "[ $tries -lt 200 ] || { echo \"no CD-ROM drive holds the volume $1\" >&2; exit 1; }; "
+    "sleep 0.05 2>/dev/null || sleep 1; done";
+  std::string script =
+    "label=" + shell_quote(label) + "; mnt=" + mount_point + "\n"
+    "mkdir -p \"$mnt\" || exit " + unusable + "\n"
+    "sudo -n sh -c " + shell_quote(find_and_mount) + " sh \"$label\" \"$mnt\" || exit " + unusable + "\n"
+    "trap 'sudo -n umount \"$mnt\" 2>/dev/null; rmdir \"$mnt\" 2>/dev/null' EXIT\n"
+    "put() {\n"
+    "  if ! why=$(cat \"$mnt/u$1\" 2>&1 >\"$2\") || ! why=$(chmod \"$3\" \"$2\" 2>&1); then\n"
+    "    echo \"upload $1: ${why:-failed}\" >&2; exit " + std::to_string(uploads_iso_failed_exit) + "\n"
+    "  fi\n"
+    "}\n";
+  for (const auto& upload : uploads) {
+    char mode[16];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(upload.mode & 07777));
+    script += "put " + std::to_string(upload.index) + " " + shell_quote(upload.destination) + " " + mode + "\n";
+  }
+  return script;
+}
+
 std::string step_command(unsigned index) {
   const auto path = step_script_path(index);
   const auto script = shell_quote(path);

@@ -50,6 +50,29 @@ inline constexpr int setup_cloud_init_failed_exit = 97;
 std::string template_quiet_command();
 inline constexpr const char* template_cloud_init_errors_word = "solstice-cloud-init-errors";
 
+// Uploads that travel on a read-only ISO (README "Uploads"): upload `index` is the
+// ISO's file uploads_iso_file_name(index).
+std::string uploads_iso_file_name(int index);
+
+struct IsoUpload {
+  int index = 0;             // the job's upload index (its file on the ISO)
+  std::string destination;   // absolute guest path
+  uint32_t mode = 0644;
+};
+
+// Run as the job's user after the set-up: finds the CD-ROM drive holding the volume
+// `label` (waiting up to 10 s for a medium just inserted), mounts it read-only
+// under the job's directory (`sudo -n mount`), writes each file to its destination
+// as the user with `cat >` (so owner, group and the treatment of an existing file
+// are what an SFTP upload gives), chmods it to its mode, and unmounts. Exits 0;
+// uploads_iso_unusable_exit when the ISO cannot be reached (no `sudo -n`, no drive
+// holding it, no iso9660 mount): nothing was written, and stderr says why;
+// uploads_iso_failed_exit when an upload failed: stderr's last line is
+// "upload INDEX: why" (the shell's or chmod's own message).
+std::string uploads_iso_command(const std::string& label, const std::vector<IsoUpload>& uploads);
+inline constexpr int uploads_iso_unusable_exit = 96;
+inline constexpr int uploads_iso_failed_exit = 95;
+
 // The command that runs step `index`: writes its stdin (the make_step_script text)
 // to step_script_path(index) with mode 0755, then runs that script from $HOME
 // (or /) with the env file sourced and stdin from /dev/null. Its exit code and

@@ -21,6 +21,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <fstream>
+#include <iterator>
 #include <cerrno>
 #include <cstdint>
 #include <limits>
@@ -224,7 +226,7 @@ std::vector<std::string> primary_records(const Tree& self, std::uint32_t continu
                                      rrip_rr(kRrHasPx) + rrip_px(kModeDirectory, 2)));
   for (const auto& file : sorted_files) {
     records.push_back(directory_record(
-        file.extent, static_cast<std::uint32_t>(file.source->content.size()), 0,
+        file.extent, static_cast<std::uint32_t>(file.source->size()), 0,
         file.primary_identifier(),
         rrip_rr(kRrHasPx | kRrHasNm) + rrip_px(kModeFile, 1) + rrip_nm(file.source->name)));
   }
@@ -237,7 +239,7 @@ std::vector<std::string> joliet_records(const Tree& self, const std::vector<Plan
   records.push_back(directory_record(self.extent, self.size, kFlagDirectory, std::string(1, '\1'), ""));
   for (const auto& file : sorted_files) {
     records.push_back(directory_record(file.extent,
-                                       static_cast<std::uint32_t>(file.source->content.size()), 0,
+                                       static_cast<std::uint32_t>(file.source->size()), 0,
                                        ucs2_bytes(file.joliet_name), ""));
   }
   return records;
@@ -305,7 +307,12 @@ std::string volume_descriptor(bool joliet, const std::string& label, const Volum
   return block;
 }
 
-std::uint32_t sectors_for(std::size_t bytes) {
+std::string size_changed(const IsoFile& file, std::uint64_t now) {
+  return "source " + file.source.string() + " of ISO file " + printable(file.name) + " changed size while the image was written (" +
+         std::to_string(file.source_size) + " bytes when measured, " + (now > file.source_size ? "more" : std::to_string(now)) + " now)";
+}
+
+std::uint32_t sectors_for(std::uint64_t bytes) {
   return static_cast<std::uint32_t>((bytes + kSectorSize - 1) / kSectorSize);
 }
 
@@ -328,7 +335,19 @@ Result<void> check_record_lengths(const std::vector<PlannedFile>& primary_order)
 
 }  // namespace
 
-Result<std::string> build_iso9660(const std::string& volume_label, const std::vector<IsoFile>& files) {
+namespace {
+
+// Everything but the files' bytes: the image's first sectors up to the first file's
+// extent (descriptors, path tables, directories), where each file goes, and the size.
+struct Layout {
+  std::string head;
+  std::vector<std::uint32_t> extents;  // per file, in the caller's order
+  std::uint32_t total_sectors = 0;
+};
+
+std::size_t sector_offset(std::uint32_t sector) { return static_cast<std::size_t>(sector) * kSectorSize; }
+
+Result<Layout> lay_out(const std::string& volume_label, const std::vector<IsoFile>& files) {
   if (auto ok = check_volume_label(volume_label); !ok) return fail(ok.error().message);
 
   auto planned_files = plan_files(files);
@@ -364,7 +383,7 @@ Result<std::string> build_iso9660(const std::string& volume_label, const std::ve
     // An empty file owns no sectors; like mkisofs, it points at the next free one
     // (always inside the image thanks to the padding).
     extents[i] = static_cast<std::uint32_t>(next_sector);
-    next_sector += sectors_for(files[i].content.size());
+    next_sector += sectors_for(files[i].size());
     if (next_sector > std::numeric_limits<std::uint32_t>::max() - kPaddingSectors)
       return fail("ISO image would exceed 2^32 sectors");
   }
@@ -375,8 +394,8 @@ Result<std::string> build_iso9660(const std::string& volume_label, const std::ve
   for (auto& file : joliet_order) file.extent = extent_of(file);
   const auto total_sectors = static_cast<std::uint32_t>(next_sector + kPaddingSectors);
 
-  std::string image(static_cast<std::size_t>(total_sectors) * kSectorSize, '\0');
-  auto sector_offset = [](std::uint32_t sector) { return static_cast<std::size_t>(sector) * kSectorSize; };
+  std::string image(sector_offset(static_cast<std::uint32_t>(joliet_root.extent + joliet_root.size / kSectorSize)),
+                    '\0');
 
   const auto path_table_size = static_cast<std::uint32_t>(path_table(0, false).size());
   VolumeDescriptorFields primary_fields{total_sectors, path_table_size, l_path_table, m_path_table, primary_root};
@@ -398,36 +417,116 @@ Result<std::string> build_iso9660(const std::string& volume_label, const std::ve
   put_at(image, sector_offset(primary_root.extent),
          pack_directory(primary_records(primary_root, continuation_sector, primary_order)));
   put_at(image, sector_offset(joliet_root.extent), pack_directory(joliet_records(joliet_root, joliet_order)));
+  return Layout{std::move(image), std::move(extents), total_sectors};
+}
+
+}  // namespace
+
+Result<std::string> build_iso9660(const std::string& volume_label, const std::vector<IsoFile>& files) {
+  auto layout = lay_out(volume_label, files);
+  if (!layout) return fail(layout.error().message);
+  std::string image = std::move(layout->head);
+  image.resize(sector_offset(layout->total_sectors), '\0');
   for (std::size_t i = 0; i < files.size(); ++i) {
-    if (!files[i].content.empty()) put_at(image, sector_offset(extents[i]), files[i].content);
+    std::string bytes = files[i].content;
+    if (!files[i].source.empty()) {
+      std::ifstream in(files[i].source, std::ios::binary);
+      bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+      if (!in.eof() && in.fail()) return fail("cannot read " + files[i].source.string() + " for ISO file " + printable(files[i].name));
+      if (bytes.size() != files[i].source_size)
+        return fail(size_changed(files[i], bytes.size()));
+    }
+    if (!bytes.empty()) put_at(image, sector_offset(layout->extents[i]), bytes);
   }
   return image;
 }
 
-Result<void> write_iso9660(const std::filesystem::path& path, const std::string& volume_label,
-                           const std::vector<IsoFile>& files) {
-  auto image = build_iso9660(volume_label, files);
-  if (!image) return fail(image.error().message);
-  int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
-  if (fd < 0) return fail(errno_message("creating ISO image " + path.string(), errno));
-  std::size_t written = 0;
-  while (written < image->size()) {
-    ssize_t n = ::write(fd, image->data() + written, image->size() - written);
+namespace {
+
+Result<void> write_all_at(int fd, const char* data, std::size_t size, off_t offset, const std::string& what) {
+  while (size > 0) {
+    ssize_t n = ::pwrite(fd, data, size, offset);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      int err = errno;
-      ::close(fd);
-      ::unlink(path.c_str());
-      return fail(errno_message("writing ISO image " + path.string(), err));
-    }
-    written += static_cast<std::size_t>(n);
-  }
-  if (::close(fd) != 0) {
-    int err = errno;
-    ::unlink(path.c_str());
-    return fail(errno_message("closing ISO image " + path.string(), err));
+    if (n < 0) return fail(errno_message("writing " + what, errno));
+    data += n;
+    size -= static_cast<std::size_t>(n);
+    offset += n;
   }
   return {};
+}
+
+// Copies `file`'s source into `fd` at `offset`: copy_file_range (no copy through
+// this process where the file systems allow), else pread/pwrite in 1 MiB pieces.
+Result<void> copy_source(int fd, const IsoFile& file, off_t offset, const std::string& what) {
+  int in = ::open(file.source.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0)
+    return fail(errno_message("cannot open " + file.source.string() + " for ISO file " + printable(file.name), errno));
+  std::uint64_t left = file.source_size;
+  off_t in_offset = 0;
+  bool plain_copy = false;
+  std::string buffer;
+  Result<void> result;
+  while (result && left > 0) {
+    const auto chunk = static_cast<std::size_t>(std::min<std::uint64_t>(left, 1u << 20));
+    ssize_t n;
+    if (!plain_copy) {
+      n = ::copy_file_range(in, &in_offset, fd, &offset, chunk, 0);
+      if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP)) {
+        plain_copy = true;
+        continue;
+      }
+    } else {
+      buffer.resize(chunk);
+      n = ::pread(in, buffer.data(), chunk, in_offset);
+      if (n > 0) {
+        result = write_all_at(fd, buffer.data(), static_cast<std::size_t>(n), offset, what);
+        in_offset += n;
+        offset += n;
+      }
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0)
+      result = fail(errno_message("copying " + file.source.string() + " into " + what, errno));
+    else if (n == 0)
+      result = fail(size_changed(file, file.source_size - left));
+    else
+      left -= static_cast<std::uint64_t>(n);
+  }
+  // A source that grew since it was measured would be cut short in the image.
+  char extra;
+  if (result && ::pread(in, &extra, 1, in_offset) > 0) result = fail(size_changed(file, file.source_size + 1));
+  ::close(in);
+  return result;
+}
+
+Result<void> write_image(int fd, const Layout& layout, const std::vector<IsoFile>& files, const std::string& what) {
+  if (auto ok = write_all_at(fd, layout.head.data(), layout.head.size(), 0, what); !ok) return ok;
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    const auto offset = static_cast<off_t>(sector_offset(layout.extents[i]));
+    auto ok = files[i].source.empty()
+                  ? write_all_at(fd, files[i].content.data(), files[i].content.size(), offset, what)
+                  : copy_source(fd, files[i], offset, what);
+    if (!ok) return ok;
+  }
+  // The tail of the last sector and the padding: zeros, as a hole.
+  if (::ftruncate(fd, static_cast<off_t>(sector_offset(layout.total_sectors))) != 0)
+    return fail(errno_message("sizing " + what, errno));
+  return {};
+}
+
+}  // namespace
+
+Result<void> write_iso9660(const std::filesystem::path& path, const std::string& volume_label,
+                           const std::vector<IsoFile>& files) {
+  auto layout = lay_out(volume_label, files);
+  if (!layout) return fail(layout.error().message);
+  const std::string what = "ISO image " + path.string();
+  int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+  if (fd < 0) return fail(errno_message("creating " + what, errno));
+  auto written = write_image(fd, *layout, files, what);
+  if (::close(fd) != 0 && written) written = fail(errno_message("closing " + what, errno));
+  if (!written) ::unlink(path.c_str());
+  return written;
 }
 
 }  // namespace solstice

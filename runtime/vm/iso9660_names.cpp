@@ -134,8 +134,8 @@ Result<std::vector<PlannedFile>> plan_files(const std::vector<IsoFile>& files) {
     if (!joliet_name) return fail(joliet_name.error().message);
     if (!names.insert(file.name).second)
       return fail("ISO file name " + printable(file.name) + " appears twice");
-    if (file.content.size() > std::numeric_limits<std::uint32_t>::max())
-      return fail("ISO file " + printable(file.name) + " is " + std::to_string(file.content.size()) +
+    if (file.size() > std::numeric_limits<std::uint32_t>::max())
+      return fail("ISO file " + printable(file.name) + " is " + std::to_string(file.size()) +
                   " bytes; a file extent holds at most 4 GiB - 1");
     planned.push_back(PlannedFile{&file, "", "", *joliet_name, 0});
   }

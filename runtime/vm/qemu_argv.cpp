@@ -54,6 +54,14 @@ std::vector<std::string> build_qemu_argv(const VmSpec& spec) {
             ",if=ide,media=cdrom,readonly=on,format=raw");
   }
 
+  // The uploads drive, on the secondary IDE channel (the seed takes the first), in
+  // every VM: templates and their clones need the same devices.
+  add(argv, "-drive",
+      "if=none,id=uploads-medium,readonly=on" +
+          (spec.uploads_iso.empty() ? std::string{}
+                                    : ",format=raw,file=" + escape_option_value(spec.uploads_iso.string())));
+  add(argv, "-device", std::string{"ide-cd,drive=uploads-medium,bus=ide.1,unit=0,id="} + uploads_drive_id);
+
   // Host side bound to 127.0.0.1 only, port 0: QEMU picks a free port, read back
   // through QMP `info usernet`.
   add(argv, "-netdev",

@@ -20,6 +20,10 @@ struct VmSpec {
   std::string disk_format = "qcow2";
   bool snapshot = false;       // QEMU's snapshot=on instead of an overlay file
   std::filesystem::path seed_iso;  // attached as IDE CD-ROM when set
+  // The job's uploads ISO (README "Uploads"), in the CD-ROM drive every VM has for
+  // it from the start; empty: the drive is empty (a restored clone gets the medium
+  // by QMP blockdev-change-medium, since its device set must be its template's).
+  std::filesystem::path uploads_iso;
   VmBoot boot = VmBoot::disk;
   std::filesystem::path kernel, initrd;
   std::string kernel_append;
@@ -42,6 +46,11 @@ struct VmSpec {
   // be the same on both sides of a migration).
   std::filesystem::path identity_socket;
 };
+
+// The qdev id of that drive (QMP blockdev-change-medium "id") and the volume label
+// the guest finds it by.
+inline constexpr const char* uploads_drive_id = "uploads";
+inline constexpr const char* uploads_iso_label = "SOLSTICEUPLOADS";
 
 // The guest's name of the identity port (/sys/class/virtio-ports/*/name).
 inline constexpr const char* identity_port_name = "org.solstice.identity";

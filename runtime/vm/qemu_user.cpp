@@ -137,6 +137,8 @@ Result<void> share_vm_files(const QemuUser& user, const VmFiles& files) {
     if (auto ok = give_group(files.writable_disk, gid, 0660); !ok) return ok;
   if (!files.seed_iso.empty())
     if (auto ok = give_group(files.seed_iso, gid, 0640); !ok) return ok;
+  if (!files.uploads_iso.empty())
+    if (auto ok = give_group(files.uploads_iso, gid, 0640); !ok) return ok;
   if (!files.firmware_vars.empty())
     if (auto ok = give_group(files.firmware_vars, gid, 0660); !ok) return ok;
   for (const auto& path : files.read_only)

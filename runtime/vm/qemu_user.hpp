@@ -52,6 +52,7 @@ struct VmFiles {
   std::filesystem::path seed_iso;       // or empty
   std::filesystem::path firmware_vars;  // the VM's UEFI variables store (read-write), or empty
   std::vector<std::filesystem::path> read_only;
+  std::filesystem::path uploads_iso;    // the job's uploads ISO (read-only), or empty
 };
 Result<void> share_vm_files(const QemuUser& user, const VmFiles& files);
 

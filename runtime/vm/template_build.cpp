@@ -118,7 +118,7 @@ Result<ChildProcess> start_qemu(VmSpec spec, const v1::ImageSpec& image,
     return tl::unexpected(qemu_user.error());
   if (*qemu_user) {
     VmFiles files{config.state_dir(), dir, spec.disk, spec.seed_iso, {},
-                  {image.disk(), image.kernel(), image.initrd()}};
+                  {image.disk(), image.kernel(), image.initrd()}, {}};
     if (auto shared = share_vm_files(**qemu_user, files); !shared)
       return tl::unexpected(shared.error());
     options.run_as = (*qemu_user)->credentials;

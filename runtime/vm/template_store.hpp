@@ -37,7 +37,8 @@ namespace solstice {
 // template of another format has another key, so it is never restored.
 // 2: the virtio-serial identity port and its agent (identity_channel.hpp).
 // 3: the agent also makes the job's files (guest_commands.hpp, GuestJobFiles).
-inline constexpr int template_format = 3;
+// 4: every VM has the (empty) uploads CD-ROM drive (qemu_argv.hpp, uploads_drive_id).
+inline constexpr int template_format = 4;
 
 std::filesystem::path templates_dir(const std::string& state_dir);
 

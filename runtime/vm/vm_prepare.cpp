@@ -21,6 +21,8 @@
 #include "runtime/base/child_process.hpp"
 #include "runtime/ssh/ssh_keys.hpp"
 #include "runtime/vm/cloud_init.hpp"
+#include "runtime/vm/iso9660.hpp"
+#include "runtime/job/guest_commands.hpp"
 
 namespace solstice {
 
@@ -228,6 +230,43 @@ Result<void> copy_uefi_vars(const fs::path& to) {
   return {};
 }
 
+// The job's uploads on an ISO in the work directory when they hold enough bytes
+// (uploads_iso_min_bytes in all). Otherwise they go over SFTP as before: also
+// when a source is not a readable regular file (the SFTP upload then names it)
+// and when the ISO cannot be written (uploads_iso_note says why). Sources are
+// copied into the ISO as it is written, never held in memory.
+void prepare_uploads_iso(const v1::JobSpec& job, const fs::path& work_dir, v1::VmHandle& h) {
+  std::vector<IsoFile> files;
+  uint64_t total = 0;
+  for (int i = 0; i < job.uploads_size(); ++i) {
+    const auto& upload = job.uploads(i);
+    IsoFile file;
+    file.name = uploads_iso_file_name(i);
+    if (upload.has_content()) {
+      file.content = upload.content();
+    } else {
+      struct stat info {};
+      if (::stat(upload.source().c_str(), &info) != 0 || !S_ISREG(info.st_mode) ||
+          ::access(upload.source().c_str(), R_OK) != 0)
+        return;
+      file.source = upload.source();
+      file.source_size = static_cast<uint64_t>(info.st_size);
+    }
+    total += file.size();
+    files.push_back(std::move(file));
+  }
+  if (files.empty() || total < uploads_iso_min_bytes)
+    return;
+  auto iso = work_dir / "uploads.iso";
+  std::error_code ignored;
+  fs::remove(iso, ignored);  // none, unless an earlier attempt's survived
+  if (auto ok = write_iso9660(iso, uploads_iso_label, files); !ok) {
+    h.set_uploads_iso_note("cannot put the uploads on an ISO (" + ok.error().message + "): they go over SFTP");
+    return;
+  }
+  h.set_uploads_iso(iso.string());
+}
+
 // A clone of a template: a new overlay on top of the template's frozen one, the
 // template's seed CD-ROM (the device must be as it was), the migration stream to
 // load, a new vmgenid GUID, and the template's key and host key for the first
@@ -311,6 +350,7 @@ Result<v1::VmHandle> prepare_in(const v1::JobSpec& job, const v1::ImageSpec& ima
   h.set_host_key(host_key->public_blob);
   h.set_host_key_public(host_key->public_line);
 
+  prepare_uploads_iso(job, work_dir, h);
   if (image.has_restore_from())
     return prepare_restore(h, image, work_dir, host_key->private_openssh);
 
@@ -434,6 +474,9 @@ VmSpec vm_spec_from_handle(const v1::VmHandle& h) {
   spec.disk_format = h.disk_format();
   spec.snapshot = h.snapshot();
   spec.seed_iso = h.seed_iso();
+  // A clone's drive starts empty, as its template's did; the medium goes in later.
+  if (h.incoming_state().empty())
+    spec.uploads_iso = h.uploads_iso();
   spec.boot = h.boot_mode() == v1::BOOT_MODE_KERNEL ? VmBoot::kernel : VmBoot::disk;
   spec.kernel = h.kernel();
   spec.initrd = h.initrd();

@@ -60,8 +60,14 @@ Result<void> create_overlay(const std::string& qemu_img, const std::filesystem::
 // A random GUID (RFC 4122 version 4) for QEMU's vmgenid device.
 std::string random_guid();
 
+// A job's uploads that total at least this many bytes travel on a read-only ISO in
+// the VM's uploads drive (README "Uploads"): under TCG, SSH's emulated crypto caps
+// SFTP at a few MiB/s, an ISO is copied at tens; below it, SFTP (no mount's cost).
+inline constexpr uint64_t uploads_iso_min_bytes = 8u << 20;
+
 // Prepares everything the VM of `job` needs for boot attempt number `attempt`
 // (1, 2, ...: names that differ per attempt carry it). The handle keeps vcpus and memory.
+// Its uploads_iso is set when the uploads went on an ISO (uploads_iso_min_bytes).
 Result<v1::VmHandle> prepare_vm(const v1::JobSpec& job, const v1::ImageSpec& image,
                                 const v1::RunnerConfig& config, uint32_t attempt = 1);
 

@@ -199,8 +199,10 @@ TEST_CASE("a job on the real cloud image: cloud-init's user and the seed's host 
                                                        {"user", "runner"},
                                                        {"memory_mib", 512}}})}}
                        .dump(2));
+  // 9 MiB: over uploads_iso_min_bytes, so it travels on the uploads ISO (a cold
+  // boot: in the drive from the start), which the real image's sudo mounts.
   std::string payload;
-  for (int i = 0; i < 200000; ++i) payload += static_cast<char>((i * 7919) & 0xff);
+  for (int i = 0; i < 9 * 1024 * 1024; ++i) payload += static_cast<char>((i * 7919) & 0xff);
   write_file(temp.path() / "payload.bin", payload);
 
   const auto job_file = temp.path() / "job.json";
@@ -224,6 +226,8 @@ TEST_CASE("a job on the real cloud image: cloud-init's user and the seed's host 
             "echo \"host_key=$(sudo -n cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub)\"\n"
             "echo \"host_keys=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$')\"\n"
             "echo \"greeting=$GREETING\"\n"
+            "echo \"payload=$(stat -c '%a %U:%G' /tmp/in/payload.bin)\"\n"
+            "echo \"mounted=$(grep -c uploads-iso /proc/mounts)\"\n"
             // For the log: sshd's logins and restarts this boot (on stderr).
             "sudo -n journalctl -b -o short-monotonic --no-pager -u ssh.service "
             "| grep -E 'Accepted publickey|Stopping|Started' >&2 || true\n"}},
@@ -264,6 +268,10 @@ TEST_CASE("a job on the real cloud image: cloud-init's user and the seed's host 
   bool setup_phase = false;
   for (const auto& timing : result.phases()) setup_phase |= timing.phase() == "setup";
   CHECK(setup_phase);
+  // The upload went on the uploads ISO, not over SFTP, and landed as SFTP puts it.
+  bool uploads_iso_phase = false;
+  for (const auto& timing : result.phases()) uploads_iso_phase |= timing.phase() == "uploads_iso";
+  CHECK(uploads_iso_phase);
   CHECK(step_output(*events, 1, v1::STDERR) == "copied\n");
   CHECK(step_output(*events, 2, v1::STDOUT) == "the end\n");
 
@@ -286,6 +294,8 @@ TEST_CASE("a job on the real cloud image: cloud-init's user and the seed's host 
   CHECK(seen["sudo"] == "root");
   CHECK(seen["hostname"] == "solstice-" + result.job_id());
   CHECK(seen["greeting"] == "hello from the cloud image");
+  CHECK(seen["payload"] == "644 runner:runner");
+  CHECK(seen["mounted"] == "0");
   // cloud-init restarted sshd during this boot (the case the runner must live
   // with); the key the guest serves after it is the one of the runner's seed,
   // which the runner pinned (it refuses any other), and the only one there is.

@@ -9,6 +9,7 @@
 #include <signal.h>
 
 #include <chrono>
+#include <cstdio>
 #include <algorithm>
 #include <cstdlib>
 #include <fstream>
@@ -502,5 +503,121 @@ TEST_SUITE("templates") {
     REQUIRE(listed.size() == 1);
     CHECK_FALSE(listed[0].value("stale", std::string{}).empty());
     check_nothing_left(sandbox);
+  }
+}
+
+// Uploads over uploads_iso_min_bytes in all travel on a read-only ISO (README
+// "Uploads"): attached at boot on a cold start, inserted by QMP into a restored
+// clone. What lands in the guest is what SFTP would give: the bytes (sha256), the
+// mode, the owner; directories made; nothing mounted afterwards; a destination that
+// cannot be written fails the job naming that upload; the ISO goes with the VM.
+namespace {
+
+const char* iso_upload_script =
+  "echo BIG=$(sha256sum /opt/iso-up/big.bin | cut -d' ' -f1)\n"
+  "echo BIGSTAT=$(stat -c '%a %U %s' /opt/iso-up/big.bin)\n"
+  "echo TOOLSTAT=$(stat -c '%a %U' /tmp/iso-up/tool.sh)\n"
+  "echo TOOL=$(/tmp/iso-up/tool.sh)\n"
+  "echo MOUNTED=$(grep -c uploads-iso /proc/mounts)\n";
+
+std::string random_bytes(size_t size) {
+  std::string bytes(size, '\0');
+  std::ifstream("/dev/urandom", std::ios::binary).read(bytes.data(), static_cast<std::streamsize>(size));
+  return bytes;
+}
+
+std::string sha256_of(const fs::path& path) {
+  std::string sum(64, '\0');
+  FILE* pipe = ::popen(("sha256sum '" + path.string() + "'").c_str(), "r");
+  REQUIRE(pipe);
+  sum.resize(std::fread(sum.data(), 1, sum.size(), pipe));
+  ::pclose(pipe);
+  return sum;
+}
+
+nlohmann::json iso_upload_job(const Sandbox& sandbox, const std::string& id, const fs::path& big) {
+  auto job = guest_job(id, {iso_upload_script});
+  auto tool = sandbox.write("tool-" + id + ".sh", "#!/bin/sh\necho tool ran\n");
+  job["uploads"] = {{{"source", big.string()}, {"destination", "/opt/iso-up/big.bin"}, {"mode", 0640}},
+                    {{"source", tool.string()}, {"destination", "/tmp/iso-up/tool.sh"}, {"mode", 0755}}};
+  return job;
+}
+
+// `by_iso`: the ISO was used; otherwise the uploads fell back to SFTP.
+void check_iso_uploads(const Sandbox& sandbox, const std::string& id, const fs::path& big, bool by_iso = true) {
+  auto result = sandbox.result(id);
+  REQUIRE(result);
+  CHECK(result->status() == v1::SUCCEEDED);
+  CHECK(has_phase(*result, "uploads_iso"));  // the ISO was tried first
+  if (by_iso)
+    for (const auto& notice : sandbox.notices(id))
+      CHECK_FALSE(contains(notice, "SFTP"));
+  auto printed = printed_by(sandbox, id, 0);
+  CHECK(printed.values["BIG"] == sha256_of(big));
+  CHECK(printed.values["BIGSTAT"] == "640 runner " + std::to_string(fs::file_size(big)));
+  CHECK(printed.values["TOOLSTAT"] == "755 runner");
+  CHECK(printed.values["TOOL"] == "tool ran");
+  CHECK(printed.values["MOUNTED"] == "0");
+}
+
+}  // namespace
+
+TEST_SUITE("templates") {
+  TEST_CASE("uploads over the ISO threshold go by ISO, cold and restored, as SFTP would place them") {
+    REQUIRE_MESSAGE(test_guest_problem().empty(), test_guest_problem());
+    Sandbox sandbox;
+    give_template(sandbox);
+    const auto big = sandbox.write("big.bin", random_bytes(9u << 20));
+
+    SUBCASE("cold: the ISO is in the uploads drive from the boot") {
+      auto job = sandbox.write_json("job.json", iso_upload_job(sandbox, "iso-cold", big));
+      auto run = run_to_end(sandbox.run_args(job, "tcg"), 300s);
+      INFO(run.output());
+      CHECK(sandbox.result("iso-cold")->start() == "cold");
+      check_iso_uploads(sandbox, "iso-cold", big);
+    }
+    SUBCASE("restored: the ISO is inserted into the clone's empty drive") {
+      auto job = sandbox.write_json("job.json", iso_upload_job(sandbox, "iso-restored", big));
+      auto run = run_to_end(sandbox.snapshot_run_args(job, "tcg"), 300s);
+      INFO(run.output());
+      CHECK(sandbox.result("iso-restored")->start() == "restored");
+      check_iso_uploads(sandbox, "iso-restored", big);
+    }
+    SUBCASE("a guest that finds no uploads ISO says so, and the uploads go over SFTP") {
+      // The real QEMU with the uploads drive left empty.
+      auto wrapper = sandbox.write("qemu-no-uploads-iso",
+                                   "#!/bin/sh\n"
+                                   "for arg do\n"
+                                   "  shift\n"
+                                   "  case \"$arg\" in if=none,id=uploads-medium,*) arg=if=none,id=uploads-medium,readonly=on ;; esac\n"
+                                   "  set -- \"$@\" \"$arg\"\n"
+                                   "done\n"
+                                   "exec qemu-system-x86_64 \"$@\"\n");
+      fs::permissions(wrapper, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                                 fs::perms::others_read | fs::perms::others_exec);
+      auto config = sandbox.write_json("config.json", {{"qemu_binary", wrapper.string()}});
+      auto job = sandbox.write_json("job.json", iso_upload_job(sandbox, "iso-fallback", big));
+      auto run = run_to_end(sandbox.run_args(job, "tcg", config), 300s);
+      INFO(run.output());
+      check_iso_uploads(sandbox, "iso-fallback", big, false);
+      CHECK(any_contains(sandbox.notices("iso-fallback"),
+                         "the uploads ISO cannot be used in this guest (no CD-ROM drive holds the volume "
+                         "SOLSTICEUPLOADS): the uploads go over SFTP"));
+    }
+    SUBCASE("a destination that cannot be written fails the job, naming the upload") {
+      auto job_json = iso_upload_job(sandbox, "iso-bad", big);
+      job_json["uploads"][1]["destination"] = "/etc";  // a directory
+      auto job = sandbox.write_json("job.json", job_json);
+      auto run = run_to_end(sandbox.run_args(job, "tcg"), 300s);
+      INFO(run.output());
+      auto result = sandbox.result("iso-bad");
+      REQUIRE(result);
+      CHECK(result->status() == v1::FAILED);
+      CHECK(has_phase(*result, "uploads_iso"));
+      CHECK_MESSAGE(contains(result->error(), "upload " + (sandbox.root() / "tool-iso-bad.sh").string() + " -> /etc: "),
+                    result->error());
+      CHECK_MESSAGE(contains(result->error(), "Is a directory"), result->error());
+    }
+    check_nothing_left(sandbox);  // the ISO went with the VM's work directory
   }
 }

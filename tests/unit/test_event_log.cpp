@@ -115,6 +115,25 @@ TEST_CASE("every event kind round-trips through the log file, bytes exactly") {
   CHECK(lines == events.size());
 }
 
+TEST_CASE("a step result's runner_stderr (the runner's own commands only) is absent from the log's JSON") {
+  TempDir dir;
+  const fs::path file = dir.path / "events.jsonl";
+  v1::JobEvent event;
+  event.set_job_id("job-1");
+  event.mutable_step_finished()->set_step_index(0);
+  {
+    auto log = EventLog::open(file);
+    REQUIRE(log.has_value());
+    REQUIRE(log->append(event).has_value());
+  }
+  std::ifstream in(file);
+  std::string line;
+  REQUIRE(std::getline(in, line));
+  const auto parsed = nlohmann::json::parse(line);
+  CHECK(parsed["step_finished"].contains("exit_signal"));  // zero values are written ...
+  CHECK_FALSE(parsed["step_finished"].contains("runner_stderr"));  // ... an unset optional is not
+}
+
 TEST_CASE("the log file has mode 0600 and is appended to, never truncated") {
   TempDir dir;
   const fs::path file = dir.path / "events.jsonl";

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cstdint>
+#include <fstream>
 #include <random>
 #include <set>
 
@@ -260,6 +261,78 @@ TEST_CASE("iso9660: write_iso9660 creates a private file and never overwrites") 
   auto bad = write_iso9660(dir / "bad.iso", "", {});
   CHECK_FALSE(bad);
   CHECK_FALSE(std::filesystem::exists(dir / "bad.iso"));
+}
+
+}  // namespace solstice
+
+namespace solstice {
+
+namespace {
+
+IsoFile from_source(const std::string& name, const std::filesystem::path& source) {
+  IsoFile file;
+  file.name = name;
+  file.source = source;
+  file.source_size = std::filesystem::file_size(source);
+  return file;
+}
+
+void write_bytes(const std::filesystem::path& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out << bytes;
+}
+
+}  // namespace
+
+TEST_CASE("iso9660: files copied from their sources give the same bytes as files in memory") {
+  TempDir dir;
+  // Sizes around sector boundaries, an empty file, and one of several MiB (the
+  // copy goes in 1 MiB pieces).
+  std::vector<IsoFile> in_memory, streamed;
+  const std::size_t sizes[] = {0, 1, 2047, 2048, 2049, 5 * 1024 * 1024 + 3};
+  for (std::size_t i = 0; i < std::size(sizes); ++i) {
+    auto bytes = pseudo_random_bytes(sizes[i], static_cast<std::uint32_t>(i + 7));
+    auto source = dir / ("source-" + std::to_string(i));
+    write_bytes(source, bytes);
+    in_memory.emplace_back("u" + std::to_string(i), bytes);
+    streamed.push_back(from_source("u" + std::to_string(i), source));
+  }
+  auto memory_image = build_iso9660("SOLSTICEUPLOADS", in_memory);
+  REQUIRE(memory_image);
+  auto path = write_image(dir, "SOLSTICEUPLOADS", streamed);
+  CHECK(read_file(path) == *memory_image);
+  // Read back through Rock Ridge by a real reader.
+  CHECK(extract_with_isoinfo(path, "-R", "/u5") == in_memory[5].content);
+  // build_iso9660 reads sources too, to the same bytes.
+  auto built = build_iso9660("SOLSTICEUPLOADS", streamed);
+  REQUIRE(built);
+  CHECK(*built == *memory_image);
+}
+
+TEST_CASE("iso9660: a source whose size changed or that is gone fails, naming it, and leaves no image") {
+  TempDir dir;
+  auto source = dir / "payload.bin";
+  write_bytes(source, std::string(10000, 'a'));
+  auto file = from_source("u0", source);
+
+  write_bytes(source, std::string(9000, 'a'));  // shrank after it was measured
+  auto shrunk = write_iso9660(dir / "shrunk.iso", "SOLSTICEUPLOADS", {file});
+  REQUIRE_FALSE(shrunk);
+  CHECK(shrunk.error().message.find(source.string()) != std::string::npos);
+  CHECK(shrunk.error().message.find("changed size") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(dir / "shrunk.iso"));
+
+  write_bytes(source, std::string(11000, 'a'));  // grew
+  auto grown = write_iso9660(dir / "grown.iso", "SOLSTICEUPLOADS", {file});
+  REQUIRE_FALSE(grown);
+  CHECK(grown.error().message.find("changed size") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(dir / "grown.iso"));
+
+  std::filesystem::remove(source);
+  auto gone = write_iso9660(dir / "gone.iso", "SOLSTICEUPLOADS", {file});
+  REQUIRE_FALSE(gone);
+  CHECK(gone.error().message.find(source.string()) != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(dir / "gone.iso"));
 }
 
 }  // namespace solstice

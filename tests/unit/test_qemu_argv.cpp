@@ -67,6 +67,8 @@ TEST_SUITE("qemu_argv") {
         "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "3", "-m", "768",
         "-drive", "file=/var/lib/solstice/job-1/overlay.qcow2,if=virtio,format=qcow2",
         "-drive", "file=/var/lib/solstice/job-1/seed.iso,if=ide,media=cdrom,readonly=on,format=raw",
+        "-drive", "if=none,id=uploads-medium,readonly=on",
+        "-device", "ide-cd,drive=uploads-medium,bus=ide.1,unit=0,id=uploads",
         "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22",
         "-device", "virtio-net-pci,netdev=net0",
         "-chardev", "file,id=console0,path=/var/lib/solstice/job-1/console.log",
@@ -84,11 +86,24 @@ TEST_SUITE("qemu_argv") {
     CHECK(netdevs[0].find("hostfwd=tcp:127.0.0.1:0-:22") != std::string::npos);
     CHECK(netdevs[0].find("hostfwd=tcp::") == std::string::npos);
     auto drives = values_of(argv, "-drive");
-    REQUIRE(drives.size() == 2);
+    REQUIRE(drives.size() == 3);
     CHECK(drives[1].find("if=ide,media=cdrom") != std::string::npos);
     CHECK(std::count_if(drives.begin(), drives.end(), [](const std::string& d) {
             return d.find("if=virtio") != std::string::npos;
           }) == 1);
+  }
+
+  TEST_CASE("every VM has the uploads CD-ROM drive: empty, or holding the job's uploads ISO") {
+    VmSpec spec = disk_spec();
+    auto devices = values_of(build_qemu_argv(spec), "-device");
+    CHECK(std::count(devices.begin(), devices.end(),
+                     std::string{"ide-cd,drive=uploads-medium,bus=ide.1,unit=0,id="} + uploads_drive_id) == 1);
+    CHECK(values_of(build_qemu_argv(spec), "-drive").back() == "if=none,id=uploads-medium,readonly=on");
+    spec.uploads_iso = "/run/job/uploads.iso";
+    CHECK(values_of(build_qemu_argv(spec), "-drive").back() ==
+          "if=none,id=uploads-medium,readonly=on,format=raw,file=/run/job/uploads.iso");
+    // The same devices either way: a clone's argv matches its template's.
+    CHECK(values_of(build_qemu_argv(spec), "-device") == devices);
   }
 
   TEST_CASE("vcpus, memory, guest port and machine are passed through") {
@@ -126,10 +141,12 @@ TEST_SUITE("qemu_argv") {
     spec.qmp_socket = "/run/e,f/qmp.sock";
     spec.console_log = "/data/g,,h/console.log";
     auto argv = build_qemu_argv(spec);
-    auto drives = values_of(argv, "-drive");
-    REQUIRE(drives.size() == 2);
+    spec.uploads_iso = "/data/i,j/uploads.iso";
+    auto drives = values_of(build_qemu_argv(spec), "-drive");
+    REQUIRE(drives.size() == 3);
     CHECK(drives[0] == "file=/data/a,,b/base.img,if=virtio,format=raw,snapshot=on");
     CHECK(drives[1] == "file=/data/c,,d/seed.iso,if=ide,media=cdrom,readonly=on,format=raw");
+    CHECK(drives[2] == "if=none,id=uploads-medium,readonly=on,format=raw,file=/data/i,,j/uploads.iso");
     auto chardevs = values_of(argv, "-chardev");
     REQUIRE(chardevs.size() == 2);
     CHECK(chardevs[0] == "file,id=console0,path=/data/g,,,,h/console.log");
@@ -237,6 +254,23 @@ TEST_SUITE("qemu_argv") {
       }
       CHECK(saw_virtio_disk);
       CHECK(saw_ide_cdrom);
+
+      // The uploads drive: there, empty, and it takes a medium by its qdev id.
+      auto uploads_drive = std::find_if(blocks->begin(), blocks->end(), [](const nlohmann::json& block) {
+        return block.value("qdev", "") == uploads_drive_id;
+      });
+      REQUIRE(uploads_drive != blocks->end());
+      CHECK(uploads_drive->value("removable", false));
+      CHECK_FALSE(uploads_drive->contains("inserted"));
+      auto changed = qmp->execute("blockdev-change-medium",
+                                  {{"id", uploads_drive_id}, {"filename", spec.seed_iso.string()},
+                                   {"format", "raw"}, {"read-only-mode", "read-only"}});
+      CHECK_MESSAGE(changed.has_value(), (changed ? "" : changed.error().message));
+      blocks = qmp->execute("query-block");
+      REQUIRE(blocks.has_value());
+      for (const auto& block : *blocks)
+        if (block.value("qdev", "") == uploads_drive_id)
+          CHECK(block.value(nlohmann::json::json_pointer("/inserted/file"), "") == spec.seed_iso.string());
 
       auto usernet = qmp->human_command("info usernet");
       REQUIRE(usernet.has_value());
