@@ -15,6 +15,10 @@
 //   ..      file data, each file starting on a sector boundary
 //   ..      150 sectors of zero padding (as mkisofs does, against read-ahead past
 //           the end of the medium on some drives)
+//
+// One file of about 530 lines: building in memory and writing to a file (uploads,
+// streamed from their sources) share the one private layout; the name rules live
+// in iso9660_names.cpp.
 #include "runtime/vm/iso9660.hpp"
 
 #include <fcntl.h>

@@ -1,3 +1,6 @@
+// Everything a VM needs before QEMU starts, cold or restored: its work directory,
+// keys, overlay, seed and uploads ISO. About 500 lines: each part is short, and
+// they all fill the one VmHandle in order.
 #include "runtime/vm/vm_prepare.hpp"
 
 #include <sys/stat.h>
