@@ -16,7 +16,7 @@
 //   ..      150 sectors of zero padding (as mkisofs does, against read-ahead past
 //           the end of the medium on some drives)
 //
-// One file of about 530 lines: building in memory and writing to a file (uploads,
+// One file of about 540 lines: building in memory and writing to a file (uploads,
 // streamed from their sources) share the one private layout; the name rules live
 // in iso9660_names.cpp.
 #include "runtime/vm/iso9660.hpp"
