@@ -48,9 +48,23 @@ struct BareQemu {
     process = std::move(*spawned);
   }
 
+  // Connected once the machine runs, with no event pending: QEMU starts it after
+  // the QMP socket is up, so a quick client may or may not see its RESUME. Once
+  // query-status says "running", that RESUME (sent before the reply) is queued.
   QmpClient connect() {
     auto client = QmpClient::connect(socket, 10s);
     REQUIRE_MESSAGE(client.has_value(), (client ? "" : client.error().message));
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    for (;;) {
+      auto status = client->execute("query-status");
+      REQUIRE_MESSAGE(status.has_value(), (status ? "" : status.error().message));
+      if ((*status)["status"] == "running")
+        break;
+      REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline, "QEMU did not start running: " << status->dump());
+      std::this_thread::sleep_for(20ms);
+    }
+    while (client->next_event(0ms)) {
+    }
     return std::move(*client);
   }
 };
