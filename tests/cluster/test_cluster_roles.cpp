@@ -1,3 +1,5 @@
+// Just over 500 lines: one story (who may do what) told against one coordinator
+// and node started once for all its cases; split, each part would start its own.
 // Cluster roles from certificates, enforced by a real TLS coordinator process
 // per message: a real node (node-1) runs submitter alice's job on the test
 // guest while bob (another submitter), an operator and a second node (node-2)
