@@ -1,5 +1,5 @@
-// Just over 500 lines: one story (who may do what) told against one coordinator
-// and node started once for all its cases; split, each part would start its own.
+// Just over 500 lines: its three cases (who may do what) share the raw TLS peer
+// and the coordinator helpers above them; split, each part would repeat them.
 // Cluster roles from certificates, enforced by a real TLS coordinator process
 // per message: a real node (node-1) runs submitter alice's job on the test
 // guest while bob (another submitter), an operator and a second node (node-2)
