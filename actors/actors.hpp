@@ -123,12 +123,13 @@ using ssh_executor_actor = guest_shell_actor::extend<
   caf::replies_to<connect_atom, std::string, uint32_t>::with<ok_atom>,
   // Gives the clone the handle's own identity (its key, host key, its job's
   // hostname and instance id, the host's clock and randomness) and its job's files
-  // (the directories, the env file's text) over that port; replies once the
+  // (the directories, the env file's text, the steps' scripts: GuestJobFiles)
+  // over that port; replies once the
   // guest's agent said it is done (timeout in ms), and closes it: "" when the
   // agent made the job's files too, else why not (the set-up then makes them).
   // From then on `ready` uses the handle's own key and host key.
   caf::replies_to<identity_atom, v1::VmHandle, std::vector<std::string>, std::string,
-                  uint32_t>::with<std::string>,
+                  std::vector<std::string>, uint32_t>::with<std::string>,
   // The console hand-off is done: guest-shell requests are served from now on.
   caf::reacts_to<release_atom>>;
 

@@ -207,9 +207,13 @@ static void run_step(supervisor_pointer self, unsigned index) {
   // The reply deadline is the job's; the step timeout is enforced by the executor
   // so it can report timed_out with the output so far.
   auto reply_deadline = milliseconds(uint64_t{st.job.timeout_seconds()} * 1000 + 60000);
-  // One round trip: the command writes the script from its stdin, then runs it.
-  self->request(st.shell, reply_deadline, exec_atom::value, index, step_command(index),
-                make_step_script(step.script()), static_cast<uint32_t>(step_timeout.count()))
+  // One round trip: the command writes the script from its stdin, then runs it;
+  // or only runs it, where a clone's identity agent wrote it with the job's files.
+  const bool written = !st.vm.incoming_state().empty() && st.vm.job_files_made() && step_scripts_fit(st.job);
+  self->request(st.shell, reply_deadline, exec_atom::value, index,
+                written ? step_command_written(index) : step_command(index),
+                written ? std::string{} : make_step_script(step.script()),
+                static_cast<uint32_t>(step_timeout.count()))
     .then([=](v1::StepResult& result) { step_finished(self, index, std::move(result)); },
           [=](caf::error& err) {
             auto& st = self->state;

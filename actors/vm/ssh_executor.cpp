@@ -141,10 +141,10 @@ ssh_executor(executor_pointer self, output_observer_actor observer) {
       return rp;
     },
     [=](identity_atom, const v1::VmHandle& handle, std::vector<std::string>& directories,
-        std::string& env_file, uint32_t timeout_ms) {
+        std::string& env_file, std::vector<std::string>& step_scripts, uint32_t timeout_ms) {
       auto deadline = std::chrono::steady_clock::now() + milliseconds(timeout_ms);
       auto files_note = std::make_shared<std::string>();
-      GuestJobFiles files{std::move(directories), std::move(env_file)};
+      GuestJobFiles files{std::move(directories), std::move(env_file), std::move(step_scripts)};
       auto id = post(self, [handle, files = std::move(files), files_note, deadline,
                             channel = self->state.channel](
                              std::optional<SshSession>&, std::atomic<bool>& cancel,

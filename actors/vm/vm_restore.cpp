@@ -42,7 +42,7 @@ void give_identity(attempt_pointer self) {
   auto timeout = boot_timeout_of(st);
   auto files = guest_job_files(st.spec.job);
   self->request(st.ssh, timeout + std::chrono::seconds(30), identity_atom::value, st.vm,
-                std::move(files.directories), std::move(files.env_file),
+                std::move(files.directories), std::move(files.env_file), std::move(files.step_scripts),
                 static_cast<uint32_t>(timeout.count()))
     .then(
       [=](const std::string& files_note) {

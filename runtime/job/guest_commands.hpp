@@ -79,6 +79,10 @@ inline constexpr int uploads_iso_failed_exit = 95;
 // signal are the script's; if the script cannot be written it exits 125 and says
 // why on stderr.
 std::string step_command(unsigned index);
+// The command that runs step `index` whose script is in place already (the
+// identity agent wrote it: GuestJobFiles::step_scripts): as step_command, without
+// writing it (no stdin; two program starts fewer).
+std::string step_command_written(unsigned index);
 
 }  // namespace solstice
 
@@ -89,7 +93,12 @@ namespace solstice {
 struct GuestJobFiles {
   std::vector<std::string> directories;  // besides guest_job_dir; empty names skipped
   std::string env_file;
+  // The steps' make_step_script texts, in order, written (mode 0755) where
+  // step_command would write them; none when they are together over
+  // step_scripts_max_bytes (the guest's shell reads the identity byte by byte).
+  std::vector<std::string> step_scripts;
 };
+inline constexpr size_t step_scripts_max_bytes = 64 * 1024;
 
 // A restored clone's fresh identity, given before any step (README "Fast starts").
 struct GuestIdentity {
@@ -118,7 +127,8 @@ std::string make_identity_input(const GuestIdentity& identity);
 
 // make_identity_input's text as the one line the identity agent reads from its
 // port: printf's escapes (octal for newlines and all but plain characters), which
-// the agent's shell decodes with its printf built-in (no program start).
+// the shell agent decodes with its printf built-in (no program start), the perl
+// agent with a substitution.
 std::string identity_line(const std::string& identity_input);
 
 // Run over SSH in a template's guest (as its user; sudo -n for root) before it is
@@ -134,6 +144,9 @@ std::string identity_line(const std::string& identity_input);
 // agent was started, or identity_agent_no_port_exit when the guest has no such
 // port (no driver).
 std::string identity_agent_command(const std::string& port_name);
+// identity_agent_command's stdin: the agent as a perl program, started instead of
+// the shell's where the guest has perl and OpenSSH (no program start in a clone).
+std::string identity_agent_input();
 inline constexpr int identity_agent_no_port_exit = 3;
 
 // The agent's status lines (one per clone); runtime/vm/identity_channel.hpp reads them.

@@ -167,7 +167,17 @@ GuestJobFiles guest_job_files(const v1::JobSpec& job) {
   env["SOLSTICE_JOB_ID"] = job.id();
   std::map<std::string, std::string> secrets(job.secrets().begin(), job.secrets().end());
   files.env_file = make_env_file(env, secrets);
+  if (step_scripts_fit(job))
+    for (const auto& step : job.steps())
+      files.step_scripts.push_back(make_step_script(step.script()));
   return files;
+}
+
+bool step_scripts_fit(const v1::JobSpec& job) {
+  size_t bytes = 0;
+  for (const auto& step : job.steps())
+    bytes += step.script().size();
+  return bytes <= step_scripts_max_bytes;
 }
 
 std::string clone_identity_input(const v1::VmHandle& handle,

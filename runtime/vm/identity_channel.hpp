@@ -59,8 +59,11 @@ class IdentityChannel {
 };
 
 // What the set-up makes for `job` in the guest: the directories of its uploads and
-// its env file (env, SOLSTICE_JOB_ID, secrets).
+// its env file (env, SOLSTICE_JOB_ID, secrets); the identity agent also the steps'
+// scripts, where they fit (step_scripts_fit).
 GuestJobFiles guest_job_files(const v1::JobSpec& job);
+// Whether `job`'s step scripts go with its files: together at most step_scripts_max_bytes.
+bool step_scripts_fit(const v1::JobSpec& job);
 
 // The identity a restored clone of `handle` gets (its job's key only, the handle's
 // host key, its job's hostname and instance id, the host's clock now and 64 bytes

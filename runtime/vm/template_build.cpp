@@ -179,13 +179,14 @@ Result<void> save_state(QmpClient& qmp, const fs::path& dir) {
 std::string start_identity_agent(SshSession& session, IdentityChannel& channel,
                                  std::chrono::seconds timeout) {
   std::string err;
+  const auto agent = identity_agent_input();
   auto started = session.exec(
     identity_agent_command(identity_port_name),
     [&err](SshStream stream, std::string_view bytes) {
       if (stream == SshStream::err && err.size() < 300)
         err.append(bytes.substr(0, 300 - err.size()));
     },
-    ExecOptions{timeout, nullptr, {}});
+    ExecOptions{timeout, nullptr, agent});
   while (!err.empty() && (err.back() == '\n' || err.back() == ' '))
     err.pop_back();
   if (!started)

@@ -38,7 +38,8 @@ namespace solstice {
 // 2: the virtio-serial identity port and its agent (identity_channel.hpp).
 // 3: the agent also makes the job's files (guest_commands.hpp, GuestJobFiles).
 // 4: every VM has the (empty) uploads CD-ROM drive (qemu_argv.hpp, uploads_drive_id).
-inline constexpr int template_format = 4;
+// 5: the agent is a perl program where the guest has perl and OpenSSH.
+inline constexpr int template_format = 5;
 
 std::filesystem::path templates_dir(const std::string& state_dir);
 

@@ -616,15 +616,19 @@ fake_ssh_actor::behavior_type ssh_behavior(fixture* fx, Handlers... handlers) {
             return ok_atom::value;
           },
           // detail: the key the guest is given; extra: the boot key still in the handle.
-          // input: the host key and timeout, then the job files (directories | env file).
+          // input: the host key and timeout, then the job files (directories | env
+          // file | each step script, then |).
           [=](identity_atom, const v1::VmHandle& handle, const std::vector<std::string>& directories,
-              const std::string& env_file, uint32_t timeout_ms) -> caf::result<std::string> {
+              const std::string& env_file, const std::vector<std::string>& step_scripts,
+              uint32_t timeout_ms) -> caf::result<std::string> {
             std::string files;
             for (const auto& directory : directories)
               files += directory + " ";
+            files += "| " + env_file;
+            for (const auto& script : step_scripts)
+              files += " | " + script;
             fx->note("ssh", "identity", handle.public_key(), handle.boot_private_key(),
-                     handle.host_key_private() + " " + std::to_string(timeout_ms) + "\n" + files + "| " +
-                       env_file);
+                     handle.host_key_private() + " " + std::to_string(timeout_ms) + "\n" + files);
             if (!fx->identity_failure.empty())
               return caf::make_error(runner_errc::ssh_failed, fx->identity_failure);
             return fx->identity_files_note;

@@ -182,11 +182,13 @@ TEST_CASE_FIXTURE(fixture, "a clone of a template with the identity agent takes 
   auto given = entries("ssh", "identity");
   REQUIRE(given.size() == 1);
   CHECK(given[0].detail == "ssh-ed25519 JOBKEY job");
-  // The boot's time; the job's files go with the identity: the upload's directory
-  // and the env file as the set-up would write it (secrets too, never on a command line).
+  // The boot's time; the job's files go with the identity: the upload's directory,
+  // the env file as the set-up would write it (secrets too, never on a command
+  // line) and the steps' scripts as the steps would write them.
   CHECK(given[0].input ==
         "job-host-key 120000\n/opt/tools | " +
-          make_env_file({{"SOLSTICE_JOB_ID", job.id()}, {"STAGE", "ci"}}, {{"TOKEN", "s3cret"}}));
+          make_env_file({{"SOLSTICE_JOB_ID", job.id()}, {"STAGE", "ci"}}, {{"TOKEN", "s3cret"}}) +
+          " | " + make_step_script("make") + " | " + make_step_script("make test"));
   // The one SSH connection already uses the job's key and pins the job's host key.
   CHECK(ready_handle.boot_private_key().empty());
   CHECK(ready_handle.boot_host_key().empty());
@@ -196,8 +198,10 @@ TEST_CASE_FIXTURE(fixture, "a clone of a template with the identity agent takes 
   CHECK(count("ssh", "rekey") == 0);
   auto execs = entries("ssh", "exec");
   REQUIRE(execs.size() == 2);
-  CHECK(execs[0].extra == step_command(0));
-  CHECK(execs[1].extra == step_command(1));
+  // The agent wrote the scripts: the steps only run them (nothing on their stdin).
+  CHECK(execs[0].extra == step_command_written(0));
+  CHECK(execs[1].extra == step_command_written(1));
+  CHECK(execs[0].input.empty());
   for (const auto& e : execs)
     CHECK(e.extra.find("authorized_keys") == std::string::npos);
   CHECK(first_seq(*this, "ssh", "put_file") < first_seq(*this, "ssh", "exec"));
@@ -251,6 +255,9 @@ TEST_CASE_FIXTURE(fixture, "a clone whose agent gave the identity but could not 
   auto execs = entries("ssh", "exec");
   REQUIRE(execs.size() == 3);
   CHECK(execs[0].extra == setup_command({}));
+  // The steps write their scripts themselves, as after a cold boot.
+  CHECK(execs[1].extra == step_command(0));
+  CHECK(execs[1].input == make_step_script("make"));
   CHECK(first_seq(*this, "ssh", "identity") < first_seq(*this, "ssh", "exec"));
   CHECK(has_notice_containing("Read-only file system"));
   auto r = result();

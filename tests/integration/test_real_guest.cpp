@@ -348,8 +348,9 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
   REQUIRE_FALSE(template_host_blob.empty());
   const auto template_pub = read_file(templates[0] / "key.pub");
   const auto template_key = template_pub.substr(template_pub.find(' ') + 1, 68);  // its base64
-  // systemd's udev loads virtio_console: the template runs the identity agent, and
-  // each clone takes its identity over its virtio-serial port before any SSH.
+  // systemd's udev loads virtio_console: the template runs the identity agent (the
+  // perl one: Debian has perl), and each clone takes its identity over its
+  // virtio-serial port before any SSH.
   CHECK_MESSAGE(manifest.value("identity_agent", false), manifest.dump());
   // cloud-init ended cleanly in the template's guest (real cloud-init's status):
   // no clone is told otherwise.
@@ -373,6 +374,8 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
     "[ \"$TOKEN\" = \"s3cr'et \\$x\" ] && echo SECRET=same || echo SECRET=differs\n"
     "echo JOBDIR=$(stat -c '%a %u:%g' /tmp/solstice)\n"
     "echo ENVFILE=$(stat -c '%a %u:%g' /tmp/solstice/env)\n"
+    // The step's own script, written by the agent (the step only runs it).
+    "echo SCRIPT=$(stat -c '%a %u:%g' /tmp/solstice/step-1)\n"
     "echo UPDIR=$(stat -c '%a %u:%g' /home/runner/job-tools /home/runner/job-tools/bin | tr '\\n' ' ')\n"
     "echo UPLOAD=$(cat /home/runner/job-tools/bin/tool.txt)\n";
   const auto tool = temp.path() / "tool.txt";
@@ -443,6 +446,7 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
     CHECK(values["SECRET"] == "same");
     CHECK(values["JOBDIR"] == "700 " + values["ME"]);
     CHECK(values["ENVFILE"] == "600 " + values["ME"]);
+    CHECK(values["SCRIPT"] == "755 " + values["ME"]);
     CHECK(values["UPDIR"] == "700 " + values["ME"] + " 700 " + values["ME"]);
     CHECK(values["UPLOAD"] == "uploaded");
   }

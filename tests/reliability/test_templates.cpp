@@ -163,6 +163,7 @@ const char* job_files_script =
   "[ \"$TOKEN\" = \"s3cr'et \\$x\" ] && echo SECRET=same || echo SECRET=differs\n"
   "echo JOBDIR=$(stat -c '%a %u:%g' /tmp/solstice)\n"
   "echo ENVFILE=$(stat -c '%a %u:%g' /tmp/solstice/env)\n"
+  "echo SCRIPT=$(stat -c '%a %u:%g' /tmp/solstice/step-1)\n"
   "echo UPDIR=$(stat -c '%a %u:%g' /opt/job-tools /opt/job-tools/bin | tr '\\n' ' ')\n"
   "echo UPLOAD=$(cat /opt/job-tools/bin/tool.txt)\n";
 
@@ -184,6 +185,7 @@ void check_job_files(const Sandbox& sandbox, const std::string& id) {
   CHECK(printed.values["SECRET"] == "same");
   CHECK(printed.values["JOBDIR"] == "700 0:0");
   CHECK(printed.values["ENVFILE"] == "600 0:0");
+  CHECK(printed.values["SCRIPT"] == "755 0:0");  // by the step, or by a clone's agent
   CHECK(printed.values["UPDIR"] == "700 0:0 700 0:0");
   CHECK(contains(printed.values["UPLOAD"], "uploaded"));
 }

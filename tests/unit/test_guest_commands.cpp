@@ -259,6 +259,13 @@ TEST_SUITE("guest_commands") {
     CHECK(read_file(written) == script);
     CHECK(mode_of(written) == 0755);
 
+    SUBCASE("a script written already (by a clone's identity agent) runs as it would") {
+      auto again = run_with_input(relocated(step_command_written(1), job_dir), "", home, scratch);
+      CHECK(exit_code(again) == 7);
+      CHECK(again.out == run.out);
+      CHECK(again.err == "to-err\n");
+    }
+
     SUBCASE("a #! script runs with its own interpreter") {
       auto own = run_with_input(relocated(command, job_dir),
                                 "#!/bin/sh\nfalse\necho set-e-is-not-added\n", home, scratch);
@@ -301,21 +308,28 @@ TEST_SUITE("guest_commands") {
     // dash, spaces at both ends, UTF-8.
     const auto env = make_env_file({{"A", " -lead %s \\n 'q' \"d\" "}, {"SOLSTICE_JOB_ID", "job"}},
                                    {{"TOKEN", "s3cr\net\t\xc3\xa9"}});
-    identity.job_files = GuestJobFiles{{"/opt/my tools/bin", "/opt/my tools", "/srv/it's"}, env};
-    // As the identity script reads it: six lines, then the job files' three.
+    const std::vector<std::string> scripts{make_step_script("echo '|%s' \\\\n | cat"),
+                                           "#!/usr/bin/env python3\nprint('two')\n"};
+    identity.job_files = GuestJobFiles{{"/opt/my tools/bin", "/opt/my tools", "/srv/it's"}, env, scripts};
+    // As the identity script reads it: six lines, then the job files' four (the
+    // scripts as path|text|..., split as the script splits them).
     auto out = run_sh("printf %s " + shell_quote(make_identity_input(identity)) +
                       " | { for _ in 1 2 3 4 5 6; do read -r x; done; IFS= read -r dirs; "
-                      "IFS= read -r path; IFS= read -r text; eval \"set -- $dirs\"; "
+                      "IFS= read -r path; IFS= read -r text; IFS= read -r scripts; eval \"set -- $dirs\"; "
                       "for d; do printf '[%s]' \"$d\"; done; printf '\\n%s\\n' \"$path\"; "
-                      "printf \"$text\"; read -r rest; printf '%s|' \"$rest\"; }");
+                      "printf \"$text\"; read -r rest; printf '%s|' \"$rest\"; "
+                      "set -f; IFS='|'; set -- $scripts; while [ $# -ge 2 ]; do printf '<%s>' \"$1\"; "
+                      "printf \"$2\"; shift 2; done; }");
     CHECK(out == "[/tmp][/tmp/solstice][/opt][/opt/my tools][/opt/my tools/bin][/srv][/srv/it's]\n" +
-                   env_file_path() + "\n" + env + "-----BEGIN-----|");
-    // Without job files (the identity over SSH) the three lines are empty.
+                   env_file_path() + "\n" + env + "-----BEGIN-----|<" + step_script_path(0) + ">" +
+                   scripts[0] + "<" + step_script_path(1) + ">" + scripts[1]);
+    // Without job files (the identity over SSH) the four lines are empty.
     identity.job_files.reset();
     out = run_sh("printf %s " + shell_quote(make_identity_input(identity)) +
                  " | { for _ in 1 2 3 4 5 6; do read -r x; done; IFS= read -r a; IFS= read -r b; "
-                 "IFS= read -r c; read -r rest; printf '%s|%s|%s|%s' \"$a\" \"$b\" \"$c\" \"$rest\"; }");
-    CHECK(out == "|||-----BEGIN-----");
+                 "IFS= read -r c; IFS= read -r d; read -r rest; "
+                 "printf '%s|%s|%s|%s|%s' \"$a\" \"$b\" \"$c\" \"$d\" \"$rest\"; }");
+    CHECK(out == "||||-----BEGIN-----");
   }
 
   TEST_CASE("the identity commands fit a command line dropbear accepts (at most 9000 bytes)") {
