@@ -3,12 +3,15 @@
 // yet builds it first (a cold boot, once per image and VM shape) and then restores;
 // a failed restore marks the template stale and boots cold. The result's `start`
 // and a notice say which start the job got.
+#include <chrono>
+
 #include <caf/exit_reason.hpp>
 #include <caf/send.hpp>
 
 #include "actors/runner_types.hpp"
 #include "actors/vm/job_supervisor.hpp"
 #include "actors/vm/job_supervisor_parts.hpp"
+#include "runtime/job/runner_config.hpp"
 #include "runtime/vm/template_store.hpp"
 #include "runtime/vm/vm_prepare.hpp"
 
@@ -17,6 +20,12 @@ namespace solstice::supervision {
 namespace {
 
 using phase = job_phase;
+
+// A start slot is asked for again this often; it frees as a guest gets ready.
+constexpr auto start_poll_interval = std::chrono::milliseconds(50);
+// Held no longer than this: a clone stuck in its start holds back the others
+// only so long (alone, a restored start takes a few seconds even on TCG).
+constexpr auto start_hold_limit = std::chrono::seconds(20);
 
 std::string shape_of(const v1::ImageSpec& image, const std::string& accel) {
   return std::to_string(image.vcpus() ? image.vcpus() : 1) + " vcpus, " +
@@ -64,7 +73,7 @@ void restore(supervisor_pointer self, v1::ImageSpec image, const std::string& no
                    (why.empty() ? std::string{" (`solstice-runner template build --accel kvm` says why)"}
                                 : ": " + why));
   }
-  start_attempt(self);
+  start_when_free(self);
 }
 
 // The keeper answered; anything but a job still waiting for its template ignores it.
@@ -128,10 +137,37 @@ void choose_start(supervisor_pointer self) {
       });
 }
 
+void start_when_free(supervisor_pointer self) {
+  auto& st = self->state;
+  const auto limit = max_concurrent_starts_of(st.config);
+  if (limit == 0)
+    return start_attempt(self);
+  auto slot = VmSlot::try_acquire(st.config.state_dir(), limit, VmSlot::start_pool);
+  if (!slot) {  // the limit is for speed: without it the job still runs
+    notice(self, "starting without a start slot: " + slot.error().message);
+    return start_attempt(self);
+  }
+  if (slot->has_value()) {
+    st.start_slot = std::move(*slot);
+    st.start_hold_token = st.next_token++;
+    self->delayed_send(self, start_hold_limit, timeout_atom::value, st.start_hold_token);
+    return start_attempt(self);
+  }
+  if (!st.said_waiting_to_start) {
+    st.said_waiting_to_start = true;
+    notice(self, "waiting to start: " + std::to_string(limit) +
+                   " restored jobs are starting on this host (max_concurrent_starts)");
+  }
+  st.phase = phase::start_queue;
+  st.start_token = st.next_token++;
+  self->delayed_send(self, start_poll_interval, timeout_atom::value, st.start_token);
+}
+
 bool restore_failed(supervisor_pointer self, const caf::error& err) {
   auto& st = self->state;
   if (!st.image.has_restore_from())
     return false;
+  st.start_slot.reset();  // a cold boot is not a restored start
   auto id = st.image.restore_from().template_id();
   end_phase(self, "prepare");
   end_phase(self, boot_phase_name(st));

@@ -384,6 +384,7 @@ static void give_fresh_identity(supervisor_pointer self) {
 
 void set_up_guest(supervisor_pointer self) {
   auto& st = self->state;
+  st.start_slot.reset();  // the guest is up: the next restored job may start
   st.phase = phase::setup;
   end_phase(self, "console_handoff");
   set_state(self, v1::RUNNING);

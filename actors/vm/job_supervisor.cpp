@@ -42,6 +42,7 @@ const char* to_string(job_phase phase) {
     case job_phase::created: return "created";
     case job_phase::queued: return "queued";
     case job_phase::templating: return "templating";
+    case job_phase::start_queue: return "start_queue";
     case job_phase::booting: return "booting";
     case job_phase::retiring_attempt: return "retiring_attempt";
     case job_phase::console_handoff: return "console_handoff";
@@ -160,6 +161,7 @@ void finish(supervisor_pointer self, const std::string& shutdown_method) {
     ::unlink(st.debug_known_hosts_path.c_str());
   }
   st.slot.reset();  // the VM is gone: its slot is free
+  st.start_slot.reset();
   if (st.keeper)     // a template still being built goes on; its answer is not needed
     self->send_exit(st.keeper, caf::exit_reason::user_shutdown);
   set_state(self, v1::CLEANED_UP);
@@ -483,6 +485,10 @@ void on_timeout(supervisor_pointer self, uint64_t token) {
   }
   if (token == st.slot_token && st.phase == phase::queued)
     return acquire_slot(self);
+  if (token == st.start_token && st.phase == phase::start_queue)
+    return start_when_free(self);
+  if (token == st.start_hold_token)
+    return st.start_slot.reset();
   if (token == st.debug_token && st.phase == phase::debug_hold)
     return shut_down_vm(self);
   if (token == st.held_token && st.held_error && undecided(st.phase))

@@ -43,6 +43,7 @@ enum class job_phase {
   created,           // `start` not received yet
   queued,            // waiting for one of the host's VM slots
   templating,        // finding (or building) the template the VM is restored from
+  start_queue,       // a clone waits for one of the host's start slots (max_concurrent_starts)
   booting,           // a VM attempt prepares, boots and waits for SSH
   retiring_attempt,  // KVM could not run the guest, or a restore failed: the attempt
                      // ends, a TCG (or cold) one follows
@@ -99,6 +100,8 @@ struct job_supervisor_state {
   uint64_t slot_token = 0;
   uint64_t debug_token = 0;
   uint64_t held_token = 0;
+  uint64_t start_token = 0;       // polls the start slots
+  uint64_t start_hold_token = 0;  // a start slot is not held longer than start_hold_limit
 
   // The template keeper asked for this job's template (ended once it answered).
   template_keeper_actor keeper;
@@ -106,6 +109,10 @@ struct job_supervisor_state {
   // The host-wide VM slot this job holds while its VM exists.
   std::optional<VmSlot> slot;
   bool said_waiting = false;
+  // The host-wide start slot a restored job holds from its restore until its guest
+  // is ready (or start_hold_limit): CPU-bound starts beyond the cores only share them.
+  std::optional<VmSlot> start_slot;
+  bool said_waiting_to_start = false;
 
   // What the result will say.
   v1::JobResult result;

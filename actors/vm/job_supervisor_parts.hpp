@@ -44,6 +44,9 @@ std::string boot_phase_name(const job_supervisor_state& st);
 // The job has its VM slot: cold boot, or restore from the image's template (found,
 // or built first), then start_attempt.
 void choose_start(supervisor_pointer self);
+// A clone's attempt starts once it holds one of the host's start slots (polling,
+// never blocking; job_start.cpp).
+void start_when_free(supervisor_pointer self);
 // A restore failed (`err`): the template is marked stale and a cold attempt
 // follows. False when the attempt was no restore (the caller handles the error).
 bool restore_failed(supervisor_pointer self, const caf::error& err);

@@ -238,11 +238,13 @@ sub give_host_key {
 	umask(022);
 	put('/etc/ssh/ssh_host_ed25519_key.pub', "$public\n");
 	# From OpenSSH 9.8 on sshd-session gets the host keys from the listener: it re-reads them.
+	# Before, nothing restarts: the listener never stops (returns whether it may have).
 	my @session = grep { -e } qw(/usr/lib/openssh/sshd-session /usr/libexec/openssh/sshd-session
 		/usr/libexec/sshd-session /usr/lib/ssh/sshd-session);
-	return unless @session;
+	return 0 unless @session;
 	if (-s '/run/sshd.pid' && open(my $f, '<', '/run/sshd.pid')) { my $pid = <$f>; kill('HUP', int($pid)); }
 	else { system('systemctl reload ssh sshd 2>/dev/null'); }
+	return 1;
 }
 # The job's directories (every component, parents first) and its env file, owned by the user.
 sub make_job_files {
@@ -300,7 +302,7 @@ sub give_identity {
 	put('/var/lib/cloud/data/instance-id', "$instance_id\n") if -d '/var/lib/cloud/data';
 	umask(077);
 	my $files = $dirs ne '' ? make_job_files($dirs, $env_path, unescape($env), $scripts // '') : '';
-	give_host_key($host_key, $host_key_public);
+	give_host_key($host_key, $host_key_public) or return $files;
 	for (1 .. 250) { return $files if listening(); select(undef, undef, undef, 0.02); }
 	die "the SSH server did not listen again\n";
 }

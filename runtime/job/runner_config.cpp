@@ -5,11 +5,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
+#include <thread>
 #include <tuple>
 
 #include <nlohmann/json.hpp>
@@ -190,6 +192,8 @@ Result<v1::RunnerConfig> load_runner_config(const fs::path& path) {
   if (from_file.boot_timeout_seconds()) config.set_boot_timeout_seconds(from_file.boot_timeout_seconds());
   if (from_file.powerdown_timeout_seconds()) config.set_powerdown_timeout_seconds(from_file.powerdown_timeout_seconds());
   if (from_file.max_concurrent_vms()) config.set_max_concurrent_vms(from_file.max_concurrent_vms());
+  // Present even when 0, which turns the limit off.
+  if (from_file.has_max_concurrent_starts()) config.set_max_concurrent_starts(from_file.max_concurrent_starts());
   if (!from_file.snapshots().empty()) config.set_snapshots(from_file.snapshots());
   // Present even when "": that asks for QEMU to run as the runner's user.
   if (from_file.has_qemu_user()) config.set_qemu_user(from_file.qemu_user());
@@ -214,6 +218,12 @@ Result<v1::RunnerConfig> load_runner_config(const fs::path& path) {
   return config;
 }
 
+unsigned max_concurrent_starts_of(const v1::RunnerConfig& config) {
+  if (config.has_max_concurrent_starts())
+    return config.max_concurrent_starts();
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
 Result<void> validate_runner_config(const v1::RunnerConfig& config) {
   std::vector<std::string> problems;
   if (config.accel() != "auto" && config.accel() != "kvm" && config.accel() != "tcg") {
@@ -228,7 +238,8 @@ Result<void> validate_runner_config(const v1::RunnerConfig& config) {
        {std::tuple{"default_job_timeout_seconds", config.default_job_timeout_seconds(), max_timeout_seconds, " (7 days)"},
         std::tuple{"boot_timeout_seconds", config.boot_timeout_seconds(), uint32_t{24 * 3600}, " (1 day)"},
         std::tuple{"powerdown_timeout_seconds", config.powerdown_timeout_seconds(), uint32_t{3600}, " (1 hour)"},
-        std::tuple{"max_concurrent_vms", config.max_concurrent_vms(), uint32_t{1024}, ""}}) {
+        std::tuple{"max_concurrent_vms", config.max_concurrent_vms(), uint32_t{1024}, ""},
+        std::tuple{"max_concurrent_starts", config.max_concurrent_starts(), uint32_t{1024}, ""}}) {
     if (value > cap) {
       problems.push_back(std::string(field) + " " + std::to_string(value) + ": at most " + std::to_string(cap) + unit);
     }

@@ -25,6 +25,12 @@ Result<v1::RunnerConfig> load_runner_config(const std::filesystem::path& path);
 // Checks values a config file can get wrong (accel, image labels, sizes).
 Result<void> validate_runner_config(const v1::RunnerConfig& config);
 
+// How many restored jobs may start at once on this host: max_concurrent_starts,
+// or the host's CPU cores where it is left out (a restored start under TCG keeps
+// a core busy; more starts than cores only share them, each slower, together
+// slower still). 0: no limit.
+unsigned max_concurrent_starts_of(const v1::RunnerConfig& config);
+
 // "qcow2" (magic "QFI\xfb") or "raw"; an error for a missing, unreadable, empty or
 // non-regular file. `what` names the field in messages ("image", "images[0].disk").
 Result<std::string> detect_disk_format(const std::filesystem::path& path,

@@ -31,15 +31,15 @@ VmSlot::~VmSlot() {
 }
 
 Result<std::optional<VmSlot>> VmSlot::try_acquire(const std::filesystem::path& state_dir,
-                                                  unsigned max) {
-  auto dir = state_dir / "slots";
+                                                  unsigned max, const char* pool) {
+  auto dir = state_dir / pool;
   if (auto ok = make_private_dir(dir); !ok)
     return tl::unexpected(ok.error());
   for (unsigned i = 0; i < max; ++i) {
     auto path = dir / (std::to_string(i) + ".lock");
     int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     if (fd < 0)
-      return fail(errno_message("cannot open VM slot " + path.string(), errno));
+      return fail(errno_message("cannot open slot " + path.string(), errno));
     if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {
       VmSlot slot;
       slot.fd_ = fd;
@@ -49,7 +49,7 @@ Result<std::optional<VmSlot>> VmSlot::try_acquire(const std::filesystem::path& s
     int err = errno;
     ::close(fd);
     if (err != EWOULDBLOCK)
-      return fail(errno_message("cannot lock VM slot " + path.string(), err));
+      return fail(errno_message("cannot lock slot " + path.string(), err));
   }
   return std::optional<VmSlot>{};
 }

@@ -175,7 +175,8 @@ struct fixture {
   std::vector<std::string> accel_per_attempt;
   // The configured accelerator ("auto", "kvm", "tcg"; empty = leave unset).
   std::string configured_accel;
-  // A state dir with max_concurrent_vms 1, to see the VM slot taken and freed.
+  // A state dir with max_concurrent_vms 1 and max_concurrent_starts 1, to see the
+  // VM slot and the start slot taken and freed.
   std::string slot_state_dir;
   // Faults the fakes play from now on: QMP answers every request with an error;
   // SSH fails every operation.
@@ -320,9 +321,12 @@ struct fixture {
       config.set_accel(configured_accel);
     if (!snapshots.empty())
       config.set_snapshots(snapshots);
+    // The host's start slots only with a state dir of the test's own.
+    config.set_max_concurrent_starts(0);
     if (!slot_state_dir.empty()) {
       config.set_state_dir(slot_state_dir);
       config.set_max_concurrent_vms(1);
+      config.set_max_concurrent_starts(1);
     }
     sink = sys.spawn(recording_sink, this);
     supervisor = sys.spawn(job_supervisor, std::move(job), image, config,

@@ -3,7 +3,9 @@
 // before anything polls SSH, the clone gets its own identity and the shell is
 // rekeyed before any job file is made, and a refused restore falls back to a cold
 // attempt. The fakes of supervisor_fixture.hpp journal every message.
+#include "runtime/vm/vm_slots.hpp"
 #include "tests/actor/supervisor_fixture.hpp"
+#include "tests/unit/temp_dir.hpp"
 
 namespace {
 
@@ -292,4 +294,76 @@ TEST_CASE_FIXTURE(fixture, "a clone whose identity agent fails is a failed resto
   CHECK(r.status() == v1::SUCCEEDED);
   CHECK(r.start() == "cold");
   CHECK(r.start_note().find("identity") != std::string::npos);
+}
+
+// The host's start slots (job_start.cpp, max_concurrent_starts): a clone holds one
+// from before its QEMU starts until its guest is ready, 20 s at most. Time moves
+// in steps here (advance_time fires only what is due; trigger_timeouts would fire
+// the 20 s limit at once).
+struct start_slot_fixture : fixture {
+  test::TempDir state{"solstice-start-slots-"};
+  start_slot_fixture() {
+    slot_state_dir = state.path.string();  // one start slot
+    keeper_answers = "ready";
+    template_has_agent = true;
+  }
+  bool start_slot_free() {
+    auto slot = VmSlot::try_acquire(slot_state_dir, 1, VmSlot::start_pool);
+    REQUIRE(slot);
+    return slot->has_value();
+  }
+  void pass(std::chrono::milliseconds step, int times) {
+    for (int i = 0; i < times; ++i) {
+      sched.advance_time(step);
+      drive();
+    }
+  }
+};
+
+TEST_CASE_FIXTURE(start_slot_fixture, "a clone waits for one of the host's start slots, restores once it frees, and frees its own when its guest is ready") {
+  int held_at_prepare = -1, held_at_ready = -1, free_at_first_step = -1;
+  on_note = [&](const entry& e) {
+    if (e.actor == "qemu" && e.what == "prepare")
+      held_at_prepare = !start_slot_free();
+    if (e.actor == "ssh" && e.what == "ready")
+      held_at_ready = !start_slot_free();
+    if (e.actor == "ssh" && e.what == "exec" && free_at_first_step < 0)
+      free_at_first_step = start_slot_free();
+  };
+  // Another restored job of this host is starting: it holds the only slot.
+  auto other = VmSlot::try_acquire(slot_state_dir, 1, VmSlot::start_pool);
+  REQUIRE(other);
+  REQUIRE(other->has_value());
+  start(two_step_job());
+  drive();
+  pass(100ms, 5);
+  CHECK(has_notice_containing("waiting to start: 1 restored jobs are starting on this host"));
+  CHECK(count("qemu", "prepare") == 0);
+  CHECK(result_count() == 0);
+
+  other->reset();  // that job's guest is ready
+  for (int i = 0; i < 50 && result_count() == 0; ++i)
+    pass(100ms, 1);
+  REQUIRE(result_count() == 1);
+  CHECK(result().status() == v1::SUCCEEDED);
+  CHECK(result().start() == "restored");
+  CHECK(held_at_prepare == 1);
+  CHECK(held_at_ready == 1);
+  CHECK(free_at_first_step == 1);
+  on_note = nullptr;
+  CHECK(start_slot_free());
+}
+
+TEST_CASE_FIXTURE(start_slot_fixture, "a clone whose guest never gets ready gives its start slot up after 20 s") {
+  ssh_answers_ready = false;  // SSH never answers
+  start(two_step_job());
+  drive();
+  pass(1s, 3);
+  REQUIRE(count("ssh", "ready") == 1);
+  CHECK_FALSE(start_slot_free());
+  pass(1s, 15);  // 18 s
+  CHECK_FALSE(start_slot_free());
+  pass(1s, 3);  // 21 s
+  CHECK(start_slot_free());
+  CHECK(result_count() == 0);  // the job itself goes on (its boot timeout is its own)
 }

@@ -2,10 +2,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
+#include <utility>
 
 #include "runtime/job/job_file.hpp"
 #include "runtime/job/runner_config.hpp"
@@ -44,6 +47,9 @@ TEST_CASE("default runner config") {
   CHECK(config.boot_timeout_seconds() == 300);
   CHECK(config.powerdown_timeout_seconds() == 30);
   CHECK(config.max_concurrent_vms() == 2);
+  // Restored starts at once: as many as the host has cores, unless the file says.
+  CHECK_FALSE(config.has_max_concurrent_starts());
+  CHECK(solstice::max_concurrent_starts_of(config) == std::max(1u, std::thread::hardware_concurrency()));
   CHECK(config.images_size() == 0);
   if (::geteuid() == 0) {
     CHECK(config.state_dir() == "/var/lib/solstice-runner");
@@ -74,6 +80,7 @@ TEST_CASE("a config file overrides defaults and resolves image paths against its
   CHECK(config->accel() == "tcg");
   CHECK(config->max_concurrent_vms() == 4);
   CHECK(config->boot_timeout_seconds() == 300);  // left out: default kept
+  CHECK(solstice::max_concurrent_starts_of(*config) == std::max(1u, std::thread::hardware_concurrency()));
   CHECK(config->qemu_binary() == "qemu-system-x86_64");
   CHECK(config->state_dir() == (dir.path / "etc/state").string());
   REQUIRE(config->images_size() == 2);
@@ -99,6 +106,8 @@ TEST_CASE("config file errors name the file, the field and the value") {
   CHECK(error_for(R"({"imagez": []})") == file + ": unknown field 'imagez' (did you mean 'images'?)");
   CHECK(error_for("{\n  \"accel\": \"tcg\",\n}") .rfind(file + ":3:1: invalid JSON: ", 0) == 0);
   CHECK(error_for(R"({"accel": "fast"})") == file + ": accel \"fast\": must be \"auto\", \"kvm\" or \"tcg\"");
+  CHECK(error_for(R"({"max_concurrent_starts": 5000})") ==
+        file + ": max_concurrent_starts 5000: at most 1024");
   CHECK(error_for(R"({"images": [{"label": "a", "boot_mode": "BOOT_MODE_FLOPPY"}]})") ==
         file + ": field 'images[0].boot_mode' must be one of BOOT_MODE_UNSPECIFIED, BOOT_MODE_DISK, "
                "BOOT_MODE_KERNEL, got string \"BOOT_MODE_FLOPPY\"");
@@ -257,4 +266,15 @@ TEST_CASE("the built test guest, when present, loads as an image") {
   CHECK(image->label() == solstice::test_guest_label);
   CHECK(fs::path(image->disk()).is_absolute());
   CHECK(fs::is_regular_file(image->kernel()));
+}
+
+TEST_CASE("max_concurrent_starts: a number, or 0 for no limit") {
+  TempDir dir;
+  for (const auto& [json, limit] : {std::pair{R"({"max_concurrent_starts": 3})", 3u},
+                                    std::pair{R"({"maxConcurrentStarts": 0})", 0u}}) {
+    const auto config = load_runner_config(dir.write("runner.json", json));
+    INFO(json << (config ? std::string() : " " + config.error().message));
+    REQUIRE(config.has_value());
+    CHECK(solstice::max_concurrent_starts_of(*config) == limit);
+  }
 }

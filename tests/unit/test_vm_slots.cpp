@@ -36,6 +36,24 @@ TEST_SUITE("vm_slots") {
           fs::perms::owner_all);
   }
 
+  TEST_CASE("the start slots are a pool of their own") {
+    TempStateDir state;
+    auto vm = VmSlot::try_acquire(state.path, 1);
+    REQUIRE(vm);
+    REQUIRE(vm->has_value());
+    auto start = VmSlot::try_acquire(state.path, 1, VmSlot::start_pool);
+    REQUIRE(start);
+    REQUIRE(start->has_value());
+    auto second = VmSlot::try_acquire(state.path, 1, VmSlot::start_pool);
+    REQUIRE(second);
+    CHECK_FALSE(second->has_value());
+    CHECK(fs::exists(state.path / "start-slots" / "0.lock"));
+    start->reset();
+    auto again = VmSlot::try_acquire(state.path, 1, VmSlot::start_pool);
+    REQUIRE(again);
+    CHECK(again->has_value());
+  }
+
   TEST_CASE("slots are shared between processes and freed when the holder dies") {
     TempStateDir state;
     int ready[2];
