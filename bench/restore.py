@@ -11,7 +11,8 @@ marker, on the built test guest, TCG:
   first byte       from spawning `run` to the marker's first byte on its stdout, p50
                    over --jobs restored jobs (and the cold ones of the pairs)
   8 at once        one `run` of 8 restored jobs (max_concurrent_vms 8): p50 of each
-                   job's spawn -> first byte, against the single-job p50
+                   job's spawn -> first byte, against the single-job p50; each QEMU's
+                   peak RSS, PSS and anonymous memory (smaps_rollup, every 0.1 s)
   baseline         with --baseline-runner, a second runner (e.g. the one before a
                    change) builds its own template and its restored jobs alternate
                    with this runner's, one for one, so both meet the same load; its
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import resource
 import tempfile
+import threading
 import time
 
 MARKER = "solstice-bench-first-byte"
@@ -47,9 +49,53 @@ def children_cpu_s():
     return usage.ru_utime + usage.ru_stime
 
 
-def run_jobs(runner, env, state, work, ids, cold, config=None, cpu=None):
+def qemu_memory(root_pid):
+    """{pid: (rss MiB, pss MiB, anonymous MiB)} of the QEMUs under `root_pid` (smaps_rollup)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                parent[int(entry)] = int(fields[1])
+            except OSError:
+                pass
+    found = {}
+    for pid in parent:
+        up = pid
+        while up in parent and up != root_pid and up > 1:
+            up = parent[up]
+        if up != root_pid or pid == root_pid:
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if not f.read().startswith("qemu-system"):
+                    continue
+            values = {}
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 2 and parts[0].endswith(":"):
+                        values[parts[0][:-1]] = int(parts[1]) / 1024
+            found[pid] = (values.get("Rss", 0), values.get("Pss", 0), values.get("Anonymous", 0))
+        except OSError:
+            pass
+    return found
+
+
+def sample_memory(root_pid, peaks, stop):
+    """Keeps each QEMU's peak (rss, pss, anonymous) in `peaks` until `stop` is set."""
+    while not stop.is_set():
+        for pid, values in qemu_memory(root_pid).items():
+            old = peaks.get(pid, (0, 0, 0))
+            peaks[pid] = tuple(max(a, b) for a, b in zip(old, values))
+        stop.wait(0.1)
+
+
+def run_jobs(runner, env, state, work, ids, cold, config=None, cpu=None, memory=None):
     """Runs one `run` process for the jobs `ids`; returns (wall s, {id: first byte s}, out).
-    `cpu` (a dict), when given, gets the run's CPU seconds (runner and QEMUs) as "cpu_s"."""
+    `cpu` (a dict), when given, gets the run's CPU seconds (runner and QEMUs) as "cpu_s";
+    `memory` (a dict), each QEMU's peak memory as "qemu_peak_mib": [[rss, pss, anonymous]]."""
     files = []
     for job_id in ids:
         path = os.path.join(work, job_id + ".json")
@@ -65,6 +111,11 @@ def run_jobs(runner, env, state, work, ids, cold, config=None, cpu=None):
     started = now()
     cpu_before = children_cpu_s()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    peaks, stop = {}, threading.Event()
+    sampler = None
+    if memory is not None:
+        sampler = threading.Thread(target=sample_memory, args=(process.pid, peaks, stop))
+        sampler.start()
     first = {}
     out = b""
     while True:
@@ -79,6 +130,10 @@ def run_jobs(runner, env, state, work, ids, cold, config=None, cpu=None):
                     first[job_id] = now() - started
     code = process.wait()
     wall = now() - started
+    if sampler:
+        stop.set()
+        sampler.join()
+        memory["qemu_peak_mib"] = [list(v) for v in peaks.values()]
     if cpu is not None:
         cpu["cpu_s"] = children_cpu_s() - cpu_before
     if code != 0 or len(first) != len(ids):
@@ -99,6 +154,8 @@ def main():
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--builds", type=int, default=2)
     parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--vm-memory-mib", type=int, default=512,
+                        help="the guest's memory, for the memory rows' ratio (512: the cloud guest)")
     parser.add_argument("--baseline-runner")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -174,12 +231,13 @@ def main():
             with open(config, "w") as f:
                 json.dump({"max_concurrent_vms": args.concurrent}, f)
             ids = [f"many-{i}" for i in range(args.concurrent)]
-            cpu = {}
-            wall, first, _ = run_jobs(args.runner, env, state, work, ids, False, config, cpu=cpu)
+            cpu, memory = {}, {}
+            wall, first, _ = run_jobs(args.runner, env, state, work, ids, False, config, cpu=cpu,
+                                      memory=memory)
             for job_id in ids:
                 if result_of(state, job_id).get("start") != "restored":
                     sys.exit(f"restore.py: {job_id} was not restored")
-            many = {"wall_s": wall, "first_byte_s": [first[j] for j in ids], **cpu}
+            many = {"wall_s": wall, "first_byte_s": [first[j] for j in ids], **cpu, **memory}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -227,6 +285,13 @@ def main():
              many["cpu_s"] / os.cpu_count(), many["cpu_s"] / os.cpu_count() / single_p50,
              "- (ratio: of one job's first byte)"),
         ]
+        peaks = many.get("qemu_peak_mib") or []
+        if peaks:
+            memory_mib = args.vm_memory_mib
+            for index, what in ((0, "RSS"), (1, "PSS"), (2, "anonymous")):
+                top = max(p[index] for p in peaks)
+                rows.append((f"{args.concurrent} at once: one QEMU's peak {what}, largest", "MiB", top,
+                             top / memory_mib, f"- (ratio: of the VM's {memory_mib} MiB)"))
     print(f"{'metric':52} {'unit':5} {'value':>8} {'ratio':>6}  target")
     for name, unit, value, r, target in rows:
         print(f"{name:52} {unit:5} {value:8.2f} {'' if r is None else f'{r:6.3f}':>6}  {target}")
