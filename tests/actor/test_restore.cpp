@@ -367,3 +367,23 @@ TEST_CASE_FIXTURE(start_slot_fixture, "a clone whose guest never gets ready give
   CHECK(start_slot_free());
   CHECK(result_count() == 0);  // the job itself goes on (its boot timeout is its own)
 }
+
+TEST_CASE_FIXTURE(start_slot_fixture, "a clone cancelled while it waits for a start slot ends cancelled, with no VM made") {
+  auto other = VmSlot::try_acquire(slot_state_dir, 1, VmSlot::start_pool);
+  REQUIRE(other);
+  REQUIRE(other->has_value());
+  start(two_step_job());
+  drive();
+  pass(100ms, 3);
+  REQUIRE(has_notice_containing("waiting to start"));
+  caf::anon_send(supervisor, cancel_atom::value);
+  drive();
+  pass(100ms, 3);
+  REQUIRE(result_count() == 1);
+  CHECK(result().status() == v1::CANCELLED);
+  CHECK(count("qemu", "prepare") == 0);
+  // Its VM slot is free again (the one max_concurrent_vms allows).
+  auto vm_slot = VmSlot::try_acquire(slot_state_dir, 1);
+  REQUIRE(vm_slot);
+  CHECK(vm_slot->has_value());
+}
