@@ -65,22 +65,20 @@ std::string uploads_iso_file_name(int index) { return "u" + std::to_string(index
 std::string uploads_iso_command(const std::string& label, const std::vector<IsoUpload>& uploads) {
   const auto mount_point = shell_quote(std::string{guest_job_dir} + "/uploads-iso");
   const auto unusable = std::to_string(uploads_iso_unusable_exit);
-  // One root shell finds the drive and mounts it: every sudo is a program start
-  // and a PAM session, up to a second each on an emulated CPU. The volume label
-  // sits at byte 40 of sector 16 (the primary volume descriptor).
-  const std::string find_and_mount =
-    "tries=0; while :; do for d in /dev/sr*; do [ -b \"$d\" ] || continue; "
-    "if [ \"$(dd if=\"$d\" bs=2048 skip=16 count=1 2>/dev/null | dd bs=1 skip=40 count=" +
-    std::to_string(label.size()) + " 2>/dev/null)\" = \"$1\" ]; then "
-    "mount -t iso9660 -o ro \"$d\" \"$2\" && exit 0; echo \"cannot mount $d (iso9660) on $2\" >&2; exit 1; fi; "
+  // Run as root: finds the drive holding the volume $1 and mounts it on $2. The
+  // volume label sits at byte 40 of sector 16 (the primary volume descriptor):
+  // one dd per drive reads it.
+  const std::string mount_iso =
+    "mount_iso() { tries=0; while :; do for d in /dev/sr*; do [ -b \"$d\" ] || continue; "
+    "if [ \"$(dd if=\"$d\" bs=1 skip=32808 count=" + std::to_string(label.size()) +
+    " 2>/dev/null)\" = \"$1\" ]; then "
+    "mount -t iso9660 -o ro \"$d\" \"$2\" && return 0; echo \"cannot mount $d (iso9660) on $2\" >&2; return 1; fi; "
     "done; tries=$((tries + 1)); "
-    "[ $tries -lt 200 ] || { echo \"no CD-ROM drive holds the volume $1\" >&2; exit 1; }; "
-    "sleep 0.05 2>/dev/null || sleep 1; done";
-  std::string script =
-    "label=" + shell_quote(label) + "; mnt=" + mount_point + "\n"
-    "mkdir -p \"$mnt\" || exit " + unusable + "\n"
-    "sudo -n sh -c " + shell_quote(find_and_mount) + " sh \"$label\" \"$mnt\" || exit " + unusable + "\n"
-    "trap 'sudo -n umount \"$mnt\" 2>/dev/null; rmdir \"$mnt\" 2>/dev/null' EXIT\n"
+    "[ $tries -lt 200 ] || { echo \"no CD-ROM drive holds the volume $1\" >&2; return 1; }; "
+    "sleep 0.05 2>/dev/null || sleep 1; done; }\n";
+  // The copy, as the job's user, from the ISO mounted on $1.
+  std::string copy =
+    "mnt=$1\n"
     "put() {\n"
     "  if ! why=$(cat \"$mnt/u$1\" 2>&1 >\"$2\") || ! why=$(chmod \"$3\" \"$2\" 2>&1); then\n"
     "    echo \"upload $1: ${why:-failed}\" >&2; exit " + std::to_string(uploads_iso_failed_exit) + "\n"
@@ -89,9 +87,33 @@ std::string uploads_iso_command(const std::string& label, const std::vector<IsoU
   for (const auto& upload : uploads) {
     char mode[16];
     std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(upload.mode & 07777));
-    script += "put " + std::to_string(upload.index) + " " + shell_quote(upload.destination) + " " + mode + "\n";
+    copy += "put " + std::to_string(upload.index) + " " + shell_quote(upload.destination) + " " + mode + "\n";
   }
-  return script;
+  // Every sudo is a program start and a PAM session, up to half a second each on
+  // an emulated CPU: one root shell mounts, copies as the user (setpriv, with
+  // the user's groups) and unmounts. $1 label, $2 mount point, $3 uid, $4 gid, $5 copy.
+  const std::string as_root =
+    mount_iso + "mount_iso \"$1\" \"$2\" || exit " + unusable + "\n"
+    "setpriv --reuid=\"$3\" --regid=\"$4\" --init-groups sh -c \"$5\" sh \"$2\"; status=$?\n"
+    "umount \"$2\"\nexit $status\n";
+  return "label=" + shell_quote(label) + "; mnt=" + mount_point + "; copy=" + shell_quote(copy) + "\n"
+    "mkdir -p \"$mnt\" || exit " + unusable + "\n"
+    "trap 'rmdir \"$mnt\" 2>/dev/null' EXIT\n"
+    // uid and gid with built-ins (every `id` is a program start).
+    "while read -r key value _; do case $key in Uid:) uid=$value ;; Gid:) gid=$value ;; esac; "
+    "done </proc/self/status\n"
+    "if [ \"$uid\" != 0 ] && command -v setpriv >/dev/null 2>&1; then\n"
+    "  sudo -n sh -c " + shell_quote(as_root) + " sh \"$label\" \"$mnt\" \"$uid\" \"$gid\" \"$copy\"\n"
+    "  status=$?\n"
+    // sudo's own failures (no `sudo -n`) and setpriv's come before any copy.
+    "  case $status in 0 | " + std::to_string(uploads_iso_failed_exit) + ") exit $status ;; *) exit " +
+    unusable + " ;; esac\n"
+    "fi\n"
+    // Root, or no setpriv: a root shell mounts, this one copies, another unmounts.
+    "sudo -n sh -c " + shell_quote(mount_iso + "mount_iso \"$1\" \"$2\"") + " sh \"$label\" \"$mnt\" || exit " +
+    unusable + "\n"
+    "trap 'sudo -n umount \"$mnt\" 2>/dev/null; rmdir \"$mnt\" 2>/dev/null' EXIT\n"
+    "set -- \"$mnt\"\neval \"$copy\"\n";
 }
 
 std::string step_command_written(unsigned index) {

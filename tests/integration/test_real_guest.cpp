@@ -455,6 +455,43 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
   // The kernel RNG was reseeded in each clone (its template's state is shared).
   CHECK(seen["cloud-clone-a"]["RANDOM"].size() == 64);
   CHECK(seen["cloud-clone-a"]["RANDOM"] != seen["cloud-clone-b"]["RANDOM"]);
+
+  // Uploads over uploads_iso_min_bytes go into a clone on the ISO QEMU inserts
+  // into its drive; the guest's one root shell mounts it and copies as the job's
+  // user: what the user may write lands as the user's, what it may not fails the
+  // job, naming the upload.
+  const auto big = temp.path() / "big.bin";
+  write_file(big, std::string(9u << 20, 'b'));
+  for (const char* destination : {"/home/runner/in/big.bin", "/root/big.bin"}) {
+    const auto file = temp.path() / "iso-clone.json";
+    write_file(file, json{{"id", "cloud-iso-clone"}, {"runs_on", "debian-12-cloud"},
+                          {"uploads", json::array({json{{"source", big.string()}, {"destination", destination}}})},
+                          {"steps", json::array({json{{"name", "stat"},
+                                                      {"script", "stat -c '%s %a %U:%G' /home/runner/in/big.bin; "
+                                                                 "grep -c uploads-iso /proc/mounts || :"}}})}}
+                       .dump(2));
+    auto iso_run = run_runner(with({"run", "--replace", file.string()}));
+    INFO(destination << ": " << iso_run.describe());
+    const auto iso_records = job_records(state_dir);
+    REQUIRE(iso_records.count("cloud-iso-clone") == 1);
+    v1::JobResult result;
+    REQUIRE(google::protobuf::util::JsonStringToMessage(
+              read_file(iso_records.at("cloud-iso-clone") / "result.json"), &result).ok());
+    CHECK(result.start() == "restored");
+    bool iso_phase = false;
+    for (const auto& phase : result.phases()) iso_phase |= phase.phase() == "uploads_iso";
+    CHECK(iso_phase);
+    if (std::string(destination) == "/root/big.bin") {
+      CHECK(result.status() == v1::FAILED);
+      CHECK_MESSAGE(contains(result.error(), " -> /root/big.bin: "), result.error());
+      CHECK_MESSAGE(contains(result.error(), "Permission denied"), result.error());
+    } else {
+      CHECK(result.status() == v1::SUCCEEDED);
+      auto events = read_event_log(iso_records.at("cloud-iso-clone") / "events.jsonl");
+      REQUIRE_MESSAGE(events.has_value(), why(events));
+      CHECK(step_output(*events, 0, v1::STDOUT) == std::to_string(9u << 20) + " 644 runner:runner\n0\n");
+    }
+  }
   CHECK(processes_mentioning(state_dir.string()).empty());
 }
 
