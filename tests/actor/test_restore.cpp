@@ -312,6 +312,13 @@ struct start_slot_fixture : fixture {
     REQUIRE(slot);
     return slot->has_value();
   }
+  // Another restored job of this host is starting: it holds the only slot.
+  VmSlot other_job_starting() {
+    auto slot = VmSlot::try_acquire(slot_state_dir, 1, VmSlot::start_pool);
+    REQUIRE(slot);
+    REQUIRE(slot->has_value());
+    return std::move(**slot);
+  }
   void pass(std::chrono::milliseconds step, int times) {
     for (int i = 0; i < times; ++i) {
       sched.advance_time(step);
@@ -330,10 +337,7 @@ TEST_CASE_FIXTURE(start_slot_fixture, "a clone waits for one of the host's start
     if (e.actor == "ssh" && e.what == "exec" && free_at_first_step < 0)
       free_at_first_step = start_slot_free();
   };
-  // Another restored job of this host is starting: it holds the only slot.
-  auto other = VmSlot::try_acquire(slot_state_dir, 1, VmSlot::start_pool);
-  REQUIRE(other);
-  REQUIRE(other->has_value());
+  std::optional<VmSlot> other = other_job_starting();
   start(two_step_job());
   drive();
   pass(100ms, 5);
@@ -341,7 +345,7 @@ TEST_CASE_FIXTURE(start_slot_fixture, "a clone waits for one of the host's start
   CHECK(count("qemu", "prepare") == 0);
   CHECK(result_count() == 0);
 
-  other->reset();  // that job's guest is ready
+  other.reset();  // that job's guest is ready
   for (int i = 0; i < 50 && result_count() == 0; ++i)
     pass(100ms, 1);
   REQUIRE(result_count() == 1);
@@ -369,9 +373,7 @@ TEST_CASE_FIXTURE(start_slot_fixture, "a clone whose guest never gets ready give
 }
 
 TEST_CASE_FIXTURE(start_slot_fixture, "a clone cancelled while it waits for a start slot ends cancelled, with no VM made") {
-  auto other = VmSlot::try_acquire(slot_state_dir, 1, VmSlot::start_pool);
-  REQUIRE(other);
-  REQUIRE(other->has_value());
+  auto other = other_job_starting();
   start(two_step_job());
   drive();
   pass(100ms, 3);
