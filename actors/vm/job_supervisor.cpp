@@ -2,7 +2,7 @@
 // itself is a vm_attempt's business; this file decides and reports: events, the
 // decision and shutdown, the boot and hand-off, then the behaviour. What runs in
 // the guest (set-up, uploads, steps, artifacts, output) is in job_steps.cpp.
-// About 500 lines: the lifecycle reads top to bottom here; splitting it further
+// Nearly 600 lines: the lifecycle reads top to bottom here; splitting it further
 // would cut one phase machine in two.
 #include "actors/vm/job_supervisor.hpp"
 #include "actors/vm/job_supervisor_parts.hpp"

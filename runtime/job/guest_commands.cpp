@@ -1,11 +1,6 @@
 #include "runtime/job/guest_commands.hpp"
 
-#include <algorithm>
-#include <cctype>
 #include <cstdio>
-#include <cstring>
-
-#include "runtime/ssh/ssh_keys.hpp"
 
 namespace solstice {
 
