@@ -12,6 +12,8 @@
 #include <thread>
 
 #include "runtime/base/child_process.hpp"
+#include "runtime/base/idle_watch.hpp"
+#include "runtime/base/logging.hpp"
 #include "runtime/job/guest_commands.hpp"
 #include "runtime/vm/identity_channel.hpp"
 #include "runtime/ssh/ssh_keys.hpp"
@@ -174,6 +176,29 @@ Result<void> save_state(QmpClient& qmp, const fs::path& dir) {
   return fail("saving the template's state took more than 10 minutes");
 }
 
+// The guest's end of the SSH connection goes on after the runner hangs up (sshd's
+// teardown, the PAM session's close): frozen before it is done, every clone would
+// finish it in its first fraction of a second, beside its identity. So the state is
+// saved once the guest is idle — QEMU used at most 15 % of a core for half a second
+// (an idle guest's QEMU: 0-10 %) — or after 20 s in any case.
+void wait_until_guest_idle(pid_t qemu) {
+  IdleWatch watch(0.15, 500ms);
+  const auto started = Clock::now();
+  while (Clock::now() - started < 20s) {
+    auto cpu = process_cpu_time(qemu);
+    if (!cpu)
+      return;  // QEMU is gone: saving the state says so
+    if (watch.sample(Clock::now(), *cpu)) {
+      spdlog::debug("template: the guest was idle {} ms after the SSH connection closed",
+                    std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started).count());
+      return;
+    }
+    std::this_thread::sleep_for(100ms);
+  }
+  spdlog::warn("template: the guest was still busy 20 s after the SSH connection closed; "
+               "saving its state all the same (its clones finish that work when they start)");
+}
+
 // Whether clones can take their identity over the virtio-serial port: the agent
 // is started in the guest and has said it is ready ("" then), or why not.
 std::string start_identity_agent(SshSession& session, IdentityChannel& channel,
@@ -265,6 +290,7 @@ Result<void> run_template_vm(const v1::ImageSpec& image, const v1::RunnerConfig&
   facts.identity_note = start_identity_agent(*session, *channel,
                                        std::chrono::seconds(std::min<uint32_t>(boot_seconds, 120)));
   session = fail("closed");  // the guest's SSH connection ends before it is frozen
+  wait_until_guest_idle(child->pid());
   if (auto saved = save_state(*qmp, dir); !saved)
     return failed(saved.error().message);
   (void)qmp->execute("quit", nlohmann::json::object(), 5s);

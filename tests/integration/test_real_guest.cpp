@@ -377,7 +377,16 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
     // The step's own script, written by the agent (the step only runs it).
     "echo SCRIPT=$(stat -c '%a %u:%g' /tmp/solstice/step-1)\n"
     "echo UPDIR=$(stat -c '%a %u:%g' /home/runner/job-tools /home/runner/job-tools/bin | tr '\\n' ' ')\n"
-    "echo UPLOAD=$(cat /home/runner/job-tools/bin/tool.txt)\n";
+    "echo UPLOAD=$(cat /home/runner/job-tools/bin/tool.txt)\n"
+    // Guest seconds (its monotonic clock, which stands still while a VM is saved)
+    // from the template's SSH session's close to the clone's first journal line under
+    // its own hostname: the state was saved once the guest was idle, so the close is
+    // not left for the clone to finish.
+    R"SH(echo QUIET_GAP=$(sudo -n journalctl -o short-monotonic --no-pager -q | awk -v h="$(hostname)" '
+      { line = $0; sub(/^\[ */, "", line); split(line, f, /[] ]+/) }
+      /sshd\[[0-9]+\]: pam_unix\(sshd:session\): session closed for user/ { closed = f[1] }
+      f[2] == h && first == "" { first = f[1] }
+      END { if (closed != "" && first != "") printf "%.3f", first - closed }'))SH" "\n";
   const auto tool = temp.path() / "tool.txt";
   write_file(tool, "uploaded\n");
   std::vector<std::string> args{"run"};
@@ -449,6 +458,8 @@ TEST_CASE("restored clones of the real cloud image: OpenSSH serves a new host ke
     CHECK(values["SCRIPT"] == "755 " + values["ME"]);
     CHECK(values["UPDIR"] == "700 " + values["ME"] + " 700 " + values["ME"]);
     CHECK(values["UPLOAD"] == "uploaded");
+    REQUIRE_FALSE(values["QUIET_GAP"].empty());
+    CHECK(std::stod(values["QUIET_GAP"]) >= 0.4);
   }
   CHECK(seen["cloud-clone-a"]["HOSTKEY"] != seen["cloud-clone-b"]["HOSTKEY"]);
   CHECK(seen["cloud-clone-a"]["AUTHKEYS"] != seen["cloud-clone-b"]["AUTHKEYS"]);

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "runtime/base/child_process.hpp"
+#include "runtime/base/idle_watch.hpp"
 
 using namespace solstice;
 using namespace std::chrono_literals;
@@ -373,5 +374,45 @@ TEST_SUITE("child_process") {
     for (int field = 3; field <= 22; ++field) after_comm >> word;
     REQUIRE(start.has_value());
     CHECK(std::to_string(*start) == word);
+  }
+
+  TEST_CASE("process_cpu_time grows while a process computes, not while it sleeps, and is empty once it is gone") {
+    auto busy = ChildProcess::spawn({"sh", "-c", "while :; do :; done"});
+    auto idle = ChildProcess::spawn({"sleep", "100"});
+    REQUIRE(busy.has_value());
+    REQUIRE(idle.has_value());
+    auto busy_before = process_cpu_time(busy->pid()), idle_before = process_cpu_time(idle->pid());
+    REQUIRE(busy_before.has_value());
+    REQUIRE(idle_before.has_value());
+    std::this_thread::sleep_for(600ms);
+    auto busy_after = process_cpu_time(busy->pid()), idle_after = process_cpu_time(idle->pid());
+    REQUIRE(busy_after.has_value());
+    // On a loaded machine the loop gets less than its core, but not nothing.
+    CHECK(*busy_after - *busy_before >= 50ms);
+    CHECK(*idle_after - *idle_before <= 20ms);
+    const pid_t pid = busy->pid();
+    busy->kill(SIGKILL);
+    idle->kill(SIGKILL);
+    REQUIRE(busy->wait_for(5s).has_value());
+    REQUIRE(idle->wait_for(5s).has_value());
+    CHECK_FALSE(process_cpu_time(pid).has_value());
+    CHECK_FALSE(process_cpu_time(-1).has_value());
+  }
+
+  TEST_CASE("IdleWatch: idle once the CPU share stayed low for the quiet time in a row") {
+    using Clock = IdleWatch::Clock;
+    const auto t0 = Clock::time_point{} + 1h;
+    IdleWatch watch(0.15, 500ms);
+    CHECK_FALSE(watch.sample(t0, 1000ms));               // a first sample says nothing
+    CHECK_FALSE(watch.sample(t0 + 100ms, 1100ms));       // busy: a whole core
+    CHECK_FALSE(watch.sample(t0 + 200ms, 1110ms));       // 10 %: quiet from t0+100ms
+    CHECK_FALSE(watch.sample(t0 + 400ms, 1120ms));
+    CHECK_FALSE(watch.sample(t0 + 500ms, 1150ms));       // 30 %: busy again, counting restarts
+    CHECK_FALSE(watch.sample(t0 + 600ms, 1150ms));
+    CHECK_FALSE(watch.sample(t0 + 900ms, 1160ms));       // quiet for 400 ms
+    CHECK(watch.sample(t0 + 1100ms, 1160ms));            // quiet since t0+500ms: idle
+    CHECK(watch.sample(t0 + 1200ms, 1170ms));            // and stays so while quiet
+    CHECK_FALSE(watch.sample(t0 + 1300ms, 1300ms));      // busy: no longer
+    CHECK_FALSE(watch.sample(t0 + 1300ms, 1400ms));      // no time passed: nothing learnt
   }
 }
