@@ -292,6 +292,11 @@ Result<void> Client::consume(const std::string& queue, uint16_t prefetch, bool n
   return state_->check(("cannot consume queue " + queue).c_str());
 }
 
+Result<void> Client::set_channel_prefetch(uint16_t count) {
+  amqp_basic_qos(state_->conn, consume_channel, 0, count, 1);
+  return state_->check("cannot set the channel's prefetch count");
+}
+
 Result<uint64_t> Client::publish(const Message& m) {
   amqp_basic_properties_t props{};
   props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG;

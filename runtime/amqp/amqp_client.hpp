@@ -106,8 +106,13 @@ class Client {
                                     const std::map<std::string, std::string>& exchange_to_key,
                                     std::chrono::milliseconds unused_for, int queue_version = 0);
   Result<void> delete_queue(const std::string& name);
-  // Starts consuming `queue` on channel 1, at most `prefetch` unacknowledged.
+  // Starts consuming `queue` on channel 1, at most `prefetch` unacknowledged
+  // (0: as set_channel_prefetch says, or no limit).
   Result<void> consume(const std::string& queue, uint16_t prefetch, bool no_ack = false);
+  // At most `count` (> 0) deliveries unacknowledged on channel 1 in all, its
+  // consumers' present and future: RabbitMQ's basic.qos with global set, which,
+  // unlike a consumer's own prefetch, it applies at once when it changes.
+  Result<void> set_channel_prefetch(uint16_t count);
 
   // Publishes on channel 2; returns its confirm sequence number (from 1).
   Result<uint64_t> publish(const Message& message);

@@ -104,21 +104,79 @@ TEST_CASE("AMQP: the broker stops and starts while a job streams output: the job
   auto answers = results(events);
   REQUIRE(answers.size() == 1);
   CHECK_FALSE(answers[0].redelivered());
-  // It ran once: the broker gave the job back to the same node, which took the
-  // new delivery for the job it was still running.
+  // It ran once: the broker kept the job's delivery, given back with the lost
+  // connection, until the node's one slot was free again (the node consumed
+  // nothing meanwhile), and the node acknowledged it as answered.
   CHECK_MESSAGE(count_of(node.out(), "job stream-restart taken") == 1, node.describe());
+  auto client = bus.client();
+  std::pair<uint32_t, uint32_t> depth{1, 0};
+  for (int i = 0; i < 150 && depth.first != 0; ++i) {
+    std::this_thread::sleep_for(200ms);
+    auto counts = client->queue_counts("solstice.jobs");
+    REQUIRE(counts);
+    depth = *counts;
+  }
+  CHECK(depth.first == 0);
   CHECK_MESSAGE(node.out().find("job stream-restart delivered again") != std::string::npos,
                 node.describe());
-  // The job was acknowledged: nothing waits in the queue.
-  auto client = bus.client();
-  auto depth = client->queue_counts("solstice.jobs");
-  REQUIRE(depth);
-  CHECK(depth->first == 0);
 
   auto next = bus.submit(bus.job_file("again", job_json("after-restart", "echo reconnected")));
   REQUIRE_MESSAGE(next.wait_exit(job_limit), next.describe());
   CHECK_MESSAGE(next.exit_code() == 0, next.describe());
   CHECK(stdout_of_steps(printed_events(next.out())).find("reconnected") != std::string::npos);
+  bus.stop_nodes();
+}
+
+TEST_CASE("AMQP: a node that reconnects while every slot still runs a job of the lost "
+          "connection consumes nothing until one ends: the queue's jobs wait in the queue, "
+          "for any node, not in this one") {
+  Bus bus{true};
+  auto& node = bus.start_node("full", 1);
+  auto first = bus.submit(bus.job_file(
+    "long", job_json("long-across-restart", "echo started; sleep 60; echo finished")));
+  REQUIRE_MESSAGE(wait_for_step_output(first, "started\n", job_limit), first.describe());
+  bus.broker().stop();
+  REQUIRE_MESSAGE(node.wait_for_output("1 job(s) keep running", 30s), node.describe());
+  bus.broker().start();
+  REQUIRE_MESSAGE(node.wait_for_output("taking jobs from the queue again once one of them ends", 60s),
+                  node.describe());
+  auto second = bus.submit(bus.job_file("next", job_json("queued-while-full", "echo next")));
+
+  // The first job's delivery (given back with the lost connection) and the new
+  // one both wait in the queue, ready for any node: this one does not consume.
+  auto client = bus.client();
+  std::pair<uint32_t, uint32_t> depth{0, 0};
+  for (int i = 0; i < 100 && depth.first < 2; ++i) {
+    std::this_thread::sleep_for(200ms);
+    auto counts = client->queue_counts("solstice.jobs");
+    REQUIRE(counts);
+    depth = *counts;
+  }
+  CHECK_MESSAGE(depth.first == 2, "ready " << depth.first << ", consumers " << depth.second);
+  std::this_thread::sleep_for(2s);
+  auto later = client->queue_counts("solstice.jobs");
+  REQUIRE(later);
+  CHECK(later->first == 2);
+  CHECK(later->second == 0);
+  CHECK_FALSE(first.status());  // still running on the node
+
+  // Once the first job ends the node consumes again: its own job's delivery is
+  // acknowledged once its result is confirmed, the next one runs.
+  REQUIRE_MESSAGE(first.wait_exit(job_limit), first.describe() << "\n" << node.describe());
+  CHECK_MESSAGE(first.exit_code() == 0, first.describe());
+  CHECK(stdout_of_steps(printed_events(first.out())) == "started\nfinished\n");
+  REQUIRE_MESSAGE(second.wait_exit(job_limit), second.describe() << "\n" << node.describe());
+  CHECK_MESSAGE(second.exit_code() == 0, second.describe());
+  CHECK(stdout_of_steps(printed_events(second.out())) == "next\n");
+  CHECK_MESSAGE(count_of(node.out(), "job long-across-restart taken") == 1, node.describe());
+  CHECK_MESSAGE(node.out().find("job long-across-restart delivered again: still running") ==
+                  std::string::npos,
+                node.describe());
+  CHECK_MESSAGE(node.out().find("job long-across-restart delivered again: ") != std::string::npos,
+                node.describe());
+  auto drained = client->queue_counts("solstice.jobs");
+  REQUIRE(drained);
+  CHECK(drained->first == 0);
   bus.stop_nodes();
 }
 

@@ -44,13 +44,18 @@ enum class Phase { serving, stopping };
 class AmqpSession {
  public:
   AmqpSession(caf::actor_system& sys, amqp::Client& client, AmqpNodeJobs& jobs,
-              const runner_node_actor& node)
-      : client_(client), jobs_(jobs), self_(sys) {
+              const runner_node_actor& node, std::string jobs_queue)
+      : client_(client), jobs_(jobs), self_(sys), jobs_queue_(std::move(jobs_queue)) {
     self_->monitor(node);
   }
 
   std::optional<int> run(BlockedSignals& signals) {
+    if (jobs_.prefetch_wanted() == 0)
+      say("solstice-runner: %s\n", "every slot runs a job taken before the connection was lost: "
+                                   "taking jobs from the queue again once one of them ends");
     for (;;) {
+      if (auto taking = take_as_many_as_free_slots(); !taking)
+        return lose_connection(taking.error().message);
       auto frame = client_.next(jobs_.next_look(), jobs_.wake_fd());
       if (!frame)
         return lose_connection(frame.error().message);
@@ -76,6 +81,23 @@ class AmqpSession {
   }
 
  private:
+  // After a reconnect the jobs of the lost connection still hold their slots but
+  // no delivery on this one: the channel takes only as many deliveries as there
+  // are free slots (raised as those jobs end), none while there are none, so
+  // that the queue's other jobs go to nodes that can start them.
+  Result<void> take_as_many_as_free_slots() {
+    const auto wanted = jobs_.prefetch_wanted();
+    if (wanted == 0 || wanted == prefetch_ || jobs_.stopping())
+      return {};
+    if (auto set = client_.set_channel_prefetch(wanted); !set)
+      return set;
+    prefetch_ = wanted;
+    if (consuming_)
+      return {};
+    consuming_ = true;
+    return client_.consume(jobs_queue_, 0);
+  }
+
   bool node_gone() {
     if (!node_down_)
       self_->receive([&](caf::down_msg&) { node_down_ = true; }, caf::after(0ms) >> [] {});
@@ -103,21 +125,21 @@ class AmqpSession {
   amqp::Client& client_;
   AmqpNodeJobs& jobs_;
   caf::scoped_actor self_;
+  std::string jobs_queue_;
+  bool consuming_ = false;
+  uint16_t prefetch_ = 0;  // the channel's, as last set
   bool node_down_ = false;
   int rounds_since_node_gone_ = 0;
 };
 
-// A connection that declared the runner's names and consumes the jobs queue.
-Result<std::unique_ptr<amqp::Client>> connect_and_consume(const amqp::Endpoint& endpoint,
-                                                          const amqp::Names& names,
-                                                          uint16_t slots) {
+// A connection that declared the runner's names (the session consumes).
+Result<std::unique_ptr<amqp::Client>> connect_and_declare(const amqp::Endpoint& endpoint,
+                                                          const amqp::Names& names) {
   auto client = amqp::Client::connect(endpoint, 30s);
   if (!client)
     return client;
   if (auto declared = (*client)->declare(names); !declared)
     return tl::unexpected(declared.error());
-  if (auto consuming = (*client)->consume(names.jobs_queue, slots); !consuming)
-    return tl::unexpected(consuming.error());
   return client;
 }
 
@@ -181,13 +203,13 @@ int amqp_node_command(const NodeOptions& options) {
   // Connects (again) with a growing back-off while the broker is unreachable.
   auto backoff = std::chrono::milliseconds(500ms);
   for (;;) {
-    auto client = connect_and_consume(*endpoint, names, slots);
+    auto client = connect_and_declare(*endpoint, names);
     if (client) {
       backoff = 500ms;
       std::printf("node %s takes jobs from queue %s: %u slot(s)\n",
                   prepared->offer.name.c_str(), names.jobs_queue.c_str(), slots);
       std::fflush(stdout);
-      AmqpSession session{sys, **client, jobs, node};
+      AmqpSession session{sys, **client, jobs, node, names.jobs_queue};
       if (auto code = session.run(signals))
         return finish(*code);
     } else {

@@ -1,6 +1,7 @@
 #include "actors/host/cluster/amqp_node_jobs.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 
 #include "actors/host/cluster/cluster_commands.hpp"
@@ -70,6 +71,14 @@ uint32_t AmqpNodeJobs::jobs_without_result() const {
   return n;
 }
 
+uint16_t AmqpNodeJobs::prefetch_wanted() const {
+  uint32_t held_elsewhere = 0;
+  for (const auto& [id, job] : jobs_)
+    held_elsewhere += !job.delivery_tag && !job.has_result ? 1 : 0;
+  return static_cast<uint16_t>(std::min<uint32_t>(held_elsewhere >= slots_ ? 0 : slots_ - held_elsewhere,
+                                                  UINT16_MAX));
+}
+
 void AmqpNodeJobs::take(amqp::Client& client, const amqp::Delivery& delivery) {
   if (stopping_) {
     (void)client.reject(delivery.tag, true);
@@ -83,7 +92,8 @@ void AmqpNodeJobs::take(amqp::Client& client, const amqp::Delivery& delivery) {
   if (auto i = jobs_.find(job->id()); i != jobs_.end()) {
     // This node's own job, given back when its connection was lost: it keeps
     // running here under the new delivery.
-    announce("job " + job->id() + " delivered again: still running here");
+    announce("job " + job->id() + " delivered again: " +
+             (i->second.has_result ? "finished here, its result on the way" : "still running here"));
     i->second.delivery_tag = delivery.tag;
     return;
   }

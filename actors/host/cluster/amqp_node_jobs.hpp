@@ -58,6 +58,10 @@ class AmqpNodeJobs {
   // A delivery on the current connection: a new job starts (or waits for a
   // slot), a job of this node's comes back, anything else is dead-lettered.
   void take(amqp::Client& client, const amqp::Delivery& delivery);
+  // How many deliveries the current connection may hold unacknowledged: the
+  // slots less those held by jobs of an earlier connection that still run (their
+  // deliveries died with it). 0: none, so do not consume yet.
+  uint16_t prefetch_wanted() const;
   // Starts waiting deliveries while there are free slots.
   void start_waiting(amqp::Client& client);
   // Publishes what the jobs produced, as far as the confirm window and the
