@@ -16,11 +16,15 @@ marker, on the built test guest, TCG:
   baseline         with --baseline-runner, a second runner (e.g. the one before a
                    change) builds its own template and its restored jobs alternate
                    with this runner's, one for one, so both meet the same load; its
-                   first byte p50 and phases are reported beside this runner's
+                   first byte p50 and phases are reported beside this runner's, and
+                   the median of the pairs' differences (this minus the baseline);
+                   its N-at-once runs alternate with this runner's too
+  rounds           --concurrent-rounds R: the N-at-once run R times (p50 over all
+                   of them), so that one unlucky run on a noisy machine says less
 
   bench/restore.py --runner build/solstice-runner --guest-dir build/test-guest \
                    [--pairs 5 (0: no cold jobs)] [--jobs 10] [--builds 2] [--concurrent 8 (0: skip)]
-                   [--baseline-runner OTHER] [--json OUT]
+                   [--concurrent-rounds 1] [--baseline-runner OTHER] [--json OUT]
 """
 import argparse
 import json
@@ -154,6 +158,7 @@ def main():
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--builds", type=int, default=2)
     parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--concurrent-rounds", type=int, default=1)
     parser.add_argument("--vm-memory-mib", type=int, default=512,
                         help="the guest's memory, for the memory rows' ratio (512: the cloud guest)")
     parser.add_argument("--baseline-runner")
@@ -224,26 +229,37 @@ def main():
                 else:
                     singles.append(single(args.runner, state, f"single-{i}"))
 
-        # N restored jobs at once, in one process (--concurrent 0: not measured).
-        many = None
-        if args.concurrent > 0:
+        # N restored jobs at once, in one process (--concurrent 0: not measured),
+        # --concurrent-rounds times, alternating with the baseline's when there is one.
+        def at_once(runner, where, round_index, prefix):
             config = os.path.join(work, "config.json")
             with open(config, "w") as f:
                 json.dump({"max_concurrent_vms": args.concurrent}, f)
-            ids = [f"many-{i}" for i in range(args.concurrent)]
+            ids = [f"{prefix}-{round_index}-{i}" for i in range(args.concurrent)]
             cpu, memory = {}, {}
-            wall, first, _ = run_jobs(args.runner, env, state, work, ids, False, config, cpu=cpu,
+            wall, first, _ = run_jobs(runner, env, where, work, ids, False, config, cpu=cpu,
                                       memory=memory)
             for job_id in ids:
-                if result_of(state, job_id).get("start") != "restored":
+                if result_of(where, job_id).get("start") != "restored":
                     sys.exit(f"restore.py: {job_id} was not restored")
-            many = {"wall_s": wall, "first_byte_s": [first[j] for j in ids], **cpu, **memory}
+            return {"wall_s": wall, "first_byte_s": [first[j] for j in ids], **cpu, **memory}
+
+        many_rounds, baseline_many_rounds = [], []
+        if args.concurrent > 0:
+            for r in range(args.concurrent_rounds):
+                order = [False, True] if r % 2 == 0 else [True, False]
+                for is_baseline in order if baseline_state else [False]:
+                    if is_baseline:
+                        baseline_many_rounds.append(at_once(args.baseline_runner, baseline_state, r, "base-many"))
+                    else:
+                        many_rounds.append(at_once(args.runner, state, r, "many"))
+        many = many_rounds[0] if many_rounds else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     med = statistics.median
     single_p50 = med([s["first_byte_s"] for s in singles])
-    many_p50 = med(many["first_byte_s"]) if many else None
+    many_p50 = med([t for m in many_rounds for t in m["first_byte_s"]]) if many else None
     rows = [
         ("template build (wall, `template build`)", "s", med([b["wall_s"] for b in builds]), None, "-"),
         ("template build (recorded build_ms)", "s", med([b["build_ms"] / 1000 for b in builds]), None, "-"),
@@ -266,6 +282,11 @@ def main():
         baseline_p50 = med([s["first_byte_s"] for s in baseline_singles])
         rows.append((f"baseline runner: first byte, restored, p50 of {args.jobs}", "s", baseline_p50,
                      single_p50 / baseline_p50, "-"))
+        rows.append(("first byte, this minus the baseline, median of pairs", "s",
+                     med([a["first_byte_s"] - b["first_byte_s"] for a, b in zip(singles, baseline_singles)]),
+                     None, "-"))
+        rows.append(("CPU of a job, this minus the baseline, median of pairs", "s",
+                     med([a["cpu_s"] - b["cpu_s"] for a, b in zip(singles, baseline_singles)]), None, "-"))
         for name in sorted({n for s in singles + baseline_singles for n in s["phases_s"]}):
             if name.startswith("step:") or name in ("prepare", "console_handoff", "shutdown"):
                 continue
@@ -274,9 +295,10 @@ def main():
                 rows.append((f"{label}phase {name}, p50", "s", med(values), None, "-"))
     if many:
         rows += [
-            (f"{args.concurrent} restored at once: first byte p50", "s", many_p50, many_p50 / single_p50,
-             "ratio <= 2"),
-            (f"{args.concurrent} restored at once: total wall time", "s", many["wall_s"], None, "-"),
+            (f"{args.concurrent} restored at once: first byte p50 ({len(many_rounds)} run(s))", "s", many_p50,
+             many_p50 / single_p50, "ratio <= 2"),
+            (f"{args.concurrent} restored at once: total wall time, p50", "s",
+             med([m["wall_s"] for m in many_rounds]), None, "-"),
             # The jobs share the cores: their first bytes cannot come before the CPU they
             # need has been given, on average half of it for the median job.
             (f"{args.concurrent} restored at once: CPU (runner + QEMUs)", "s", many["cpu_s"],
@@ -285,6 +307,13 @@ def main():
              many["cpu_s"] / os.cpu_count(), many["cpu_s"] / os.cpu_count() / single_p50,
              "- (ratio: of one job's first byte)"),
         ]
+        if baseline_many_rounds:
+            baseline_many_p50 = med([t for m in baseline_many_rounds for t in m["first_byte_s"]])
+            rows.append((f"baseline: {args.concurrent} at once, first byte p50 ({len(baseline_many_rounds)} run(s))",
+                         "s", baseline_many_p50, baseline_many_p50 / med([s["first_byte_s"] for s in baseline_singles]),
+                         "- (ratio: of the baseline's single job)"))
+            rows.append((f"baseline: {args.concurrent} at once, total wall time, p50", "s",
+                         med([m["wall_s"] for m in baseline_many_rounds]), None, "-"))
         peaks = many.get("qemu_peak_mib") or []
         if peaks:
             memory_mib = args.vm_memory_mib
@@ -296,6 +325,7 @@ def main():
     for name, unit, value, r, target in rows:
         print(f"{name:52} {unit:5} {value:8.2f} {'' if r is None else f'{r:6.3f}':>6}  {target}")
     raw.update({"duration_s": now() - started, "pairs": pairs, "singles": singles, "many": many,
+                "many_rounds": many_rounds, "baseline_many_rounds": baseline_many_rounds,
                 "builds": builds, "baseline_runner": args.baseline_runner,
                 "baseline_singles": baseline_singles,
                 "rows": [{"metric": n, "unit": u, "value": v, "ratio": r, "target": t}

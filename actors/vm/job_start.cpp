@@ -26,6 +26,10 @@ constexpr auto start_poll_interval = std::chrono::milliseconds(50);
 // Held no longer than this: a clone stuck in its start holds back the others
 // only so long (alone, a restored start takes a few seconds even on TCG).
 constexpr auto start_hold_limit = std::chrono::seconds(20);
+// Once the guest is ready the start ends with the job's first output (its first
+// exec's session is open then: on TCG a PAM session and a shell, 0.3-0.4 s of
+// the emulated CPU), or this long after, whichever comes first.
+constexpr auto start_tail = std::chrono::seconds(1);
 
 std::string shape_of(const v1::ImageSpec& image, const std::string& accel) {
   return std::to_string(image.vcpus() ? image.vcpus() : 1) + " vcpus, " +
@@ -162,6 +166,16 @@ void start_when_free(supervisor_pointer self) {
   st.start_token = st.next_token++;
   self->delayed_send(self, start_poll_interval, timeout_atom::value, st.start_token);
 }
+
+void start_nearly_done(supervisor_pointer self) {
+  auto& st = self->state;
+  if (!st.start_slot)
+    return;
+  st.start_tail_token = st.next_token++;
+  self->delayed_send(self, start_tail, timeout_atom::value, st.start_tail_token);
+}
+
+void start_done(supervisor_pointer self) { self->state.start_slot.reset(); }
 
 bool restore_failed(supervisor_pointer self, const caf::error& err) {
   auto& st = self->state;

@@ -175,6 +175,7 @@ static void after_step(supervisor_pointer self, unsigned index, const v1::StepRe
 
 void step_finished(supervisor_pointer self, unsigned index, v1::StepResult result) {
   auto& st = self->state;
+  start_done(self);  // a step that printed nothing ends the start too
   const auto& step = st.job.steps(static_cast<int>(index));
   flush_step_output(self, index);
   st.running_step.reset();
@@ -384,7 +385,7 @@ static void give_fresh_identity(supervisor_pointer self) {
 
 void set_up_guest(supervisor_pointer self) {
   auto& st = self->state;
-  st.start_slot.reset();  // the guest is up: the next restored job may start
+  start_nearly_done(self);  // the guest is up: the next restored job may start soon
   st.phase = phase::setup;
   end_phase(self, "console_handoff");
   set_state(self, v1::RUNNING);
@@ -469,6 +470,7 @@ static void emit_output(supervisor_pointer self, v1::JobEvent event, uint64_t ch
 
 void on_output(supervisor_pointer self, const v1::OutputChunk& chunk) {
   auto& st = self->state;
+  start_done(self);  // its first output: its start is over
   const uint64_t chunk_bytes = chunk.data().size();
   if (st.sink_handled_bytes.size() != st.sinks.size())
     st.sink_handled_bytes.assign(st.sinks.size(), st.output_credited_bytes);

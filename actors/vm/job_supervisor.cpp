@@ -487,8 +487,8 @@ void on_timeout(supervisor_pointer self, uint64_t token) {
     return acquire_slot(self);
   if (token == st.start_token && st.phase == phase::start_queue)
     return start_when_free(self);
-  if (token == st.start_hold_token)
-    return st.start_slot.reset();
+  if (token == st.start_hold_token || token == st.start_tail_token)
+    return start_done(self);
   if (token == st.debug_token && st.phase == phase::debug_hold)
     return shut_down_vm(self);
   if (token == st.held_token && st.held_error && undecided(st.phase))

@@ -102,6 +102,7 @@ struct job_supervisor_state {
   uint64_t held_token = 0;
   uint64_t start_token = 0;       // polls the start slots
   uint64_t start_hold_token = 0;  // a start slot is not held longer than start_hold_limit
+  uint64_t start_tail_token = 0;  // nor longer than start_tail once the guest is ready
 
   // The template keeper asked for this job's template (ended once it answered).
   template_keeper_actor keeper;
@@ -109,8 +110,9 @@ struct job_supervisor_state {
   // The host-wide VM slot this job holds while its VM exists.
   std::optional<VmSlot> slot;
   bool said_waiting = false;
-  // The host-wide start slot a restored job holds from its restore until its guest
-  // is ready (or start_hold_limit): CPU-bound starts beyond the cores only share them.
+  // The host-wide start slot a restored job holds from its restore until its first
+  // output, a second after its guest is ready at most (or start_hold_limit):
+  // CPU-bound starts beyond the cores only share them.
   std::optional<VmSlot> start_slot;
   bool said_waiting_to_start = false;
 

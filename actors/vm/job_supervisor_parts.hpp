@@ -47,6 +47,10 @@ void choose_start(supervisor_pointer self);
 // A clone's attempt starts once it holds one of the host's start slots (polling,
 // never blocking; job_start.cpp).
 void start_when_free(supervisor_pointer self);
+// The guest is ready: the start slot goes at the job's first output
+// (start_done) or a second later, whichever comes first.
+void start_nearly_done(supervisor_pointer self);
+void start_done(supervisor_pointer self);
 // A restore failed (`err`): the template is marked stale and a cold attempt
 // follows. False when the attempt was no restore (the caller handles the error).
 bool restore_failed(supervisor_pointer self, const caf::error& err);

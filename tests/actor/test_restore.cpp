@@ -297,7 +297,8 @@ TEST_CASE_FIXTURE(fixture, "a clone whose identity agent fails is a failed resto
 }
 
 // The host's start slots (job_start.cpp, max_concurrent_starts): a clone holds one
-// from before its QEMU starts until its guest is ready, 20 s at most. Time moves
+// from before its QEMU starts until its first output (a second after its guest
+// is ready at most), 20 s at most in all. Time moves
 // in steps here (advance_time fires only what is due; trigger_timeouts would fire
 // the 20 s limit at once).
 struct start_slot_fixture : fixture {
@@ -327,16 +328,18 @@ struct start_slot_fixture : fixture {
   }
 };
 
-TEST_CASE_FIXTURE(start_slot_fixture, "a clone waits for one of the host's start slots, restores once it frees, and frees its own when its guest is ready") {
-  int held_at_prepare = -1, held_at_ready = -1, free_at_first_step = -1;
+TEST_CASE_FIXTURE(start_slot_fixture, "a clone waits for one of the host's start slots, restores once it frees, and frees its own at its first output") {
+  int held_at_prepare = -1, held_at_ready = -1, held_at_first_exec = -1;
   on_note = [&](const entry& e) {
     if (e.actor == "qemu" && e.what == "prepare")
       held_at_prepare = !start_slot_free();
     if (e.actor == "ssh" && e.what == "ready")
       held_at_ready = !start_slot_free();
-    if (e.actor == "ssh" && e.what == "exec" && free_at_first_step < 0)
-      free_at_first_step = start_slot_free();
+    if (e.actor == "ssh" && e.what == "exec" && held_at_first_exec < 0)
+      held_at_first_exec = !start_slot_free();
   };
+  step_plans[0].output = {chunk(v1::STDOUT, "first\n")};
+  step_plans[0].hold = true;
   std::optional<VmSlot> other = other_job_starting();
   start(two_step_job());
   drive();
@@ -346,16 +349,43 @@ TEST_CASE_FIXTURE(start_slot_fixture, "a clone waits for one of the host's start
   CHECK(result_count() == 0);
 
   other.reset();  // that job's guest is ready
+  for (int i = 0; i < 50 && count("ssh", "exec") == 0; ++i)
+    pass(100ms, 1);
+  REQUIRE(count("ssh", "exec") == 1);
+  CHECK(held_at_prepare == 1);
+  CHECK(held_at_ready == 1);
+  // Held while the first exec starts (the guest's session and shell take the
+  // emulated CPU), given up with the step's first output.
+  CHECK(held_at_first_exec == 1);
+  on_note = nullptr;
+  CHECK(start_slot_free());
+  release_exec(0, 0);
   for (int i = 0; i < 50 && result_count() == 0; ++i)
     pass(100ms, 1);
   REQUIRE(result_count() == 1);
   CHECK(result().status() == v1::SUCCEEDED);
   CHECK(result().start() == "restored");
-  CHECK(held_at_prepare == 1);
-  CHECK(held_at_ready == 1);
-  CHECK(free_at_first_step == 1);
-  on_note = nullptr;
   CHECK(start_slot_free());
+}
+
+TEST_CASE_FIXTURE(start_slot_fixture, "a clone whose first step prints nothing frees its start slot a second after its guest is ready") {
+  step_plans[0].hold = true;  // no output, no end
+  start(two_step_job());
+  drive();
+  for (int i = 0; i < 50 && count("ssh", "exec") == 0; ++i)
+    pass(100ms, 1);
+  REQUIRE(count("ssh", "exec") == 1);
+  CHECK_FALSE(start_slot_free());
+  pass(100ms, 8);  // 0.8-0.9 s after the guest was ready
+  CHECK_FALSE(start_slot_free());
+  pass(100ms, 3);
+  CHECK(start_slot_free());
+  CHECK(result_count() == 0);  // the step goes on
+  release_exec(0, 0);
+  for (int i = 0; i < 50 && result_count() == 0; ++i)
+    pass(100ms, 1);
+  REQUIRE(result_count() == 1);
+  CHECK(result().status() == v1::SUCCEEDED);
 }
 
 TEST_CASE_FIXTURE(start_slot_fixture, "a clone whose guest never gets ready gives its start slot up after 20 s") {
