@@ -48,8 +48,10 @@ std::filesystem::path templates_dir(const std::string& state_dir);
 Result<std::string> cached_file_sha256(const std::string& state_dir,
                                        const std::filesystem::path& file);
 
-// `qemu --version`'s first line, remembered per binary (device, inode, mtime).
-Result<std::string> qemu_version_of(const std::string& qemu_binary);
+// `qemu --version`'s first line, from state_dir/templates/qemu-versions when the
+// binary's (device, inode, size, mtime_ns) asked before; else asked now and
+// remembered there (an empty state_dir: asked every time).
+Result<std::string> qemu_version_of(const std::string& qemu_binary, const std::string& state_dir);
 
 // Whether a job on `image` can use a template at all: "" when it can, else why not
 // (UEFI firmware, extra user-data, ...), for the job's notice.

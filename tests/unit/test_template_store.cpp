@@ -120,6 +120,31 @@ TEST_SUITE("template_store") {
     CHECK(template_key_for(image_of(disk), config, "tcg")->id != base->id);
   }
 
+  TEST_CASE("QEMU's version is remembered by the binary's identity, and asked again when the binary changes") {
+    test::TempDir state;
+    auto qemu = fake_qemu(state, "7.2.0");
+    auto first = qemu_version_of(qemu.string(), state.path.string());
+    REQUIRE_MESSAGE(first, (first ? "" : first.error().message));
+    CHECK(*first == "QEMU emulator version 7.2.0");
+    // What the state dir remembers answers next time: a planted value comes back.
+    auto versions = templates_dir(state.path.string()) / "qemu-versions";
+    REQUIRE(fs::is_directory(versions));
+    int entries = 0;
+    for (const auto& entry : fs::directory_iterator(versions)) {
+      CHECK(mode_of(entry.path()) == 0600);
+      std::ofstream(entry.path(), std::ios::trunc) << "QEMU emulator version planted";
+      ++entries;
+    }
+    CHECK(entries == 1);
+    CHECK(*qemu_version_of(qemu.string(), state.path.string()) == "QEMU emulator version planted");
+    // An upgrade in place (another file: size and mtime) is asked again.
+    std::ofstream(qemu, std::ios::trunc) << "#!/bin/sh\necho 'QEMU emulator version 8.0.1'\n";
+    fs::permissions(qemu, fs::perms::owner_all);
+    CHECK(*qemu_version_of(qemu.string(), state.path.string()) == "QEMU emulator version 8.0.1");
+    // Without a state dir nothing is remembered.
+    CHECK(*qemu_version_of(qemu.string(), "") == "QEMU emulator version 8.0.1");
+  }
+
   TEST_CASE("a missing image or QEMU is an error naming it") {
     test::TempDir state;
     v1::RunnerConfig config;
