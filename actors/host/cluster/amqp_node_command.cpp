@@ -44,8 +44,9 @@ enum class Phase { serving, stopping };
 class AmqpSession {
  public:
   AmqpSession(caf::actor_system& sys, amqp::Client& client, AmqpNodeJobs& jobs,
-              const runner_node_actor& node, std::string jobs_queue)
-      : client_(client), jobs_(jobs), self_(sys), jobs_queue_(std::move(jobs_queue)) {
+              const runner_node_actor& node, std::string jobs_queue, std::string consuming_line)
+      : client_(client), jobs_(jobs), self_(sys), jobs_queue_(std::move(jobs_queue)),
+        consuming_line_(std::move(consuming_line)) {
     self_->monitor(node);
   }
 
@@ -94,8 +95,12 @@ class AmqpSession {
     prefetch_ = wanted;
     if (consuming_)
       return {};
+    if (auto consuming = client_.consume(jobs_queue_, 0); !consuming)
+      return consuming;
     consuming_ = true;
-    return client_.consume(jobs_queue_, 0);
+    std::printf("%s\n", consuming_line_.c_str());  // what the operator (and a test) waits for
+    std::fflush(stdout);
+    return {};
   }
 
   bool node_gone() {
@@ -126,6 +131,7 @@ class AmqpSession {
   AmqpNodeJobs& jobs_;
   caf::scoped_actor self_;
   std::string jobs_queue_;
+  std::string consuming_line_;  // said once the jobs queue is consumed
   bool consuming_ = false;
   uint16_t prefetch_ = 0;  // the channel's, as last set
   bool node_down_ = false;
@@ -206,10 +212,9 @@ int amqp_node_command(const NodeOptions& options) {
     auto client = connect_and_declare(*endpoint, names);
     if (client) {
       backoff = 500ms;
-      std::printf("node %s takes jobs from queue %s: %u slot(s)\n",
-                  prepared->offer.name.c_str(), names.jobs_queue.c_str(), slots);
-      std::fflush(stdout);
-      AmqpSession session{sys, **client, jobs, node, names.jobs_queue};
+      const auto consuming = "node " + prepared->offer.name + " takes jobs from queue " +
+                             names.jobs_queue + ": " + std::to_string(slots) + " slot(s)";
+      AmqpSession session{sys, **client, jobs, node, names.jobs_queue, consuming};
       if (auto code = session.run(signals))
         return finish(*code);
     } else {
