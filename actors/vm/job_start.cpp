@@ -153,6 +153,7 @@ void start_when_free(supervisor_pointer self) {
   }
   if (slot->has_value()) {
     st.start_slot = std::move(*slot);
+    st.start_tail_token = 0;  // an earlier attempt's tail timer is not this slot's
     st.start_hold_token = st.next_token++;
     self->delayed_send(self, start_hold_limit, timeout_atom::value, st.start_hold_token);
     return start_attempt(self);
