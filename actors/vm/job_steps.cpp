@@ -334,12 +334,6 @@ static void start_uploads(supervisor_pointer self) {
   copy_uploads_from_iso(self);
 }
 
-static void create_job_files(supervisor_pointer self);
-
-// A restored clone still has its template's identity: before anything of the job
-// runs it gets its own (the job's key only, a new host key, the host's clock, a
-// reseeded RNG, hostname, instance id), and the shell reconnects with the job's key
-// and checks the new host key.
 // The set-up, the identity and the reconnect belong to bringing the VM up: each
 // gets the boot's time (boot_timeout_seconds), at least a minute. Eight clones
 // restoring at once on two TCG cores need minutes for what takes a second alone.
@@ -348,6 +342,46 @@ static uint32_t bring_up_timeout_ms(const job_supervisor_state& st) {
   return std::max<uint32_t>(60, boot_seconds) * 1000;
 }
 
+// The first use of the guest shell: it waits for cloud-init where the guest runs
+// it (see setup_command), then makes directories for the job's files and for
+// every upload destination, and the environment file, written from the
+// command's stdin (secrets never appear in a command line). One round trip.
+static void create_job_files(supervisor_pointer self) {
+  auto& st = self->state;
+  // Its own phase: on a cloud-init guest it holds the wait for cloud-init.
+  begin_phase(self, "setup");
+  auto files = guest_job_files(st.job);
+  // The set-up waits for cloud-init to finish, which belongs to the boot.
+  self->request(st.shell, st.timeouts.transfer, exec_atom::value, runner_setup_step,
+                setup_command(files.directories), files.env_file, bring_up_timeout_ms(st))
+    .then(
+      [=](v1::StepResult& result) {
+        auto& st = self->state;
+        if (st.phase != phase::setup)
+          return unexpected(self, "set-up done");
+        end_phase(self, "setup");
+        if (result.exit_code() == setup_cloud_init_failed_exit)
+          notice(self, cloud_init_errors_notice);
+        else if (result.exit_code() != 0)
+          return infrastructure_error(
+            self, with_console_tail(st, "cannot create the job's directories and " +
+                                          env_file_path() + " in the guest (exit code " +
+                                          std::to_string(result.exit_code()) + ")"));
+        start_uploads(self);
+      },
+      [=](caf::error& err) {
+        if (self->state.phase != phase::setup)
+          return unexpected(self, "set-up failed");
+        end_phase(self, "setup");
+        shell_failure(self, "cannot prepare the guest (the set-up first waits for cloud-init, "
+                            "where the guest runs it): " + error_text(err));
+      });
+}
+
+// A restored clone still has its template's identity: before anything of the job
+// runs it gets its own (the job's key only, a new host key, the host's clock, a
+// reseeded RNG, hostname, instance id), and the shell reconnects with the job's key
+// and checks the new host key.
 static void give_fresh_identity(supervisor_pointer self) {
   auto& st = self->state;
   begin_phase(self, "identity");
@@ -401,42 +435,6 @@ void set_up_guest(supervisor_pointer self) {
     return start_uploads(self);
   }
   create_job_files(self);
-}
-
-// The first use of the guest shell: it waits for cloud-init where the guest runs
-// it (see setup_command), then makes directories for the job's files and for
-// every upload destination, and the environment file, written from the
-// command's stdin (secrets never appear in a command line). One round trip.
-static void create_job_files(supervisor_pointer self) {
-  auto& st = self->state;
-  // Its own phase: on a cloud-init guest it holds the wait for cloud-init.
-  begin_phase(self, "setup");
-  auto files = guest_job_files(st.job);
-  // The set-up waits for cloud-init to finish, which belongs to the boot.
-  self->request(st.shell, st.timeouts.transfer, exec_atom::value, runner_setup_step,
-                setup_command(files.directories), files.env_file, bring_up_timeout_ms(st))
-    .then(
-      [=](v1::StepResult& result) {
-        auto& st = self->state;
-        if (st.phase != phase::setup)
-          return unexpected(self, "set-up done");
-        end_phase(self, "setup");
-        if (result.exit_code() == setup_cloud_init_failed_exit)
-          notice(self, cloud_init_errors_notice);
-        else if (result.exit_code() != 0)
-          return infrastructure_error(
-            self, with_console_tail(st, "cannot create the job's directories and " +
-                                          env_file_path() + " in the guest (exit code " +
-                                          std::to_string(result.exit_code()) + ")"));
-        start_uploads(self);
-      },
-      [=](caf::error& err) {
-        if (self->state.phase != phase::setup)
-          return unexpected(self, "set-up failed");
-        end_phase(self, "setup");
-        shell_failure(self, "cannot prepare the guest (the set-up first waits for cloud-init, "
-                            "where the guest runs it): " + error_text(err));
-      });
 }
 
 // ------------------------------------------------------------------ output and flow control

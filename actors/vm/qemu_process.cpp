@@ -12,6 +12,7 @@
 #include <caf/send.hpp>
 
 #include "actors/runner_types.hpp"
+#include "runtime/base/proc_stat.hpp"
 #include "runtime/vm/guest_firewall.hpp"
 #include "runtime/vm/qemu_argv.hpp"
 #include "runtime/vm/recovery.hpp"

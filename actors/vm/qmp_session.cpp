@@ -7,6 +7,7 @@
 
 #include "actors/runner_types.hpp"
 #include "runtime/base/child_process.hpp"
+#include "runtime/base/proc_stat.hpp"
 
 namespace solstice {
 

@@ -1,5 +1,6 @@
-// About 500 lines: spawning, waiting, killing and the child-side set-up (user
-// switch, passed fds, death signal) share the ChildProcess state; kept together.
+// Spawning, waiting, killing and the child-side set-up (user switch, passed fds,
+// death signal) share the ChildProcess state; kept together (about 500 lines).
+// What /proc says about any process is in proc_stat.hpp.
 #include "runtime/base/child_process.hpp"
 
 #include <fcntl.h>
@@ -470,65 +471,6 @@ void ChildProcess::kill(int signal) {
   if (pid_ <= 0 || status_) return;
   if (pidfd_ >= 0 && pidfd_send_signal(pidfd_, signal) == 0) return;
   ::kill(pid_, signal);
-}
-
-bool process_running(pid_t pid) {
-  if (pid <= 0) return false;
-  std::ifstream stat_file("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(stat_file)), std::istreambuf_iterator<char>());
-  // comm may contain spaces and ')': the state letter follows the last ')'.
-  auto comm_end = stat.rfind(')');
-  if (comm_end == std::string::npos || comm_end + 2 >= stat.size()) return false;
-  char state = stat[comm_end + 2];
-  return state != 'Z' && state != 'X';
-}
-
-namespace {
-
-// Fields 3 (state) onwards of /proc/PID/stat, or nothing if there is no such process.
-// Field 2 (comm) is in parentheses and may itself contain spaces and ')': the
-// fields that follow start after the *last* ')'.
-std::optional<std::vector<std::string>> stat_fields(pid_t pid) {
-  if (pid <= 0) return std::nullopt;
-  std::ifstream stat_file("/proc/" + std::to_string(pid) + "/stat");
-  if (!stat_file) return std::nullopt;
-  std::string stat((std::istreambuf_iterator<char>(stat_file)), std::istreambuf_iterator<char>());
-  size_t comm_end = stat.rfind(')');
-  if (comm_end == std::string::npos) return std::nullopt;
-  std::istringstream in(stat.substr(comm_end + 1));
-  std::vector<std::string> fields;
-  for (std::string field; in >> field;) fields.push_back(field);
-  return fields;
-}
-
-// Field `number` (as proc(5) counts them, from 3 on) as a number.
-std::optional<unsigned long long> stat_number(const std::vector<std::string>& fields, size_t number) {
-  if (number < 3 || number - 3 >= fields.size()) return std::nullopt;
-  const auto& field = fields[number - 3];
-  try {
-    size_t used = 0;
-    unsigned long long value = std::stoull(field, &used);
-    if (used != field.size()) return std::nullopt;
-    return value;
-  } catch (const std::exception&) {
-    return std::nullopt;
-  }
-}
-
-}  // namespace
-
-std::optional<unsigned long long> process_start_time(pid_t pid) {
-  auto fields = stat_fields(pid);
-  return fields ? stat_number(*fields, 22) : std::nullopt;
-}
-
-std::optional<std::chrono::milliseconds> process_cpu_time(pid_t pid) {
-  auto fields = stat_fields(pid);
-  if (!fields) return std::nullopt;
-  auto user = stat_number(*fields, 14), system = stat_number(*fields, 15);
-  static const long ticks_per_second = ::sysconf(_SC_CLK_TCK);
-  if (!user || !system || ticks_per_second <= 0) return std::nullopt;
-  return std::chrono::milliseconds((*user + *system) * 1000 / static_cast<unsigned long long>(ticks_per_second));
 }
 
 }  // namespace solstice

@@ -13,6 +13,7 @@
 #include <google/protobuf/util/json_util.h>
 
 #include "runtime/base/child_process.hpp"
+#include "runtime/base/proc_stat.hpp"
 #include "runtime/job/event_log.hpp"
 #include "runtime/vm/recovery.hpp"
 

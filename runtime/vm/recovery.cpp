@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/base/child_process.hpp"
+#include "runtime/base/proc_stat.hpp"
 #include "runtime/base/clock.hpp"
 #include "runtime/job/event_log.hpp"
 #include "runtime/vm/vm_prepare.hpp"

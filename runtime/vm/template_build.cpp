@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "runtime/base/child_process.hpp"
+#include "runtime/base/proc_stat.hpp"
 #include "runtime/base/idle_watch.hpp"
 #include "runtime/base/logging.hpp"
 #include "runtime/job/guest_commands.hpp"

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <string>
 
+#include "runtime/base/proc_stat.hpp"
 #include "runtime/job/event_log.hpp"
 #include "runtime/vm/recovery.hpp"
 #include "runtime/vm/vm_prepare.hpp"

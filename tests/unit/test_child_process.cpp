@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "runtime/base/child_process.hpp"
+#include "runtime/base/proc_stat.hpp"
 #include "runtime/base/idle_watch.hpp"
 
 using namespace solstice;

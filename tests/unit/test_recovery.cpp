@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/base/child_process.hpp"
+#include "runtime/base/proc_stat.hpp"
 #include "runtime/job/event_log.hpp"
 #include "runtime/vm/recovery.hpp"
 #include "runtime/vm/vm_prepare.hpp"
